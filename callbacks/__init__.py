@@ -1,0 +1,1 @@
+"""callbacks of the replication suite."""

@@ -1,0 +1,1 @@
+"""datamodules of the replication suite."""

@@ -1,0 +1,56 @@
+"""The ``lit`` command: a LightningCLI over every module and datamodule of the suite.
+
+Subclass mode: ``--model`` and ``--data`` take any LightningModule /
+LightningDataModule by ``class_path`` (e.g. ``models.retrieval.RetrievalEvaluator``)
+with typed ``init_args``, so every option shows in ``--help`` and
+``--print_config``.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+from pytorch_lightning import LightningDataModule, LightningModule
+from pytorch_lightning.cli import LightningCLI
+
+
+class LitCLI(LightningCLI):
+    """LightningCLI with the suite's defaults: subclass mode, config saved with overwrite."""
+
+    def __init__(self, args: list[str] | None = None, run: bool = True) -> None:
+        super().__init__(
+            model_class=LightningModule,
+            datamodule_class=LightningDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            save_config_kwargs={"overwrite": True},
+            parser_kwargs={"parser_mode": "omegaconf"} if _has_omegaconf() else None,
+            args=args,
+            run=run,
+        )
+
+
+def _has_omegaconf() -> bool:
+    try:
+        import omegaconf  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _quiet_known_warnings() -> None:
+    """Silence library warnings that say nothing actionable to a user of the suite."""
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+
+def main(args: list[str] | None = None) -> None:
+    """Entry point of the ``lit`` console script."""
+    _quiet_known_warnings()
+    LitCLI(args=args)
+
+
+if __name__ == "__main__":
+    main()
