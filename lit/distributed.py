@@ -30,3 +30,40 @@ def dedupe_by_index(index: Tensor, *tensors: Tensor) -> tuple[Tensor, ...]:
     first = torch.full((unique.shape[0],), index.shape[0], dtype=torch.long, device=index.device)
     first = first.scatter_reduce(0, inverse, positions, reduce="amin")
     return (unique, *(t[first] for t in tensors))
+
+
+def world_size() -> int:
+    """Number of processes in the default group (1 when not distributed)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_world_size()
+    return 1
+
+
+def all_gather_rows(tensor: Tensor) -> Tensor:
+    """Concatenate ``tensor`` from every rank along dim 0, allowing different row counts.
+
+    Ranks may hold different numbers of rows (an image that failed to load is
+    skipped on one rank only), which ``all_gather`` cannot take directly: rows
+    are padded to the largest count, gathered, then trimmed. Rank order is kept.
+    """
+    if world_size() == 1:
+        return tensor
+    dist = torch.distributed
+    count = torch.tensor([tensor.shape[0]], device=tensor.device, dtype=torch.long)
+    counts = [torch.zeros_like(count) for _ in range(dist.get_world_size())]
+    dist.all_gather(counts, count)
+    largest = int(max(int(c) for c in counts))
+    padded = tensor.new_zeros((largest, *tensor.shape[1:]))
+    padded[: tensor.shape[0]] = tensor
+    gathered = [torch.zeros_like(padded) for _ in counts]
+    dist.all_gather(gathered, padded.contiguous())
+    return torch.cat([g[: int(c)] for g, c in zip(gathered, counts)], dim=0)
+
+
+def all_gather_objects(items: list) -> list:
+    """Concatenate a picklable list from every rank (small payloads: file names, counts)."""
+    if world_size() == 1:
+        return list(items)
+    gathered: list[list] = [[] for _ in range(torch.distributed.get_world_size())]
+    torch.distributed.all_gather_object(gathered, list(items))
+    return [item for part in gathered for item in part]

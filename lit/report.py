@@ -1,0 +1,57 @@
+"""Plain-file reports: metrics as JSON and Markdown tables.
+
+Files are written atomically (temporary file, then rename) so a killed run
+never leaves a half-written report behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """Write ``text`` to ``path`` through a temporary file in the same folder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_json(path: str | Path, payload: Mapping[str, Any]) -> Path:
+    """Write ``payload`` as indented JSON (atomically)."""
+    return write_text_atomic(path, json.dumps(payload, indent=2, sort_keys=False) + "\n")
+
+
+def format_value(value: float, percent: bool = True) -> str:
+    """Format a metric in [0, 1] as a percentage with two decimals (the paper's style)."""
+    return f"{100.0 * value:.2f}" if percent else f"{value:.4f}"
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A GitHub-flavoured Markdown table with the first column left-aligned."""
+    if any(len(row) != len(header) for row in rows):
+        raise ValueError("every row must have as many cells as the header")
+    lines = [
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join([":---"] + ["---:"] * (len(header) - 1)) + "|",
+    ]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def metrics_markdown(metrics: Mapping[str, float], title: str) -> str:
+    """One-row Markdown table of retrieval metrics (percentages), titled by the run."""
+    names = list(metrics)
+    return markdown_table(["run", *names], [[title, *(format_value(metrics[n]) for n in names)]])

@@ -1,0 +1,218 @@
+"""``lit test`` for copy detection: embed queries and gallery, search, score, report.
+
+The datamodule (a :class:`datamodules.retrieval.RetrievalDataModule`) yields two
+test loaders, queries then gallery, whose samples carry a global ``index``.
+Under DDP every rank embeds a (padded) shard of each; the gallery is gathered
+and deduplicated by index on every rank, each rank searches its own queries,
+and :class:`lit.metrics.RetrievalMetrics` gathers, deduplicates and scores, so
+1 and N processes report the same numbers.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.utilities import rank_zero_info
+from torch import Tensor
+
+from lit.distributed import all_gather_objects, all_gather_rows, dedupe_by_index
+from lit.metrics import RetrievalMetrics, ranking_relevance
+from lit.report import metrics_markdown, write_json, write_text_atomic
+from lit.search import search
+from lit.similarity import TokenNormalization
+from models.extractors import build_descriptor
+
+QUERIES, GALLERY = 0, 1
+
+
+class RetrievalEvaluator(pl.LightningModule):
+    """Evaluate a descriptor on a retrieval set: mAP, Recall@k, HitRate@k, P@k, MRR.
+
+    Args:
+        descriptor: registry name (see ``models.extractors.available_descriptors``).
+        weights: local weights file of the descriptor (none for ``pixel``).
+        random_init: use random weights instead of a file (tests, floors).
+        input_size: override of the descriptor's input resolution.
+        similarity: ``auto`` takes the descriptor's default (cosine, or
+            split-product for token descriptors).
+        token_normalization: normalisation for split-product (see ``lit.similarity``).
+        k: length of each ranked list; positives beyond it count as not retrieved,
+            so use ``k`` >= gallery size for exact mAP (clipped to the gallery).
+        ks: cut-offs for Recall@k, HitRate@k and P@k.
+        ap: ``standard`` AP, or ``revisited`` (Oxford/Paris trapezoid with junk).
+        run_name: label of the row in the Markdown table (default: descriptor name).
+    """
+
+    def __init__(
+        self,
+        descriptor: str = "pixel",
+        weights: str | None = None,
+        random_init: bool = False,
+        input_size: int | None = None,
+        similarity: Literal["auto", "cosine", "split_product"] = "auto",
+        token_normalization: TokenNormalization = "token",
+        k: int = 1000,
+        ks: list[int] = [1, 5, 10],  # noqa: B006 - LightningCLI shows list defaults
+        ap: Literal["standard", "revisited"] = "standard",
+        run_name: str | None = None,
+    ) -> None:
+        super().__init__()
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        self.save_hyperparameters()
+        self.descriptor = build_descriptor(
+            descriptor, weights=weights, random_init=random_init, input_size=input_size
+        )
+        self.similarity = self.descriptor.default_similarity if similarity == "auto" else similarity
+        self.metrics = RetrievalMetrics(ks=tuple(ks), ap=ap)
+        self._features: dict[int, list[Tensor]] = {}
+        self._indices: dict[int, list[Tensor]] = {}
+        self._skipped: list[str] = []
+        self.results: dict[str, float] = {}
+
+    # ------------------------------------------------------------------ embedding
+    def forward(self, images: Tensor | list[Tensor]) -> Tensor:
+        """Features of a batch of [0, 1] images (global or token, per the descriptor)."""
+        return self.descriptor(images)
+
+    def on_test_epoch_start(self) -> None:
+        self._features = {QUERIES: [], GALLERY: []}
+        self._indices = {QUERIES: [], GALLERY: []}
+        self._skipped = []
+        self.metrics.reset()
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._skipped.extend(batch.get("skipped", []))
+        if len(batch["index"]) == 0:
+            return
+        with torch.no_grad():
+            features = self(batch["image"]).float()
+        self._features[dataloader_idx].append(features)
+        self._indices[dataloader_idx].append(batch["index"].to(features.device))
+
+    # ------------------------------------------------------------------ scoring
+    def on_test_epoch_end(self) -> None:
+        retrieval_set = self.trainer.datamodule.retrieval_set  # type: ignore[union-attr]
+        query_ids, query_features = self._local(QUERIES)
+        local_gallery_ids, local_gallery_features = self._local(GALLERY)
+        gallery_ids, gallery_features = dedupe_by_index(
+            all_gather_rows(local_gallery_ids), all_gather_rows(local_gallery_features)
+        )
+        if gallery_ids.numel() == 0:
+            raise RuntimeError("no gallery image could be loaded: nothing to search")
+        scored = torch.zeros(0, dtype=torch.long, device=query_ids.device)
+        if query_ids.numel():
+            scored = self._score_queries(
+                query_ids, query_features, gallery_ids, gallery_features, retrieval_set
+            ).to(query_ids.device)
+        results = {name: float(value) for name, value in self.metrics.compute().items()}
+        num_queries = int(dedupe_by_index(all_gather_rows(scored))[0].numel())
+        self.log_dict({f"test/{name}": value for name, value in results.items()}, rank_zero_only=True)
+        self.results = results
+        skipped = all_gather_objects(self._skipped)
+        if self.trainer.is_global_zero:
+            self._write_reports(results, num_queries, int(gallery_ids.numel()), skipped, retrieval_set)
+
+    def _local(self, loader: int) -> tuple[Tensor, Tensor]:
+        """This rank's (index, features) of one loader, padded duplicates removed."""
+        if not self._indices.get(loader):
+            width = self._feature_shape()
+            return (
+                torch.zeros(0, dtype=torch.long, device=self.device),
+                torch.zeros((0, *width), device=self.device),
+            )
+        index = torch.cat(self._indices[loader])
+        features = torch.cat(self._features[loader])
+        return dedupe_by_index(index, features)  # type: ignore[return-value]
+
+    def _feature_shape(self) -> tuple[int, ...]:
+        """Per-sample feature shape, from a probe forward (for ranks with no samples)."""
+        probe = torch.zeros(1, 3, 32, 32, device=self.device)
+        with torch.no_grad():
+            return tuple(self.descriptor(probe).shape[1:])
+
+    def _score_queries(
+        self,
+        query_ids: Tensor,
+        query_features: Tensor,
+        gallery_ids: Tensor,
+        gallery_features: Tensor,
+        retrieval_set: Any,
+    ) -> Tensor:
+        """Search this rank's queries, feed their relevance to the accumulator, return their ids."""
+        exclude = None
+        if retrieval_set.query_in_gallery is not None:
+            own = torch.tensor(retrieval_set.query_in_gallery, dtype=torch.long)[query_ids.cpu()]
+            exclude = _rows_of(own, gallery_ids.cpu())
+        k = min(self.hparams.k, int(gallery_ids.numel()))
+        result = search(
+            query_features.cpu(),
+            gallery_features.cpu(),
+            k,
+            similarity=self.similarity,
+            normalization=self.hparams.token_normalization,
+            exclude=exclude,
+        )
+        # gallery rows -> the dataset's gallery ids (rows shift when an image was skipped)
+        valid = result.indices >= 0
+        ranked = torch.where(valid, gallery_ids.cpu()[result.indices.clamp(min=0)], -1)
+        # a positive that failed to load cannot be found: drop it from the ground
+        # truth (counted in the report) rather than charge it to the descriptor
+        loaded = set(gallery_ids.tolist())
+        positives = [[g for g in retrieval_set.positives[q] if g in loaded] for q in query_ids.tolist()]
+        keep = torch.tensor([len(p) > 0 for p in positives], dtype=torch.bool)
+        positives = [p for p in positives if p]
+        if not positives:
+            return torch.zeros(0, dtype=torch.long)
+        ranked, kept_ids = ranked[keep], query_ids.cpu()[keep]
+        relevance = ranking_relevance(ranked, positives)
+        junk = None
+        if retrieval_set.junk is not None:
+            junk = ranking_relevance(ranked, [retrieval_set.junk[q] for q in kept_ids.tolist()])
+        num_positives = torch.tensor([len(p) for p in positives], dtype=torch.long)
+        self.metrics.update(kept_ids, relevance, num_positives, junk)
+        return kept_ids
+
+    def _write_reports(
+        self,
+        results: dict[str, float],
+        num_queries: int,
+        num_gallery: int,
+        skipped: list[str],
+        retrieval_set: Any,
+    ) -> None:
+        """metrics.json and metrics.md in the log directory, and a short summary on stdout."""
+        log_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)
+        name = self.hparams.run_name or self.hparams.descriptor
+        expected_queries = len(retrieval_set.positives)
+        payload = {
+            "descriptor": self.hparams.descriptor,
+            "similarity": self.similarity,
+            "token_normalization": self.hparams.token_normalization,
+            "ap": self.hparams.ap,
+            "k": self.hparams.k,
+            "num_queries": num_queries,
+            "num_gallery": num_gallery,
+            "queries_skipped": expected_queries - num_queries,
+            "gallery_skipped": len(retrieval_set.gallery) - num_gallery,
+            "skipped_files": sorted(set(skipped)),
+            "metrics": results,
+        }
+        write_json(log_dir / "metrics.json", payload)
+        table = metrics_markdown(results, name)
+        write_text_atomic(log_dir / "metrics.md", table)
+        rank_zero_info(
+            f"\nRetrieval results ({num_queries} queries, {num_gallery} gallery images, "
+            f"{self.similarity}):\n{table}\nLogs, metrics.json and metrics.md: {log_dir}"
+        )
+
+
+def _rows_of(ids: Tensor, sorted_ids: Tensor) -> Tensor:
+    """Row of each id in ``sorted_ids`` (ascending), or -1 where it is absent."""
+    rows = torch.searchsorted(sorted_ids, ids.clamp(min=0))
+    rows = rows.clamp(max=max(sorted_ids.numel() - 1, 0))
+    found = (ids >= 0) & (sorted_ids[rows] == ids)
+    return torch.where(found, rows, torch.full_like(rows, -1))
