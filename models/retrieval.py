@@ -110,11 +110,16 @@ class RetrievalEvaluator(pl.LightningModule):
             ).to(query_ids.device)
         results = {name: float(value) for name, value in self.metrics.compute().items()}
         num_queries = int(dedupe_by_index(all_gather_rows(scored))[0].numel())
-        self.log_dict({f"test/{name}": value for name, value in results.items()}, rank_zero_only=True)
+        # straight to the logger: every rank holds the same values, and self.log would
+        # repeat them under each of the two test dataloaders
+        for logger in self.loggers:
+            logger.log_metrics({f"test/{name}": value for name, value in results.items()}, step=self.global_step)
         self.results = results
         skipped = all_gather_objects(self._skipped)
+        # trainer.log_dir is a collective under DDP: every rank must ask for it
+        log_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)
         if self.trainer.is_global_zero:
-            self._write_reports(results, num_queries, int(gallery_ids.numel()), skipped, retrieval_set)
+            self._write_reports(log_dir, results, num_queries, int(gallery_ids.numel()), skipped, retrieval_set)
 
     def _local(self, loader: int) -> tuple[Tensor, Tensor]:
         """This rank's (index, features) of one loader, padded duplicates removed."""
@@ -178,6 +183,7 @@ class RetrievalEvaluator(pl.LightningModule):
 
     def _write_reports(
         self,
+        log_dir: Path,
         results: dict[str, float],
         num_queries: int,
         num_gallery: int,
@@ -185,7 +191,6 @@ class RetrievalEvaluator(pl.LightningModule):
         retrieval_set: Any,
     ) -> None:
         """metrics.json and metrics.md in the log directory, and a short summary on stdout."""
-        log_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)
         name = self.hparams.run_name or self.hparams.descriptor
         expected_queries = len(retrieval_set.positives)
         payload = {
