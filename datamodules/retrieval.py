@@ -146,6 +146,11 @@ class RetrievalDataModule(pl.LightningDataModule):
         self.num_workers = num_workers
         self._retrieval_set: RetrievalSet | None = None
 
+    @property
+    def name(self) -> str:
+        """Dataset label in reports (Table 1 column); subclasses may refine it."""
+        return type(self).__name__.removesuffix("DataModule")
+
     def build(self) -> RetrievalSet:
         """Create the retrieval set (called once, by :meth:`setup`)."""
         raise NotImplementedError(f"{type(self).__name__} must implement build()")

@@ -1,6 +1,7 @@
 """The ``lit`` command: a LightningCLI over every module and datamodule of the suite.
 
-Subclass mode: ``--model`` and ``--data`` take any LightningModule /
+``lit report RUNS...`` collects the metrics.json of ``lit test`` runs into the
+paper's Table 1 (see :mod:`lit.table1`). Subclass mode: ``--model`` and ``--data`` take any LightningModule /
 LightningDataModule by ``class_path`` (e.g. ``models.retrieval.RetrievalEvaluator``)
 with typed ``init_args``, so every option shows in ``--help`` and
 ``--print_config``.
@@ -9,6 +10,7 @@ with typed ``init_args``, so every option shows in ``--help`` and
 from __future__ import annotations
 
 import os
+import sys
 import warnings
 
 from pytorch_lightning import LightningDataModule, LightningModule
@@ -47,7 +49,13 @@ def _quiet_known_warnings() -> None:
 
 
 def main(args: list[str] | None = None) -> None:
-    """Entry point of the ``lit`` console script."""
+    """Entry point of the ``lit`` console script (``lit report`` collects Table 1)."""
+    argv = sys.argv[1:] if args is None else args
+    if argv[:1] == ["report"]:
+        from lit.table1 import main as report_main
+
+        report_main(argv[1:])
+        return
     _quiet_known_warnings()
     LitCLI(args=args)
 

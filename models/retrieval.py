@@ -15,10 +15,12 @@ from typing import Any, Literal
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.utilities import rank_zero_info
 from torch import Tensor
 
 from lit.distributed import all_gather_objects, all_gather_rows, dedupe_by_index
+from lit.grids import retrieval_grid, save_png
 from lit.metrics import RetrievalMetrics, ranking_relevance
 from lit.report import metrics_markdown, write_json, write_text_atomic
 from lit.search import search
@@ -44,6 +46,8 @@ class RetrievalEvaluator(pl.LightningModule):
         ks: cut-offs for Recall@k, HitRate@k and P@k.
         ap: ``standard`` AP, or ``revisited`` (Oxford/Paris trapezoid with junk).
         run_name: label of the row in the Markdown table (default: descriptor name).
+        grid_queries: queries shown in the TensorBoard / PNG grid of top results (0 = none).
+        grid_top: retrieved items shown per query in that grid.
     """
 
     def __init__(
@@ -58,6 +62,8 @@ class RetrievalEvaluator(pl.LightningModule):
         ks: list[int] = [1, 5, 10],  # noqa: B006 - LightningCLI shows list defaults
         ap: Literal["standard", "revisited"] = "standard",
         run_name: str | None = None,
+        grid_queries: int = 8,
+        grid_top: int = 5,
     ) -> None:
         super().__init__()
         if k < 1:
@@ -71,6 +77,7 @@ class RetrievalEvaluator(pl.LightningModule):
         self._features: dict[int, list[Tensor]] = {}
         self._indices: dict[int, list[Tensor]] = {}
         self._skipped: list[str] = []
+        self._grid_rows: tuple[Tensor, Tensor, Tensor] | None = None
         self.results: dict[str, float] = {}
 
     # ------------------------------------------------------------------ embedding
@@ -179,6 +186,8 @@ class RetrievalEvaluator(pl.LightningModule):
             junk = ranking_relevance(ranked, [retrieval_set.junk[q] for q in kept_ids.tolist()])
         num_positives = torch.tensor([len(p) for p in positives], dtype=torch.long)
         self.metrics.update(kept_ids, relevance, num_positives, junk)
+        rows, top = self.hparams.grid_queries, self.hparams.grid_top
+        self._grid_rows = (kept_ids[:rows], ranked[:rows, :top], relevance[:rows, :top])
         return kept_ids
 
     def _write_reports(
@@ -193,8 +202,11 @@ class RetrievalEvaluator(pl.LightningModule):
         """metrics.json and metrics.md in the log directory, and a short summary on stdout."""
         name = self.hparams.run_name or self.hparams.descriptor
         expected_queries = len(retrieval_set.positives)
+        datamodule = self.trainer.datamodule
         payload = {
+            "run_name": name,
             "descriptor": self.hparams.descriptor,
+            "dataset": getattr(datamodule, "name", None) or type(datamodule).__name__,
             "similarity": self.similarity,
             "token_normalization": self.hparams.token_normalization,
             "ap": self.hparams.ap,
@@ -209,10 +221,31 @@ class RetrievalEvaluator(pl.LightningModule):
         write_json(log_dir / "metrics.json", payload)
         table = metrics_markdown(results, name)
         write_text_atomic(log_dir / "metrics.md", table)
+        self._write_grid(log_dir, retrieval_set)
         rank_zero_info(
             f"\nRetrieval results ({num_queries} queries, {num_gallery} gallery images, "
             f"{self.similarity}):\n{table}\nLogs, metrics.json and metrics.md: {log_dir}"
         )
+
+    def _write_grid(self, log_dir: Path, retrieval_set: Any) -> None:
+        """Queries beside their top results (green = positive, red = not) to TensorBoard and PNG."""
+        if self._grid_rows is None or self.hparams.grid_queries == 0:
+            return
+        query_ids, ranked, relevance = self._grid_rows
+
+        def image(dataset: Any, row: int) -> Tensor:
+            loaded = dataset[row]["image"] if row >= 0 else None
+            return loaded if loaded is not None else torch.ones(3, 8, 8)
+
+        grid = retrieval_grid(
+            [image(retrieval_set.queries, q) for q in query_ids.tolist()],
+            [[image(retrieval_set.gallery, g) for g in row if g >= 0] for row in ranked.tolist()],
+            [[bool(ok) for ok, g in zip(flags, row) if g >= 0] for flags, row in zip(relevance.tolist(), ranked.tolist())],
+        )
+        save_png(grid, log_dir / "retrievals.png")
+        for logger in self.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                logger.experiment.add_image("test/retrievals", grid, self.global_step)
 
 
 def _rows_of(ids: Tensor, sorted_ids: Tensor) -> Tensor:

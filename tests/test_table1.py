@@ -1,0 +1,69 @@
+"""Table 1 report: pivot, best-per-column marking, average ranks with ties (hand-computed)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from scipy.stats import rankdata
+
+from lit.table1 import average_ranks, build_report, load_runs, main
+
+
+def _write_run(root: Path, descriptor: str, dataset: str, mean_ap: float, recall: float) -> None:
+    folder = root / f"{descriptor}_{dataset}" / "version_0"
+    folder.mkdir(parents=True)
+    payload = {"descriptor": descriptor, "dataset": dataset, "metrics": {"mAP": mean_ap, "recall@1": recall}}
+    (folder / "metrics.json").write_text(json.dumps(payload))
+
+
+def test_average_ranks_match_scipy_with_ties() -> None:
+    table = {
+        "a": {"x": 0.9, "y": 0.2, "z": 0.5},
+        "b": {"x": 0.9, "y": 0.3, "z": 0.1},
+        "c": {"x": 0.1, "y": 0.3, "z": 0.7},
+    }
+    ranks = average_ranks(table)
+    rows = ["a", "b", "c"]
+    expected = {r: 0.0 for r in rows}
+    for column in ["x", "y", "z"]:
+        per_column = rankdata([-table[r][column] for r in rows], method="average")
+        for r, value in zip(rows, per_column):
+            expected[r] += value / 3
+    assert ranks == pytest.approx(expected)
+    assert ranks["a"] == pytest.approx((1.5 + 3 + 2) / 3)
+
+
+def test_rank_only_over_available_columns() -> None:
+    ranks = average_ranks({"a": {"x": 0.5}, "b": {"x": 0.4, "y": 0.9}})
+    assert ranks == {"a": 1.0, "b": 1.5}
+
+
+def test_report_marks_best_and_writes_csv(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    _write_run(tmp_path / "runs", "sscd", "Segmix", 0.6704, 0.5)
+    _write_run(tmp_path / "runs", "pixel", "Segmix", 0.1, 0.05)
+    _write_run(tmp_path / "runs", "pixel", "Cutmix", 0.3, 0.2)
+    runs = load_runs([tmp_path / "runs"])
+    assert len(runs) == 3
+    report = build_report(runs, tmp_path / "out", ["recall@1"])
+    text = report.read_text()
+    assert "**67.04**" in text and "| pixel | **30.00** | 10.00 | 1.50 |" in text
+    csv_lines = (tmp_path / "out" / "table1.csv").read_text().splitlines()
+    assert csv_lines[0] == "descriptor,Cutmix,Segmix,avg. rank"
+    assert csv_lines[1] == "sscd,,67.04,1.00"
+    assert (tmp_path / "out" / "table_recall_at_1.csv").exists()
+    main([str(tmp_path / "runs"), "--out", str(tmp_path / "out2")])
+    assert "avg. rank" in capsys.readouterr().out
+
+
+def test_bad_inputs_have_clear_errors(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="no such runs folder"):
+        load_runs([tmp_path / "nope"])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no metrics.json"):
+        load_runs([tmp_path / "empty"])
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "metrics.json").write_text("{}")
+    with pytest.raises(ValueError, match="missing"):
+        load_runs([tmp_path / "bad"])
