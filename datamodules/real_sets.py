@@ -1,0 +1,155 @@
+"""Shared pieces of the real retrieval-set loaders (Oxford/Paris, CUB, GPR1200, INSTRE).
+
+- :class:`DatasetLayoutError`: a root folder that is not the expected layout; the
+  one-line message names what is missing (file names, counts) and the layout expected.
+- :class:`CroppedImageDataset`: image files read lazily, each optionally cropped by
+  a box (the revisited Oxford/Paris query crops).
+- :func:`class_retrieval_set`: the "each image queries the rest of its class"
+  ground truth shared by CUB-200-2011, GPR1200 and INSTRE.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Hashable, Sequence
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+from pytorch_lightning.utilities import rank_zero_warn
+from torch import Tensor
+
+from datamodules.retrieval import ImageFileDataset, RetrievalSet
+from lit.io import DEFAULT_MAX_PIXELS
+
+Box = tuple[float, float, float, float]
+"""(x1, y1, x2, y2) in pixels of the stored image, x2/y2 exclusive (PIL ``crop``)."""
+
+
+class DatasetLayoutError(ValueError):
+    """A dataset root is missing files or folders, or they do not have the expected form."""
+
+
+def shorten(names: Sequence[str], shown: int = 5) -> str:
+    """The first ``shown`` names joined by commas, with ``...`` when there are more."""
+    return ", ".join(names[:shown]) + (", ..." if len(names) > shown else "")
+
+
+def require_root(root: str | Path, dataset: str, layout: str) -> Path:
+    """``root`` as a Path; a missing root or a file raises :class:`DatasetLayoutError`."""
+    path = Path(root)
+    if not path.exists():
+        raise DatasetLayoutError(f"{dataset} root not found: {path} (expected {layout})")
+    if not path.is_dir():
+        raise DatasetLayoutError(f"{dataset} root is a file, not a folder: {path} (expected {layout})")
+    return path
+
+
+def require_files(root: Path, names: Sequence[str], dataset: str, listed_in: str) -> None:
+    """Raise one :class:`DatasetLayoutError` saying how many of ``names`` (relative to
+    ``root``) are missing and which, else return."""
+    unique = list(dict.fromkeys(names))
+    missing = [name for name in unique if not (root / name).is_file()]
+    if missing:
+        raise DatasetLayoutError(
+            f"{dataset}: {len(missing)} of {len(unique)} image files listed in {listed_in} are missing "
+            f"under {root}: {shorten(missing)}"
+        )
+
+
+def crop_box(image: Tensor, box: Box) -> Tensor:
+    """Crop a (C, H, W) image to ``box`` = (x1, y1, x2, y2), rounded as ``PIL.Image.crop``
+    rounds (Python ``round``) and clipped to the image; an empty crop raises ValueError."""
+    height, width = image.shape[-2:]
+    x1, y1, x2, y2 = (int(round(v)) for v in box)
+    x1, x2 = max(0, x1), min(width, x2)
+    y1, y2 = max(0, y1), min(height, y2)
+    if x2 <= x1 or y2 <= y1:
+        raise ValueError(f"crop box {tuple(box)} lies outside the {width}x{height} image")
+    return image[..., y1:y2, x1:x2]
+
+
+class CroppedImageDataset(ImageFileDataset):
+    """Image files read lazily, item ``i`` cropped to ``boxes[i]`` (``None``: whole image).
+
+    A file that fails to load yields ``image=None`` (a counted skip, see
+    :func:`datamodules.retrieval.collate_images`). Boxes are in the stored file's
+    pixels; when ``load_image`` downscaled the image (more than ``max_pixels``) the
+    box is scaled by the same factor, read from the file header.
+    """
+
+    def __init__(
+        self,
+        paths: Sequence[str | Path],
+        boxes: Sequence[Box | None],
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+    ) -> None:
+        super().__init__(paths, max_pixels=max_pixels)
+        if len(boxes) != len(self.paths):
+            raise ValueError(f"got {len(boxes)} boxes for {len(self.paths)} images")
+        self.boxes = [tuple(float(v) for v in b) if b is not None else None for b in boxes]
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        item = super().__getitem__(index)
+        box = self.boxes[index]
+        image = item["image"]
+        if image is not None and box is not None:
+            item["image"] = crop_box(image, _rescale_box(box, self.paths[index], image)).contiguous()
+        return item
+
+
+def _rescale_box(box: Box, path: str, image: Tensor) -> Box:
+    """``box`` in the loaded image's pixels when loading shrank the stored image."""
+    height, width = image.shape[-2:]
+    with Image.open(path) as stored:
+        stored_width, stored_height = stored.size
+    if (stored_width, stored_height) in ((width, height), (height, width)):
+        return box
+    sx, sy = width / stored_width, height / stored_height
+    return (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
+
+
+def class_retrieval_set(
+    paths: Sequence[str | Path],
+    labels: Sequence[Hashable],
+    dataset: str,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> RetrievalSet:
+    """Every image is in the gallery; every image of a class with >= 2 images is a query
+    whose positives are the other images of its class (its own gallery row is excluded).
+
+    Images of single-image classes cannot be queries: they stay in the gallery as
+    distractors and are counted in a warning.
+    """
+    if len(paths) != len(labels):
+        raise ValueError(f"{dataset}: {len(paths)} paths but {len(labels)} labels")
+    rows_of_class: dict[Hashable, list[int]] = defaultdict(list)
+    for row, label in enumerate(labels):
+        rows_of_class[label].append(row)
+    singles = [label for label, rows in rows_of_class.items() if len(rows) == 1]
+    if singles:
+        rank_zero_warn(
+            f"{dataset}: {len(singles)} class(es) have a single image ({shorten([str(s) for s in singles])}); "
+            "those images are gallery-only distractors, not queries"
+        )
+    query_rows = [row for row, label in enumerate(labels) if len(rows_of_class[label]) > 1]
+    if not query_rows:
+        raise DatasetLayoutError(f"{dataset}: no class has two or more images, so there are no queries")
+    return RetrievalSet(
+        queries=ImageFileDataset([paths[r] for r in query_rows], max_pixels),
+        gallery=ImageFileDataset(paths, max_pixels),
+        positives=[[r for r in rows_of_class[labels[q]] if r != q] for q in query_rows],
+        query_in_gallery=query_rows,
+    )
+
+
+__all__ = [
+    "Box",
+    "CroppedImageDataset",
+    "DatasetLayoutError",
+    "class_retrieval_set",
+    "crop_box",
+    "require_files",
+    "require_root",
+    "shorten",
+]
