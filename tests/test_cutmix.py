@@ -1,0 +1,99 @@
+"""Cutmix sets: determinism, patch geometry and content, datamodule, errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from datamodules.cutmix import CutmixBuilder, CutmixDataModule
+from datamodules.synthetic import SourceRef, build_synthetic, folder_refs, read_manifest
+from lit.io import load_image
+
+BSDS = Path(__file__).resolve().parents[2] / "shared" / "data" / "bsds300" / "val" / "images"
+SIZE = 64
+
+
+def make_builder(seed: int = 0, **kwargs) -> CutmixBuilder:
+    refs = folder_refs(BSDS)[:8]
+    kwargs.setdefault("mixes_per_query", 2)
+    return CutmixBuilder(refs[:4], refs[4:], seed=seed, output_size=SIZE, **kwargs)
+
+
+def files(root: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted((root / "images").glob("*.png"))}
+
+
+def _resized(image: torch.Tensor, box: list[int], size: int) -> torch.Tensor:
+    """Reference crop + antialiased resize (as 8-bit levels)."""
+    x0, y0, x1, y1 = box
+    crop = image[:, y0:y1, x0:x1][None]
+    return (F.interpolate(crop, size=(size, size), mode="bilinear", antialias=True,
+                          align_corners=False)[0].clamp(0, 1) * 255).round()
+
+
+def test_deterministic_and_seed_dependent(tmp_path: Path) -> None:
+    first = build_synthetic(make_builder(), tmp_path / "a", progress=False)
+    build_synthetic(make_builder(), tmp_path / "b", progress=False, num_workers=2)
+    build_synthetic(make_builder(seed=3), tmp_path / "c", progress=False)
+    assert first.num_items == 8
+    assert files(tmp_path / "a") == files(tmp_path / "b") != files(tmp_path / "c")
+    assert build_synthetic(make_builder(), tmp_path / "a", progress=False).reused
+    assert not build_synthetic(make_builder(patch_fraction=(0.2, 0.3)), tmp_path / "a", progress=False).reused
+
+
+def test_patch_is_a_square_of_the_query_pasted_in_the_recorded_pool_crop(tmp_path: Path) -> None:
+    builder = make_builder(patch_fraction=(0.3, 0.5), mixes_per_query=3)
+    build_synthetic(builder, tmp_path / "set", progress=False)
+    queries = {ref.id: ref.path for ref in builder.queries()}
+    pool = {ref.id: ref.path for ref in builder.pool()}
+    sides = []
+    for item in read_manifest(tmp_path / "set")["items"]:
+        assert item["region"] == "patch" and item["pool_id"] in pool and item["query_id"] in queries
+        synthetic = load_image(tmp_path / "set" / item["file"]) * 255
+        tx0, ty0, tx1, ty1 = item["placement"]["box"]
+        side = tx1 - tx0
+        assert side == ty1 - ty0 and 0 <= tx0 and 0 <= ty0 and tx1 <= SIZE and ty1 <= SIZE
+        assert 0.3 * SIZE - 1 <= side <= 0.5 * SIZE + 1
+        sides.append(side)
+        sx0, sy0, sx1, sy1 = item["placement"]["source_box"]
+        assert sx1 - sx0 == sy1 - sy0
+        patch = _resized(load_image(queries[item["query_id"]]), item["placement"]["source_box"], side)
+        assert (synthetic[:, ty0:ty1, tx0:tx1] - patch).abs().max() <= 1.0
+        canvas = _resized(load_image(pool[item["pool_id"]]), item["pool_box"], SIZE)
+        outside = torch.ones(SIZE, SIZE, dtype=torch.bool)
+        outside[ty0:ty1, tx0:tx1] = False
+        assert (synthetic[:, outside] - canvas[:, outside]).abs().max() <= 1.0
+    assert len(set(sides)) > 1  # random sizes
+
+
+def test_datamodule_with_explicit_pool(tmp_path: Path) -> None:
+    pool = BSDS.parents[1] / "train" / "images"
+    data = CutmixDataModule(root=str(BSDS), pool=str(pool), num_queries=3, output_dir=str(tmp_path / "set"),
+                            output_size=SIZE, mixes_per_query=2, progress=False)
+    data.setup("test")  # builds on demand outside DDP
+    retrieval = data.retrieval_set
+    assert len(retrieval.queries) == 3 and retrieval.positives == [[0, 1], [2, 3], [4, 5]]
+    manifest = read_manifest(tmp_path / "set")
+    assert len(manifest["pool_ids"]) == 200 and all(Path(p).parent == BSDS for p in manifest["query_paths"])
+    assert retrieval.gallery[5]["image"].shape == (3, SIZE, SIZE)
+
+
+def test_errors(tmp_path: Path) -> None:
+    refs = folder_refs(BSDS)[:4]
+    with pytest.raises(ValueError, match="shares 2 image"):
+        CutmixBuilder(refs[:2], refs[:2])
+    with pytest.raises(ValueError, match="patch_fraction"):
+        CutmixBuilder(refs[:2], refs[2:], patch_fraction=(0.5, 0.2))
+    with pytest.raises(FileNotFoundError, match="image folder not found"):
+        CutmixDataModule(root=str(tmp_path / "missing"), output_dir=str(tmp_path / "o")).make_builder()
+    with pytest.raises(ValueError, match="num_queries 9 exceeds"):
+        CutmixDataModule(root=str(BSDS), num_queries=9, pool_fraction=0.95,
+                         output_dir=str(tmp_path / "o")).make_builder()
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not an image")
+    with pytest.warns(UserWarning, match="1 of 1 queries skipped"):
+        report = build_synthetic(CutmixBuilder([SourceRef("broken", broken)], refs), tmp_path / "s", progress=False)
+    assert report.num_skipped == 1 and "cannot load image" in read_manifest(tmp_path / "s")["skipped"][0]["reason"]
