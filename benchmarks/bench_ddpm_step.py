@@ -1,0 +1,147 @@
+"""Training-step time of ``DDPMModule`` under Lightning vs a plain PyTorch loop (target <= 1.05x).
+
+Both variants train the same diffusers UNet (the demo's, by default) on the same
+procedural images with the same batch, AdamW + LinearLR warmup, EMA update and
+noise schedule: the plain loop is diffusers' unconditional training recipe
+written out by hand. Each variant runs in its own subprocess (so peak RSS is
+its own), the variants alternate for ``--rounds`` rounds (machine load drifts
+hit both), and the first ``--warmup`` steps of each run are not timed.
+
+    .venv/bin/python benchmarks/bench_ddpm_step.py            # ~3-4 min on 2 cores
+    .venv/bin/python benchmarks/bench_ddpm_step.py --steps 60 --rounds 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+UNET = dict(resolution=32, block_out_channels=[32, 64, 64], layers_per_block=1, norm_num_groups=8,
+            down_block_types=["DownBlock2D", "DownBlock2D", "AttnDownBlock2D"],
+            up_block_types=["AttnUpBlock2D", "UpBlock2D", "UpBlock2D"])
+OPTIM = dict(learning_rate=2e-3, warmup_steps=100, weight_decay=1e-6, adam_betas=(0.95, 0.999), ema_decay=0.995)
+
+
+def run_plain(steps: int, batch_size: int, images: int) -> list[float]:
+    """diffusers' unconditional recipe as a plain loop; returns per-step seconds."""
+    import torch
+    import torch.nn.functional as F
+    from diffusers import DDPMScheduler
+    from diffusers.training_utils import EMAModel
+    from torch.utils.data import DataLoader
+
+    from datamodules.images import ProceduralTrainData
+    from models.ddpm import build_unet
+
+    torch.manual_seed(0)
+    unet = build_unet(UNET["resolution"], 3, UNET["block_out_channels"], UNET["layers_per_block"],
+                      UNET["down_block_types"], UNET["up_block_types"], 8, UNET["norm_num_groups"])
+    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear")
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=OPTIM["learning_rate"], betas=OPTIM["adam_betas"],
+                                  weight_decay=OPTIM["weight_decay"], eps=1e-8)
+    warmup = torch.optim.lr_scheduler.LinearLR(optimizer, 1.0 / (OPTIM["warmup_steps"] + 1), 1.0, OPTIM["warmup_steps"])
+    ema = EMAModel(unet.parameters(), decay=OPTIM["ema_decay"], use_ema_warmup=True, power=0.75, foreach=True)
+    data = ProceduralTrainData(num_images=images, resolution=UNET["resolution"], batch_size=batch_size, repeats=1000)
+    loader = DataLoader(data.train_dataset(), batch_size=batch_size, shuffle=True)
+    times: list[float] = []
+    unet.train()
+    iterator = iter(loader)
+    for _ in range(steps):
+        start = time.perf_counter()
+        batch = next(iterator)
+        clean = batch["image"] * 2 - 1
+        noise = torch.randn_like(clean)
+        t = torch.randint(0, 1000, (clean.shape[0],), dtype=torch.long)
+        loss = F.mse_loss(unet(scheduler.add_noise(clean, noise, t), t, return_dict=False)[0], noise)
+        loss.backward()
+        optimizer.step()
+        warmup.step()
+        optimizer.zero_grad(set_to_none=True)
+        ema.step(unet.parameters())
+        _ = loss.item()  # what a logging loop reads back
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def run_lightning(steps: int, batch_size: int, images: int) -> list[float]:
+    """DDPMModule under pl.Trainer (no logger/checkpoint/progress bar); per-step seconds."""
+    import pytorch_lightning as pl
+
+    from datamodules.images import ProceduralTrainData
+    from models.ddpm import DDPMModule
+
+    times: list[float] = []
+
+    class Clock(pl.Callback):
+        def on_train_batch_start(self, *args: object) -> None:
+            self.start = time.perf_counter()
+
+        def on_train_batch_end(self, *args: object) -> None:
+            times.append(time.perf_counter() - self.start)
+
+    pl.seed_everything(0, verbose=False)
+    model = DDPMModule(**UNET, **OPTIM)
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=steps, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, callbacks=[Clock()])
+    data = ProceduralTrainData(num_images=images, resolution=UNET["resolution"], batch_size=batch_size, repeats=1000)
+    trainer.fit(model, datamodule=data)
+    return times
+
+
+def child(variant: str, steps: int, batch_size: int, images: int, warmup: int) -> None:
+    """Run one variant and print its timing as JSON (called in a subprocess)."""
+    started = time.perf_counter()
+    times = (run_plain if variant == "plain" else run_lightning)(steps, batch_size, images)
+    timed = times[warmup:]
+    print(json.dumps({
+        "variant": variant, "mean": statistics.fmean(timed), "median": statistics.median(timed),
+        "wall": time.perf_counter() - started, "steps": len(times),
+        "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=80)
+    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--images", type=int, default=16)
+    parser.add_argument("--child", choices=["plain", "lightning"])
+    args = parser.parse_args()
+    if args.child:
+        child(args.child, args.steps, args.batch_size, args.images, args.warmup)
+        return
+    results: dict[str, list[dict[str, float]]] = {"plain": [], "lightning": []}
+    for round_ in range(args.rounds):
+        for variant in ("plain", "lightning") if round_ % 2 == 0 else ("lightning", "plain"):
+            command = [sys.executable, __file__, "--child", variant, "--steps", str(args.steps),
+                       "--warmup", str(args.warmup), "--batch-size", str(args.batch_size), "--images", str(args.images)]
+            out = subprocess.run(command, cwd=REPO, capture_output=True, text=True, check=True).stdout
+            result = json.loads(out.strip().splitlines()[-1])
+            results[variant].append(result)
+            print(f"round {round_ + 1} {variant:>9}: {1000 * result['median']:.1f} ms/step median, "
+                  f"{1000 * result['mean']:.1f} mean, peak RSS {result['max_rss_mb']:.0f} MB", flush=True)
+    plain = statistics.median(r["median"] for r in results["plain"])
+    light = statistics.median(r["median"] for r in results["lightning"])
+    ratios = [lr["median"] / pr["median"] for lr, pr in zip(results["lightning"], results["plain"])]
+    print(f"\nUNet {UNET['block_out_channels']} at {UNET['resolution']}px, batch {args.batch_size}, "
+          f"{args.steps - args.warmup} timed steps x {args.rounds} rounds")
+    print(f"{'variant':>10} {'ms/step (median)':>17} {'peak RSS MB':>12}")
+    for name, value in (("plain", plain), ("lightning", light)):
+        rss = max(r["max_rss_mb"] for r in results[name])
+        print(f"{name:>10} {1000 * value:>17.1f} {rss:>12.0f}")
+    print(f"ratio lightning / plain: {light / plain:.3f} (per round: {', '.join(f'{r:.3f}' for r in ratios)}; target <= 1.05)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,101 @@
+"""The paper's trend at small scale: a DDPM trained on fewer images copies more (Sec. 5, Fig. 5).
+
+Trains the demo's UNet on ``../shared/data/bsds300`` training photos downsampled
+to 32x32 (shorter side 32, random 32x32 crop + flip, as in the paper's recipe),
+once on N = 16 and once on N = 200 images, for the same number of optimizer
+steps, with the ReplicationMonitor (pixel descriptor, fixed seeds) checking a
+few times along the way. Prints the replication rates and top-1 statistics of
+both runs side by side and saves a figure: rate over training for both N, and
+the final top-1 histograms over their training-set baselines.
+
+Other descriptors of the registry need weight files (none ship offline); pass
+``--descriptor sscd_resnet50 --weights <file>`` when you have them.
+
+    .venv/bin/python benchmarks/replication_vs_size.py                 # ~8-10 min on 2 cores
+    .venv/bin/python benchmarks/replication_vs_size.py --steps 400 --sizes 16 200
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import sys
+import time
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from callbacks.replication import ReplicationMonitor  # noqa: E402
+from datamodules.images import ImageFolderTrainData  # noqa: E402
+from lit.plots import draw_rate_over_time, draw_similarity_histogram, new_figure, save_figure  # noqa: E402
+from models.ddpm import DDPMModule  # noqa: E402
+
+BSDS = REPO.parent / "shared" / "data" / "bsds300" / "train" / "images"
+UNET = dict(resolution=32, block_out_channels=[16, 32, 64], layers_per_block=1, norm_num_groups=8,
+            down_block_types=["DownBlock2D", "DownBlock2D", "AttnDownBlock2D"],
+            up_block_types=["AttnUpBlock2D", "UpBlock2D", "UpBlock2D"],
+            learning_rate=2e-3, warmup_steps=100, ema_decay=0.995, sample_steps=25, sampler="ddim")
+THRESHOLDS = [0.5, 0.8, 0.9, 0.95]
+
+
+def train(size: int, steps: int, checks: int, samples: int, descriptor: str, weights: str | None,
+          out: Path) -> ReplicationMonitor:
+    """Train on the first ``size`` images of the seeded permutation; return the monitor."""
+    pl.seed_everything(0, verbose=False)
+    monitor = ReplicationMonitor(descriptor=descriptor, descriptor_weights=weights, every_n_steps=max(steps // checks, 1),
+                                 num_samples=samples, thresholds=THRESHOLDS, top_k=3, verbose=False)
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=steps, enable_progress_bar=False,
+                         enable_model_summary=False, enable_checkpointing=False, logger=False,
+                         default_root_dir=out / f"n{size}", callbacks=[monitor])
+    data = ImageFolderTrainData(root=str(BSDS), subset_size=size, subset_seed=0, resolution=32, batch_size=16)
+    trainer.fit(DDPMModule(**UNET), datamodule=data)
+    return monitor
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[16, 200])
+    parser.add_argument("--steps", type=int, default=1000, help="optimizer steps per run (same for every N)")
+    parser.add_argument("--checks", type=int, default=4)
+    parser.add_argument("--samples", type=int, default=32)
+    parser.add_argument("--descriptor", default="pixel")
+    parser.add_argument("--weights", default=None)
+    parser.add_argument("--out", type=Path, default=REPO / "runs" / "replication_vs_size")
+    args = parser.parse_args()
+    if not BSDS.is_dir():
+        raise SystemExit(f"bsds300 not found at {BSDS}")
+    monitors: dict[int, ReplicationMonitor] = {}
+    for size in args.sizes:
+        start = time.perf_counter()
+        monitors[size] = train(size, args.steps, args.checks, args.samples, args.descriptor, args.weights, args.out)
+        print(f"N={size}: {args.steps} steps in {time.perf_counter() - start:.0f} s", flush=True)
+
+    metrics = [f"rate@{t:g}" for t in THRESHOLDS] + ["top1_mean", "top1_median"]
+    print(f"\nreplication after {args.steps} steps ({args.descriptor} descriptor, {args.samples} generations, "
+          f"bsds300 at 32x32); baseline = training images vs each other")
+    print(f"{'N':>5} {'':>9} " + " ".join(f"{m:>11}" for m in metrics))
+    for size, monitor in monitors.items():
+        final, base = monitor.history[-1], monitor.baseline.as_dict()
+        print(f"{size:>5} {'generated':>9} " + " ".join(f"{final[m]:>11.3f}" for m in metrics))
+        print(f"{'':>5} {'baseline':>9} " + " ".join(f"{base[m]:>11.3f}" for m in metrics))
+
+    figure = new_figure(6.0 * (1 + len(monitors)), 4.2)
+    axes = figure.subplots(1, 1 + len(monitors))
+    series = {f"N={size} rate@0.8": [row["rate@0.8"] for row in m.history] for size, m in monitors.items()}
+    steps = monitors[args.sizes[0]].checked_steps()
+    if all(m.checked_steps() == steps for m in monitors.values()):
+        draw_rate_over_time(axes[0], steps, series, ylabel="share of generations with top-1 > 0.8")
+    for ax, (size, monitor) in zip(axes[1:], monitors.items()):
+        draw_similarity_histogram(ax, monitor.latest["top1"], monitor.baseline_scores, THRESHOLDS,
+                                  title=f"N = {size} training images, step {args.steps}")
+    path = save_figure(figure, args.out / "replication_vs_size.png")
+    print(f"figure: {path}")
+    print(f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB, torch threads {torch.get_num_threads()}")
+
+
+if __name__ == "__main__":
+    main()

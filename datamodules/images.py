@@ -1,0 +1,312 @@
+"""Training data for ``lit fit`` of a DDPM: a seeded subset of N images, augmented as in the paper.
+
+The paper trains DDPMs on subsets (300 / 3000 / all Celeb-A, 100 / 1083 / all
+Oxford Flowers) and finds that copying falls as N grows, so the subset is a
+first-class, recorded choice here:
+
+- :class:`ImageFolderTrainData` lists the images under a folder, draws a
+  permutation from ``subset_seed`` and keeps the first ``subset_size`` files that
+  load (a file that fails is skipped with a warning and the next one in the
+  permutation takes its place, so N stays N);
+- :class:`ProceduralTrainData` renders ``num_images`` procedural scenes
+  (``datamodules.procedural``), the offline default.
+
+Images are resized once (shorter side ``load_size``, default ``resolution``) and
+kept in memory as uint8; training items get a random crop to ``resolution`` and
+a random horizontal flip (diffusers' unconditional recipe, used by the paper).
+Each item is ``{"image": (3, R, R) float in [0, 1], "index": subset row}``.
+
+The chosen subset is recorded three ways: the datamodule's hyper-parameters,
+``training_subset.tsv`` (index, path) in the log dir, and the checkpoint
+(``state_dict``; resuming on a different subset is refused).
+:meth:`TrainImagesDataModule.reference_dataset` gives the same images without
+augmentation (centre crop) for the replication monitor.
+
+``predict_dataloader`` yields seeds (:class:`SeedDataset`) so that
+``lit predict -c <training config> --ckpt_path ...`` writes generations;
+:class:`GenerationSeeds` does the same without any training data.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+import torchvision.transforms.v2 as v2
+import torchvision.transforms.v2.functional as TF
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from datamodules.procedural import ProceduralScenes
+from lit.io import list_images, load_image
+from lit.report import write_text_atomic
+
+SUBSET_FILE = "training_subset.tsv"
+
+
+class SeedDataset(Dataset):
+    """Items ``{"seed": first_seed + i, "index": i}``: what ``DDPMModule.predict_step`` samples."""
+
+    def __init__(self, num_samples: int, first_seed: int = 0) -> None:
+        if num_samples < 0 or first_seed < 0:
+            raise ValueError(f"num_samples and first_seed must be >= 0, got {num_samples}, {first_seed}")
+        self.num_samples = num_samples
+        self.first_seed = first_seed
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __getitem__(self, index: int) -> dict[str, int]:
+        if not 0 <= index < self.num_samples:
+            raise IndexError(f"index {index} out of range for {self.num_samples} seeds")
+        return {"seed": self.first_seed + index, "index": index}
+
+
+class TrainingImages(Dataset):
+    """In-memory uint8 images (shorter side >= ``resolution``) served as float [0, 1] squares.
+
+    ``augment``: random crop + random horizontal flip (training); otherwise a
+    centre crop (the reference images). ``repeats`` lists the set that many
+    times per epoch (fewer, longer epochs for tiny sets); ``index`` stays the
+    image's subset row.
+    """
+
+    def __init__(self, images: Sequence[Tensor], resolution: int, augment: bool,
+                 random_flip: bool = True, repeats: int = 1) -> None:
+        if repeats < 1:
+            raise ValueError(f"repeats must be >= 1, got {repeats}")
+        small = [i for i, im in enumerate(images) if min(im.shape[-2:]) < resolution]
+        if small:
+            raise ValueError(f"{len(small)} image(s) are smaller than resolution {resolution} (first: row {small[0]})")
+        self.images = list(images)
+        self.resolution = resolution
+        self.repeats = repeats
+        steps: list[v2.Transform] = [v2.RandomCrop(resolution) if augment else v2.CenterCrop(resolution)]
+        if augment and random_flip:
+            steps.append(v2.RandomHorizontalFlip())
+        self.transform = v2.Compose(steps)
+
+    def __len__(self) -> int:
+        return len(self.images) * self.repeats
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        row = int(index) % len(self.images)
+        image = self.transform(self.images[row])
+        return {"image": image.float() / 255.0, "index": row}
+
+
+class GenerationSeeds(pl.LightningDataModule):
+    """Seeds only, for ``lit predict`` of a DDPM without training data.
+
+    Args:
+        num_samples: how many images to generate.
+        first_seed: seed of the first image (image i uses ``first_seed + i``).
+        batch_size: seeds per predict batch.
+    """
+
+    def __init__(self, num_samples: int = 64, first_seed: int = 0, batch_size: int = 32) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.seeds = SeedDataset(num_samples, first_seed)
+
+    def predict_dataloader(self) -> DataLoader:
+        return DataLoader(self.seeds, batch_size=self.hparams.batch_size, shuffle=False)
+
+
+class TrainImagesDataModule(pl.LightningDataModule):
+    """Base of the DDPM training datamodules: subclasses implement :meth:`load_subset`.
+
+    Args:
+        resolution: side of the square training crops.
+        load_size: shorter side the images are resized to before cropping
+            (default ``resolution``: square images are then not cropped at all).
+        random_flip: random horizontal flips (the paper: on).
+        batch_size: images per training batch (per process under DDP).
+        num_workers: dataloader workers.
+        repeats: times the subset is listed per epoch.
+        predict_num_samples: seeds yielded by ``predict_dataloader``.
+        predict_first_seed: first of those seeds.
+    """
+
+    def __init__(self, resolution: int = 32, load_size: int | None = None, random_flip: bool = True,
+                 batch_size: int = 16, num_workers: int = 0, repeats: int = 1,
+                 predict_num_samples: int = 64, predict_first_seed: int = 0) -> None:
+        super().__init__()
+        if resolution < 1 or batch_size < 1 or num_workers < 0:
+            raise ValueError(f"need resolution >= 1, batch_size >= 1, num_workers >= 0; got {resolution}, {batch_size}, {num_workers}")
+        if load_size is not None and load_size < resolution:
+            raise ValueError(f"load_size ({load_size}) must be >= resolution ({resolution})")
+        self.resolution = resolution
+        self.load_size = load_size or resolution
+        self.random_flip = random_flip
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.repeats = repeats
+        self.seeds = SeedDataset(predict_num_samples, predict_first_seed)
+        self.images: list[Tensor] | None = None
+        self.names: list[str] = []
+
+    # subclasses -----------------------------------------------------------
+    def load_subset(self) -> tuple[list[Tensor], list[str]]:
+        """The subset as (float [0, 1] images of any size, their names/paths), in index order."""
+        raise NotImplementedError
+
+    # loading ----------------------------------------------------------------
+    def prepare_images(self) -> None:
+        """Load, resize to ``load_size`` and keep the subset as uint8 (once)."""
+        if self.images is not None:
+            return
+        images, names = self.load_subset()
+        if not images:
+            raise ValueError(f"{type(self).__name__} found no training images")
+        self.images = [_to_uint8(TF.resize(im, self.load_size, antialias=True)) for im in images]
+        self.names = list(names)
+
+    def setup(self, stage: str | None = None) -> None:
+        if stage not in (None, "fit"):
+            return  # predict needs seeds only
+        self.prepare_images()
+        self._record_subset()
+
+    def _record_subset(self) -> None:
+        """Write ``training_subset.tsv`` into the log dir (rank 0; log_dir is called on all ranks)."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return
+        log_dir = trainer.log_dir
+        if trainer.is_global_zero and log_dir is not None:
+            lines = [f"# {len(self.names)} training images chosen by {type(self).__name__} {dict(self.hparams)}",
+                     "index\tpath"] + [f"{i}\t{name}" for i, name in enumerate(self.names)]
+            write_text_atomic(Path(log_dir) / SUBSET_FILE, "\n".join(lines) + "\n")
+
+    # datasets and loaders ----------------------------------------------------
+    def train_dataset(self) -> TrainingImages:
+        self.prepare_images()
+        assert self.images is not None
+        return TrainingImages(self.images, self.resolution, augment=True,
+                              random_flip=self.random_flip, repeats=self.repeats)
+
+    def reference_dataset(self) -> TrainingImages:
+        """The training subset without augmentation (centre crop): what copies are searched in."""
+        self.prepare_images()
+        assert self.images is not None
+        return TrainingImages(self.images, self.resolution, augment=False)
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.train_dataset(), batch_size=self.batch_size, shuffle=True,
+                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+
+    def predict_dataloader(self) -> DataLoader:
+        return DataLoader(self.seeds, batch_size=self.batch_size, shuffle=False)
+
+    # checkpoint ------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"subset": list(self.names)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Refuse to resume a run on a different training subset than it was trained on."""
+        saved = list(state_dict.get("subset", []))
+        if self.images is None or not saved:
+            self.names = saved or self.names
+            return
+        if saved != self.names:
+            changed = sum(a != b for a, b in zip(saved, self.names)) + abs(len(saved) - len(self.names))
+            raise ValueError(
+                f"checkpoint was trained on a different subset ({changed} of {len(saved)} images differ); "
+                "use the same data, subset_size and subset_seed to resume"
+            )
+
+
+class ImageFolderTrainData(TrainImagesDataModule):
+    """A seeded subset of the images under ``root`` (recursively).
+
+    Args:
+        root: image folder (the only required argument of the paper configs).
+        subset_size: N, the number of training images (None: all of them).
+        subset_seed: seed of the permutation the subset is drawn from.
+        recursive: also list images in sub-folders.
+        **kwargs: see :class:`TrainImagesDataModule`.
+    """
+
+    def __init__(self, root: str, subset_size: int | None = None, subset_seed: int = 0,
+                 recursive: bool = True, resolution: int = 64, load_size: int | None = None,
+                 random_flip: bool = True, batch_size: int = 16, num_workers: int = 0, repeats: int = 1,
+                 predict_num_samples: int = 64, predict_first_seed: int = 0) -> None:
+        super().__init__(resolution, load_size, random_flip, batch_size, num_workers, repeats,
+                         predict_num_samples, predict_first_seed)
+        if subset_size is not None and subset_size < 1:
+            raise ValueError(f"subset_size must be >= 1 or null (all images), got {subset_size}")
+        self.save_hyperparameters()
+        self.root = Path(root)
+        self.subset_size = subset_size
+        self.subset_seed = subset_seed
+        self.recursive = recursive
+
+    def load_subset(self) -> tuple[list[Tensor], list[str]]:
+        files = list_images(self.root, recursive=self.recursive)
+        if not files:
+            raise ValueError(f"no images found under {self.root}")
+        wanted = len(files) if self.subset_size is None else self.subset_size
+        if wanted > len(files):
+            raise ValueError(f"subset_size {wanted} is larger than the {len(files)} images under {self.root}")
+        order = subset_order(len(files), self.subset_seed)
+        chosen: dict[int, Tensor] = {}
+        skipped: list[str] = []
+        progress = tqdm(total=wanted, desc=f"loading {wanted} training images", leave=False)
+        for row in order:
+            if len(chosen) == wanted:
+                break
+            image = load_image(files[row])
+            if image is None or min(image.shape[-2:]) < 1:
+                skipped.append(str(files[row]))
+                continue
+            chosen[row] = image
+            progress.update(1)
+        progress.close()
+        if skipped:
+            warnings.warn(f"{len(skipped)} unreadable image(s) skipped and replaced in the subset (first: {skipped[0]})",
+                          stacklevel=2)
+        if len(chosen) < wanted:
+            raise ValueError(f"only {len(chosen)} of the {wanted} requested images under {self.root} could be read")
+        rows = sorted(chosen)
+        return [chosen[r] for r in rows], [str(files[r]) for r in rows]
+
+
+class ProceduralTrainData(TrainImagesDataModule):
+    """``num_images`` procedural scenes (``datamodules.procedural``) rendered at ``load_size``.
+
+    Args:
+        num_images: N, the number of training images.
+        seed: scene seed (scene i is ``ProceduralScenes(seed=seed)[i]``).
+        **kwargs: see :class:`TrainImagesDataModule`.
+    """
+
+    def __init__(self, num_images: int = 32, seed: int = 0, resolution: int = 32, load_size: int | None = None,
+                 random_flip: bool = True, batch_size: int = 16, num_workers: int = 0, repeats: int = 1,
+                 predict_num_samples: int = 64, predict_first_seed: int = 0) -> None:
+        super().__init__(resolution, load_size, random_flip, batch_size, num_workers, repeats,
+                         predict_num_samples, predict_first_seed)
+        if num_images < 1:
+            raise ValueError(f"num_images must be >= 1, got {num_images}")
+        self.save_hyperparameters()
+        self.scenes = ProceduralScenes(num_images, size=self.load_size, seed=seed)
+
+    def load_subset(self) -> tuple[list[Tensor], list[str]]:
+        items = [self.scenes[i] for i in range(len(self.scenes))]
+        return [item["image"] for item in items], [item["path"] for item in items]
+
+
+def subset_order(count: int, seed: int) -> list[int]:
+    """The seeded permutation of ``range(count)`` that subsets are drawn from (prefixes nest:
+    the N=100 subset is contained in the N=1083 subset of the same seed)."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randperm(count, generator=generator).tolist()
+
+
+def _to_uint8(image: Tensor) -> Tensor:
+    return (image.clamp(0, 1) * 255).round().to(torch.uint8)

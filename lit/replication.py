@@ -1,0 +1,129 @@
+"""Replication statistics (paper Sec. 5 and 7): pure functions of similarity scores.
+
+Definitions (``shared/DESIGN.md``):
+
+- **top-1 similarity** of a generation: its largest similarity to any training image;
+- **self-similarity baseline**: for each training image, its largest similarity
+  to any *other* training image (what "similar" means inside the data itself);
+- **replication rate at t**: fraction of generations whose top-1 similarity
+  *exceeds* t (strictly; the paper reports t = 0.5 with SSCD);
+- **duplicates**: pairs of training images with similarity > 0.95 (Sec. 7).
+
+Summaries use linear-interpolation quantiles (numpy's default), so the median of
+an even count is the mean of the two middle values.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from lit.search import SearchResult, self_search
+from lit.similarity import SimilarityKind, TokenNormalization
+
+DUPLICATE_THRESHOLD = 0.95
+
+
+@dataclass(frozen=True)
+class ReplicationStats:
+    """Rates at thresholds and the summary of a set of top-1 similarities."""
+
+    count: int
+    rates: dict[float, float]
+    mean: float
+    median: float
+    p95: float
+    max: float
+
+    def as_dict(self, prefix: str = "") -> dict[str, float]:
+        """Flat scalars: ``{prefix}rate@{t}`` and ``{prefix}top1_{mean,median,p95,max}``."""
+        out = {f"{prefix}rate@{format_threshold(t)}": r for t, r in self.rates.items()}
+        out.update({f"{prefix}top1_mean": self.mean, f"{prefix}top1_median": self.median,
+                    f"{prefix}top1_p95": self.p95, f"{prefix}top1_max": self.max})
+        return out
+
+
+def format_threshold(threshold: float) -> str:
+    """``0.5`` -> ``"0.5"``, ``0.95`` -> ``"0.95"`` (stable metric names)."""
+    return f"{threshold:g}"
+
+
+def _check_scores(scores: Tensor) -> Tensor:
+    if not isinstance(scores, Tensor):
+        raise TypeError(f"scores must be a Tensor, got {type(scores).__name__}")
+    if scores.ndim != 1:
+        raise ValueError(f"scores must be 1-D (one top-1 similarity per item), got shape {tuple(scores.shape)}")
+    if scores.numel() == 0:
+        raise ValueError("scores is empty: no generations or training images to summarise")
+    scores = scores.detach().double()
+    if not torch.isfinite(scores).all():
+        raise ValueError("scores contain NaN or inf (e.g. a gallery with a single image has no self-match)")
+    return scores
+
+
+def replication_rates(scores: Tensor, thresholds: Sequence[float]) -> dict[float, float]:
+    """Fraction of ``scores`` strictly above each threshold."""
+    scores = _check_scores(scores)
+    return {float(t): float((scores > t).double().mean()) for t in thresholds}
+
+
+def replication_stats(scores: Tensor, thresholds: Sequence[float]) -> ReplicationStats:
+    """Rates at ``thresholds`` plus mean / median / 95th percentile / max of ``scores``."""
+    scores = _check_scores(scores)
+    median, p95 = torch.quantile(scores, torch.tensor([0.5, 0.95], dtype=scores.dtype)).tolist()
+    return ReplicationStats(
+        count=int(scores.numel()),
+        rates=replication_rates(scores, thresholds),
+        mean=float(scores.mean()),
+        median=float(median),
+        p95=float(p95),
+        max=float(scores.max()),
+    )
+
+
+def self_similarity(
+    features: Tensor,
+    k: int = 1,
+    similarity: SimilarityKind = "cosine",
+    normalization: TokenNormalization = "token",
+) -> SearchResult:
+    """Each training item's top-``k`` matches among the *other* items (``lit.search.self_search``).
+
+    ``scores[:, 0]`` is the self-similarity baseline.
+    """
+    if features.shape[0] < 2:
+        raise ValueError(f"the self-similarity baseline needs at least 2 training images, got {features.shape[0]}")
+    return self_search(features, k=min(k, features.shape[0] - 1), similarity=similarity, normalization=normalization)
+
+
+def duplicate_pairs(result: SearchResult, threshold: float = DUPLICATE_THRESHOLD) -> list[tuple[int, int, float]]:
+    """Unordered pairs ``(i, j, score)`` with ``i < j`` and similarity > ``threshold``, from a self-search.
+
+    Pairs beyond each row's top-k are not seen: use a ``k`` at least as large as
+    the biggest duplicate group (``images_with_duplicates`` is exact for any k).
+    """
+    rows, cols = torch.nonzero(result.scores > threshold, as_tuple=True)
+    pairs: dict[tuple[int, int], float] = {}
+    for r, c in zip(rows.tolist(), cols.tolist()):
+        j = int(result.indices[r, c])
+        if j < 0:
+            continue
+        key = (min(r, j), max(r, j))
+        pairs[key] = max(pairs.get(key, float("-inf")), float(result.scores[r, c]))
+    return [(i, j, s) for (i, j), s in sorted(pairs.items())]
+
+
+def images_with_duplicates(baseline: Tensor, threshold: float = DUPLICATE_THRESHOLD) -> int:
+    """Training images whose nearest other image scores above ``threshold``."""
+    return int((_check_scores(baseline) > threshold).sum())
+
+
+def top_copies(scores: Tensor, count: int) -> Tensor:
+    """Rows of the ``count`` highest top-1 scores, highest first (ties: lower row first)."""
+    scores = _check_scores(scores)
+    count = min(count, scores.numel())
+    order = sorted(range(scores.numel()), key=lambda i: (-float(scores[i]), i))
+    return torch.tensor(order[:count], dtype=torch.long)

@@ -1,0 +1,184 @@
+"""callbacks.replication.ReplicationMonitor: what it logs, that its numbers are right,
+that resume continues the history, and that 2 DDP processes give the 1-process numbers."""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytorch_lightning as pl
+import torch
+import yaml
+from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.loggers import TensorBoardLogger
+from pytorch_lightning.loggers.logger import Logger
+
+from callbacks.replication import HISTORY_FILE, SUMMARY_FILE, ReplicationMonitor
+from datamodules.images import ProceduralTrainData
+from lit.cli import LitCLI
+from models.ddpm import DDPMModule
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = dict(resolution=16, block_out_channels=[8, 16], layers_per_block=1, norm_num_groups=4,
+            down_block_types=["DownBlock2D", "AttnDownBlock2D"], up_block_types=["AttnUpBlock2D", "UpBlock2D"],
+            sample_steps=3, warmup_steps=2, learning_rate=1e-3)
+
+
+class RecordingLogger(Logger):
+    """Keeps every ``log_metrics`` call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[int | None, dict[str, float]]] = []
+
+    @property
+    def name(self) -> str:
+        return "recording"
+
+    @property
+    def version(self) -> int:
+        return 0
+
+    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        self.calls.append((step, dict(metrics)))
+
+
+def monitor(**overrides: Any) -> ReplicationMonitor:
+    return ReplicationMonitor(**{"num_samples": 5, "top_k": 2, "num_copies_shown": 3, "verbose": False, **overrides})
+
+
+def fit(tmp_path: Path, callbacks: list[pl.Callback], max_steps: int, ckpt_path: str | None = None,
+        loggers: list[Logger] | None = None) -> tuple[pl.Trainer, DDPMModule]:
+    pl.seed_everything(0)
+    model = DDPMModule(**TINY)
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=max_steps, enable_progress_bar=False,
+                         enable_model_summary=False, callbacks=callbacks, default_root_dir=tmp_path,
+                         logger=loggers or False,
+                         enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks))
+    trainer.fit(model, datamodule=ProceduralTrainData(num_images=7, resolution=16, batch_size=4), ckpt_path=ckpt_path)
+    return trainer, model
+
+
+def test_logs_expected_keys_and_files(tmp_path: Path) -> None:
+    recorder = RecordingLogger()
+    tensorboard = TensorBoardLogger(tmp_path, name="tb", version=0)
+    watch = monitor(every_n_epochs=1)
+    trainer, _ = fit(tmp_path, [watch], max_steps=3, loggers=[tensorboard, recorder])
+    # 7 images / batch 4 = 2 steps per epoch: checks at start, after epoch 1, and at the end (step 3)
+    assert watch.checked_steps() == [0, 2, 3]
+    logged = {step: metrics for step, metrics in recorder.calls if "replication/rate@0.5" in metrics}
+    assert sorted(logged) == [0, 2, 3]
+    expected = {f"replication/rate@{t}" for t in ("0.5", "0.8", "0.9", "0.95")} | {
+        f"replication/top1_{s}" for s in ("mean", "median", "p95", "max")}
+    expected |= {k.replace("replication/", "replication_baseline/") for k in expected}
+    expected |= {f"replication_time/{p}" for p in ("reference", "sampling", "embedding", "search", "logging")}
+    assert expected <= set(logged[3])
+    log_dir = Path(tensorboard.log_dir)
+    history = list(csv.DictReader((log_dir / HISTORY_FILE).open()))
+    assert [row["step"] for row in history] == ["0", "2", "3", "baseline"]
+    assert (log_dir / SUMMARY_FILE).stat().st_size > 10_000
+    assert (log_dir / "replication" / "scores_step_0000003.csv").is_file()
+    assert (log_dir / "training_subset.tsv").read_text().count("procedural://") == 7
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(log_dir), size_guidance={"images": 0, "histograms": 0}).Reload()
+    assert {"replication/top1_generations", "replication_baseline/top1_training"} <= set(events.Tags()["histograms"])
+    assert {"replication/similarity_histogram", "replication/top_copies"} <= set(events.Tags()["images"])
+    assert trainer.global_step == 3
+
+
+def test_numbers_match_a_hand_computation(tmp_path: Path) -> None:
+    """Top-1 scores = max over training images of the pixel descriptor's cosine (mean-centred pixels)."""
+    watch = monitor(every_n_steps=2, thresholds=[0.1, 0.3])
+    trainer, model = fit(tmp_path, [watch], max_steps=2)
+    data = ProceduralTrainData(num_images=7, resolution=16)
+    train = torch.stack([data.reference_dataset()[i]["image"] for i in range(7)])
+    generated = model.sample(watch.seeds, steps=None)
+
+    def embed(x: torch.Tensor) -> torch.Tensor:
+        x = torch.nn.functional.interpolate(x.double(), size=32, mode="bilinear", align_corners=False)
+        flat = x.flatten(1) - x.flatten(1).mean(dim=1, keepdim=True)
+        return flat / flat.norm(dim=1, keepdim=True)
+
+    sims = embed(generated) @ embed(train).T
+    top1 = sims.max(dim=1).values
+    assert torch.allclose(watch.latest["top1"].double(), top1, atol=1e-4)
+    row = watch.history[-1]
+    assert row["rate@0.3"] == pytest.approx(float((top1 > 0.3).double().mean()))
+    assert row["top1_median"] == pytest.approx(float(top1.median()), abs=1e-4)  # 5 values: true median
+    base = embed(train) @ embed(train).T
+    base.fill_diagonal_(-2.0)
+    assert torch.allclose(watch.baseline_scores.double(), base.max(dim=1).values, atol=1e-4)
+
+
+def test_resume_continues_history_without_gap(tmp_path: Path) -> None:
+    class Crash(pl.Callback):
+        def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+            if trainer.global_step == 7:
+                raise RuntimeError("killed")
+
+    checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=4, save_top_k=-1)
+    killed = monitor(every_n_steps=2)
+    with pytest.raises(RuntimeError, match="killed"):
+        fit(tmp_path, [killed, Crash(), checkpoints], max_steps=10)
+    assert killed.checked_steps() == [0, 2, 4, 6]  # step 6 came after the last checkpoint (step 4)
+    resumed = monitor(every_n_steps=2)
+    checkpoint = next((tmp_path / "ckpt").glob("*step=4.ckpt"))
+    fit(tmp_path, [resumed, ModelCheckpoint(dirpath=tmp_path / "ckpt2")], max_steps=10, ckpt_path=str(checkpoint))
+    assert resumed.checked_steps() == [0, 2, 4, 6, 8, 10]
+    assert resumed.history[:3] == killed.history[:3]  # restored from the checkpoint, not recomputed
+
+
+def _write_config(tmp_path: Path, pretrained: Path, name: str) -> Path:
+    config = {
+        "seed_everything": 0,
+        "trainer": {
+            "accelerator": "cpu", "devices": 1, "max_steps": 1, "enable_progress_bar": False,
+            "enable_checkpointing": False, "enable_model_summary": False,
+            "logger": {"class_path": "pytorch_lightning.loggers.TensorBoardLogger",
+                       "init_args": {"save_dir": str(tmp_path), "name": name, "version": 0}},
+            "callbacks": [{"class_path": "callbacks.replication.ReplicationMonitor",
+                           "init_args": {"num_samples": 5, "top_k": 2, "every_n_steps": 100, "check_at_end": False,
+                                         "verbose": False}}],
+        },
+        "model": {"class_path": "models.ddpm.DDPMModule", "init_args": {**TINY, "pretrained": str(pretrained)}},
+        "data": {"class_path": "datamodules.images.ProceduralTrainData",
+                 "init_args": {"num_images": 7, "resolution": 16, "batch_size": 2}},
+    }
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def _scores(tmp_path: Path, name: str) -> list[list[float]]:
+    with (tmp_path / name / "version_0" / "replication" / "scores_step_0000000.csv").open() as handle:
+        return [[float(v) for v in row.values()] for row in csv.DictReader(handle)]
+
+
+def test_ddp_two_processes_give_the_one_process_numbers(tmp_path: Path) -> None:
+    """The check before the first optimizer step, from the same (pretrained) weights: per-seed
+    top-1 scores and training matches identical for 1 and 2 processes (5 seeds, 7 images: uneven)."""
+    torch.manual_seed(3)
+    DDPMModule(**TINY).unet.save_pretrained(tmp_path / "unet")
+    LitCLI(args=["fit", "-c", str(_write_config(tmp_path, tmp_path / "unet", "one"))])
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    command = [sys.executable, "-m", "lit.cli", "fit", "-c", str(_write_config(tmp_path, tmp_path / "unet", "two")),
+               "--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.strategy=ddp"]
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    one, two = _scores(tmp_path, "one"), _scores(tmp_path, "two")
+    assert len(one) == len(two) == 5
+    assert [row[0] for row in one] == [row[0] for row in two] == [0, 1, 2, 3, 4]  # seeds
+    assert torch.allclose(torch.tensor(one), torch.tensor(two), atol=1e-5)
+    first = {name: list(csv.DictReader((tmp_path / name / "version_0" / HISTORY_FILE).open()))[0] for name in ("one", "two")}
+    for key in first["one"]:
+        assert float(first["one"][key]) == pytest.approx(float(first["two"][key]), abs=1e-5), key
