@@ -1,9 +1,9 @@
 """Training-step time of ``DDPMModule`` under Lightning vs a plain PyTorch loop (target <= 1.05x).
 
-Both variants train the same diffusers UNet (the demo's, by default) on the same
-procedural images with the same batch, AdamW + LinearLR warmup, EMA update and
-noise schedule: the plain loop is diffusers' unconditional training recipe
-written out by hand. Each variant runs in its own subprocess (so peak RSS is
+Both variants train the same diffusers UNet on the same procedural images with
+the same batch, AdamW + LinearLR warmup, EMA update and noise schedule, all
+read from ``configs/demo.yaml`` (``--config``): the plain loop is diffusers'
+unconditional training recipe written out by hand. Each variant runs in its own subprocess (so peak RSS is
 its own), the variants alternate for ``--rounds`` rounds (machine load drifts
 hit both), and the first ``--warmup`` steps of each run are not timed.
 
@@ -22,16 +22,22 @@ import sys
 import time
 from pathlib import Path
 
+import yaml
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-UNET = dict(resolution=32, block_out_channels=[32, 64, 64], layers_per_block=1, norm_num_groups=8,
-            down_block_types=["DownBlock2D", "DownBlock2D", "AttnDownBlock2D"],
-            up_block_types=["AttnUpBlock2D", "UpBlock2D", "UpBlock2D"])
-OPTIM = dict(learning_rate=2e-3, warmup_steps=100, weight_decay=1e-6, adam_betas=(0.95, 0.999), ema_decay=0.995)
+ARCHITECTURE = ("resolution", "block_out_channels", "layers_per_block", "down_block_types", "up_block_types",
+                "attention_head_dim", "norm_num_groups")
 
 
-def run_plain(steps: int, batch_size: int, images: int) -> list[float]:
+def load_config(path: Path) -> tuple[dict, dict]:
+    """(model init_args, data init_args) of a training config."""
+    config = yaml.safe_load(path.read_text())
+    return config["model"]["init_args"], config["data"]["init_args"]
+
+
+def run_plain(model_args: dict, data_args: dict, steps: int) -> list[float]:
     """diffusers' unconditional recipe as a plain loop; returns per-step seconds."""
     import torch
     import torch.nn.functional as F
@@ -42,16 +48,17 @@ def run_plain(steps: int, batch_size: int, images: int) -> list[float]:
     from datamodules.images import ProceduralTrainData
     from models.ddpm import build_unet
 
+    hp = {**_module_defaults(), **model_args}
     torch.manual_seed(0)
-    unet = build_unet(UNET["resolution"], 3, UNET["block_out_channels"], UNET["layers_per_block"],
-                      UNET["down_block_types"], UNET["up_block_types"], 8, UNET["norm_num_groups"])
-    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear")
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=OPTIM["learning_rate"], betas=OPTIM["adam_betas"],
-                                  weight_decay=OPTIM["weight_decay"], eps=1e-8)
-    warmup = torch.optim.lr_scheduler.LinearLR(optimizer, 1.0 / (OPTIM["warmup_steps"] + 1), 1.0, OPTIM["warmup_steps"])
-    ema = EMAModel(unet.parameters(), decay=OPTIM["ema_decay"], use_ema_warmup=True, power=0.75, foreach=True)
-    data = ProceduralTrainData(num_images=images, resolution=UNET["resolution"], batch_size=batch_size, repeats=1000)
-    loader = DataLoader(data.train_dataset(), batch_size=batch_size, shuffle=True)
+    unet = build_unet(*(hp[k] for k in ("resolution", "in_channels", "block_out_channels", "layers_per_block",
+                                        "down_block_types", "up_block_types", "attention_head_dim", "norm_num_groups")))
+    scheduler = DDPMScheduler(num_train_timesteps=hp["num_train_timesteps"], beta_schedule=hp["beta_schedule"])
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=hp["learning_rate"], betas=tuple(hp["adam_betas"]),
+                                  weight_decay=hp["weight_decay"], eps=1e-8)
+    warmup = torch.optim.lr_scheduler.LinearLR(optimizer, 1.0 / (hp["warmup_steps"] + 1), 1.0, max(hp["warmup_steps"], 1))
+    ema = EMAModel(unet.parameters(), decay=hp["ema_decay"], use_ema_warmup=True, power=hp["ema_power"], foreach=True)
+    data = ProceduralTrainData(**{**data_args, "repeats": 1000})
+    loader = DataLoader(data.train_dataset(), batch_size=data.batch_size, shuffle=True)
     times: list[float] = []
     unet.train()
     iterator = iter(loader)
@@ -60,7 +67,7 @@ def run_plain(steps: int, batch_size: int, images: int) -> list[float]:
         batch = next(iterator)
         clean = batch["image"] * 2 - 1
         noise = torch.randn_like(clean)
-        t = torch.randint(0, 1000, (clean.shape[0],), dtype=torch.long)
+        t = torch.randint(0, hp["num_train_timesteps"], (clean.shape[0],), dtype=torch.long)
         loss = F.mse_loss(unet(scheduler.add_noise(clean, noise, t), t, return_dict=False)[0], noise)
         loss.backward()
         optimizer.step()
@@ -72,7 +79,16 @@ def run_plain(steps: int, batch_size: int, images: int) -> list[float]:
     return times
 
 
-def run_lightning(steps: int, batch_size: int, images: int) -> list[float]:
+def _module_defaults() -> dict:
+    import inspect
+
+    from models.ddpm import DDPMModule
+
+    return {name: p.default for name, p in inspect.signature(DDPMModule.__init__).parameters.items()
+            if p.default is not inspect.Parameter.empty}
+
+
+def run_lightning(model_args: dict, data_args: dict, steps: int) -> list[float]:
     """DDPMModule under pl.Trainer (no logger/checkpoint/progress bar); per-step seconds."""
     import pytorch_lightning as pl
 
@@ -89,18 +105,18 @@ def run_lightning(steps: int, batch_size: int, images: int) -> list[float]:
             times.append(time.perf_counter() - self.start)
 
     pl.seed_everything(0, verbose=False)
-    model = DDPMModule(**UNET, **OPTIM)
+    model = DDPMModule(**model_args)
     trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=steps, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, callbacks=[Clock()])
-    data = ProceduralTrainData(num_images=images, resolution=UNET["resolution"], batch_size=batch_size, repeats=1000)
-    trainer.fit(model, datamodule=data)
+    trainer.fit(model, datamodule=ProceduralTrainData(**{**data_args, "repeats": 1000}))
     return times
 
 
-def child(variant: str, steps: int, batch_size: int, images: int, warmup: int) -> None:
+def child(variant: str, config: Path, steps: int, warmup: int) -> None:
     """Run one variant and print its timing as JSON (called in a subprocess)."""
     started = time.perf_counter()
-    times = (run_plain if variant == "plain" else run_lightning)(steps, batch_size, images)
+    model_args, data_args = load_config(config)
+    times = (run_plain if variant == "plain" else run_lightning)(model_args, data_args, steps)
     timed = times[warmup:]
     print(json.dumps({
         "variant": variant, "mean": statistics.fmean(timed), "median": statistics.median(timed),
@@ -114,18 +130,17 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=80)
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--images", type=int, default=16)
+    parser.add_argument("--config", type=Path, default=REPO / "configs" / "demo.yaml")
     parser.add_argument("--child", choices=["plain", "lightning"])
     args = parser.parse_args()
     if args.child:
-        child(args.child, args.steps, args.batch_size, args.images, args.warmup)
+        child(args.child, args.config, args.steps, args.warmup)
         return
     results: dict[str, list[dict[str, float]]] = {"plain": [], "lightning": []}
     for round_ in range(args.rounds):
         for variant in ("plain", "lightning") if round_ % 2 == 0 else ("lightning", "plain"):
             command = [sys.executable, __file__, "--child", variant, "--steps", str(args.steps),
-                       "--warmup", str(args.warmup), "--batch-size", str(args.batch_size), "--images", str(args.images)]
+                       "--warmup", str(args.warmup), "--config", str(args.config)]
             out = subprocess.run(command, cwd=REPO, capture_output=True, text=True, check=True).stdout
             result = json.loads(out.strip().splitlines()[-1])
             results[variant].append(result)
@@ -134,8 +149,9 @@ def main() -> None:
     plain = statistics.median(r["median"] for r in results["plain"])
     light = statistics.median(r["median"] for r in results["lightning"])
     ratios = [lr["median"] / pr["median"] for lr, pr in zip(results["lightning"], results["plain"])]
-    print(f"\nUNet {UNET['block_out_channels']} at {UNET['resolution']}px, batch {args.batch_size}, "
-          f"{args.steps - args.warmup} timed steps x {args.rounds} rounds")
+    model_args, data_args = load_config(args.config)
+    print(f"\n{args.config.name}: UNet {model_args['block_out_channels']} at {model_args['resolution']}px, "
+          f"batch {data_args['batch_size']}, {args.steps - args.warmup} timed steps x {args.rounds} rounds")
     print(f"{'variant':>10} {'ms/step (median)':>17} {'peak RSS MB':>12}")
     for name, value in (("plain", plain), ("lightning", light)):
         rss = max(r["max_rss_mb"] for r in results[name])

@@ -11,8 +11,12 @@ comparable), embeds the generations, searches the training set and records:
 - TensorBoard histograms of generation top-1 similarity and of the baseline;
 - the histogram overlay (paper Fig. 5) and a grid of the most similar
   generations beside their top-k training matches with scores (Fig. 3 / 4);
-- ``replication/scores_step_<step>.csv`` (seed, top-1 score, training match) and
+- ``replication/scores_step_<step>.csv`` (seed, top-k scores and training matches) and
   ``replication_history.csv`` in the log dir.
+
+With ``match_mirrors`` (default) a training image also matches through its
+horizontal mirror (``lit.replication.mirror_aware_search``): models trained with
+random flips copy mirrored images, which flip-sensitive descriptors would miss.
 
 At fit end it writes ``replication_summary.png`` (rates over time, latest
 histogram, latest top copies) and prints the rate over time and where the logs
@@ -49,6 +53,7 @@ from lit.replication import (
     ReplicationStats,
     duplicate_pairs,
     format_threshold,
+    mirror_aware_search,
     replication_stats,
     self_similarity,
     top_copies,
@@ -77,6 +82,8 @@ class ReplicationMonitor(Callback):
         input_size: override of the descriptor's input resolution.
         similarity: ``auto`` takes the descriptor's default.
         token_normalization: normalisation for split-product descriptors.
+        match_mirrors: a training image also matches through its horizontal mirror
+            (for models trained with random flips; also applies to the baseline).
         every_n_epochs: check after every n training epochs (default 1 when
             ``every_n_steps`` is not set).
         every_n_steps: check every n optimizer steps instead.
@@ -103,6 +110,7 @@ class ReplicationMonitor(Callback):
         input_size: int | None = None,
         similarity: Literal["auto", "cosine", "split_product"] = "auto",
         token_normalization: TokenNormalization = "token",
+        match_mirrors: bool = True,
         every_n_epochs: int | None = None,
         every_n_steps: int | None = None,
         check_at_start: bool = True,
@@ -140,6 +148,7 @@ class ReplicationMonitor(Callback):
         self.input_size = input_size
         self.similarity_choice = similarity
         self.token_normalization: TokenNormalization = token_normalization
+        self.match_mirrors = match_mirrors
         self.every_n_epochs = every_n_epochs if every_n_epochs is not None or every_n_steps is not None else 1
         self.every_n_steps = every_n_steps
         self.check_at_start = check_at_start
@@ -162,6 +171,7 @@ class ReplicationMonitor(Callback):
         self.reference: Dataset | None = None
         self.reference_names: list[str] = []
         self.train_features: Tensor | None = None
+        self.mirror_features: Tensor | None = None
         self.baseline_scores: Tensor | None = None
         self.baseline: ReplicationStats | None = None
         self.duplicates: list[tuple[int, int, float]] = []
@@ -207,30 +217,36 @@ class ReplicationMonitor(Callback):
         self.descriptor.to(pl_module.device)
         self.reference = datamodule.reference_dataset()
         self.reference_names = list(getattr(datamodule, "names", []))
-        self.train_features = self._embed_reference(trainer, pl_module)
+        self.train_features, mirrors = self._embed_reference(trainer, pl_module)
+        self.mirror_features = mirrors if self.match_mirrors else None
         result = self_similarity(self.train_features, k=max(self.top_k, 10), similarity=self.similarity,
-                                 normalization=self.token_normalization)
+                                 normalization=self.token_normalization, mirrored=self.mirror_features)
         self.baseline_scores = result.scores[:, 0].float()
         self.baseline = replication_stats(self.baseline_scores, self.thresholds)
         self.duplicates = duplicate_pairs(result)
         self.log_dir = Path(trainer.log_dir) if trainer.log_dir is not None else None
         self.timings["reference"] += time.perf_counter() - started
 
-    def _embed_reference(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Tensor:
+    def _embed_reference(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[Tensor, Tensor | None]:
+        """Features of the training images (and of their mirrors), sharded over ranks, gathered."""
         assert self.reference is not None
         rows = list(range(trainer.global_rank, len(self.reference), trainer.world_size))
         loader = DataLoader(Subset(self.reference, rows), batch_size=self.embed_batch_size, shuffle=False)
-        features, indices = [], []
+        features, mirrors, indices = [], [], []
         for batch in loader:
             features.append(self._embed(batch["image"], pl_module.device))
+            if self.match_mirrors:
+                mirrors.append(self._embed(torch.flip(batch["image"], dims=[-1]), pl_module.device))
             indices.append(torch.as_tensor(batch["index"], dtype=torch.long))
         if not features:  # a rank with no rows still joins the gather
             probe = self._embed(self.reference[0]["image"][None], pl_module.device)
-            features, indices = [probe[:0]], [torch.empty(0, dtype=torch.long)]
-        index, gathered = self._gather(trainer, torch.cat(indices), torch.cat(features))
+            features, mirrors, indices = [probe[:0]], [probe[:0]], [torch.empty(0, dtype=torch.long)]
+        own = torch.cat(features)
+        index, gathered, gathered_mirrors = self._gather(trainer, torch.cat(indices), own,
+                                                         torch.cat(mirrors) if mirrors else own)
         if index.numel() != len(self.reference) or not torch.equal(index, torch.arange(len(self.reference))):
             raise ValueError(f"reference_dataset indices must be 0..{len(self.reference) - 1}, got {index.numel()} distinct values")
-        return gathered
+        return gathered, (gathered_mirrors if self.match_mirrors else None)
 
     @torch.no_grad()
     def _embed(self, images: Tensor, device: torch.device) -> Tensor:
@@ -285,14 +301,19 @@ class ReplicationMonitor(Callback):
         features = self._embed(images, pl_module.device)
         clock = self._tick("embedding", clock)
         k = min(self.top_k, self.train_features.shape[0])
-        if features.shape[0]:
+        scores, matches = torch.empty(0, k), torch.empty(0, k, dtype=torch.long)
+        flipped = torch.zeros(0, k, dtype=torch.long)
+        if features.shape[0] and self.mirror_features is not None:
+            both = mirror_aware_search(features, self.train_features, self.mirror_features, k,
+                                       similarity=self.similarity, normalization=self.token_normalization)
+            scores, matches, flipped = both.result.scores.float(), both.result.indices, both.mirrored.long()
+        elif features.shape[0]:
             found = search(features, self.train_features, k=k, similarity=self.similarity,
                            normalization=self.token_normalization)
             scores, matches = found.scores.float(), found.indices
-        else:
-            scores, matches = torch.empty(0, k), torch.empty(0, k, dtype=torch.long)
+            flipped = torch.zeros_like(matches)
         mine = torch.tensor(positions, dtype=torch.long)
-        index, scores, matches = self._gather(trainer, mine, scores, matches)
+        index, scores, matches, flipped = self._gather(trainer, mine, scores, matches, flipped)
         if index.numel() != len(self.seeds):
             raise RuntimeError(f"gathered {index.numel()} of {len(self.seeds)} generations across ranks")
         top1 = scores[:, 0]
@@ -307,7 +328,8 @@ class ReplicationMonitor(Callback):
         row = {"step": trainer.global_step, "epoch": trainer.current_epoch, "num_samples": len(self.seeds),
                **stats.as_dict()}
         self.history.append(row)
-        self.latest = {"top1": top1, "scores": scores, "matches": matches, "shown": shown, "copies": copies}
+        self.latest = {"top1": top1, "scores": scores, "matches": matches, "mirrored": flipped.bool(),
+                       "shown": shown, "copies": copies}
         if trainer.is_global_zero:
             self._log(trainer, row, stats)
         self._tick("logging", clock)
@@ -350,15 +372,24 @@ class ReplicationMonitor(Callback):
         shown = self.latest["shown"]
         scores = self.latest["scores"][shown]
         matches = self.latest["matches"][shown]
-        images = torch.stack([torch.stack([self.reference[int(j)]["image"] for j in row]) for row in matches])
+        mirrored = self.latest["mirrored"][shown]
+        images = torch.stack([torch.stack([self._training_image(int(j), bool(m)) for j, m in zip(row, flips)])
+                              for row, flips in zip(matches, mirrored)])
         labels = [f"seed {self.seeds[int(p)]}" for p in shown]
-        match_labels = [[self._name(int(j)) for j in row] for row in matches]
+        match_labels = [[self._name(int(j)) + (" (mirror)" if m else "") for j, m in zip(row, flips)]
+                        for row, flips in zip(matches, mirrored)]
         return self.latest["copies"], images, scores, labels, match_labels
 
     def copies_figure(self) -> Any:
         """Fig. 3 / 4 grid of the latest check."""
         generations, images, scores, labels, match_labels = self._copies()
         return top_copies_grid(generations, images, scores, labels, match_labels)
+
+    def _training_image(self, row: int, mirrored: bool) -> Tensor:
+        """Training image ``row`` as matched (mirrored when the match was its mirror)."""
+        assert self.reference is not None
+        image = self.reference[row]["image"]
+        return torch.flip(image, dims=[-1]) if mirrored else image
 
     def _name(self, row: int) -> str:
         if row < 0:
@@ -371,9 +402,11 @@ class ReplicationMonitor(Callback):
         buffer = io.StringIO()
         writer = csv.writer(buffer)
         k = self.latest["scores"].shape[1]
-        writer.writerow(["seed", *[f"score_{i + 1}" for i in range(k)], *[f"train_index_{i + 1}" for i in range(k)]])
-        for p, (s, m) in enumerate(zip(self.latest["scores"].tolist(), self.latest["matches"].tolist())):
-            writer.writerow([self.seeds[p], *[f"{v:.6f}" for v in s], *m])
+        writer.writerow(["seed", *[f"score_{i + 1}" for i in range(k)], *[f"train_index_{i + 1}" for i in range(k)],
+                         *[f"mirrored_{i + 1}" for i in range(k)]])
+        rows = zip(self.latest["scores"].tolist(), self.latest["matches"].tolist(), self.latest["mirrored"].tolist())
+        for p, (s, m, f) in enumerate(rows):
+            writer.writerow([self.seeds[p], *[f"{v:.6f}" for v in s], *m, *[int(x) for x in f]])
         write_text_atomic(self.log_dir / "replication" / f"scores_step_{step:07d}.csv", buffer.getvalue())
 
     def history_csv(self) -> str:

@@ -13,7 +13,8 @@ first-class, recorded choice here:
 
 Images are resized once (shorter side ``load_size``, default ``resolution``) and
 kept in memory as uint8; training items get a random crop to ``resolution`` and
-a random horizontal flip (diffusers' unconditional recipe, used by the paper).
+a random horizontal flip, as in the paper (``random_crop: false`` takes the
+centre crop instead, diffusers' ``--center_crop``).
 Each item is ``{"image": (3, R, R) float in [0, 1], "index": subset row}``.
 
 The chosen subset is recorded three ways: the datamodule's hyper-parameters,
@@ -70,14 +71,14 @@ class SeedDataset(Dataset):
 class TrainingImages(Dataset):
     """In-memory uint8 images (shorter side >= ``resolution``) served as float [0, 1] squares.
 
-    ``augment``: random crop + random horizontal flip (training); otherwise a
-    centre crop (the reference images). ``repeats`` lists the set that many
+    ``augment``: random (or, ``random_crop=False``, centre) crop + random horizontal
+    flip (training); otherwise a centre crop (the reference images). ``repeats`` lists the set that many
     times per epoch (fewer, longer epochs for tiny sets); ``index`` stays the
     image's subset row.
     """
 
     def __init__(self, images: Sequence[Tensor], resolution: int, augment: bool,
-                 random_flip: bool = True, repeats: int = 1) -> None:
+                 random_flip: bool = True, repeats: int = 1, random_crop: bool = True) -> None:
         if repeats < 1:
             raise ValueError(f"repeats must be >= 1, got {repeats}")
         small = [i for i, im in enumerate(images) if min(im.shape[-2:]) < resolution]
@@ -86,7 +87,7 @@ class TrainingImages(Dataset):
         self.images = list(images)
         self.resolution = resolution
         self.repeats = repeats
-        steps: list[v2.Transform] = [v2.RandomCrop(resolution) if augment else v2.CenterCrop(resolution)]
+        steps: list[v2.Transform] = [v2.RandomCrop(resolution) if augment and random_crop else v2.CenterCrop(resolution)]
         if augment and random_flip:
             steps.append(v2.RandomHorizontalFlip())
         self.transform = v2.Compose(steps)
@@ -126,6 +127,7 @@ class TrainImagesDataModule(pl.LightningDataModule):
         load_size: shorter side the images are resized to before cropping
             (default ``resolution``: square images are then not cropped at all).
         random_flip: random horizontal flips (the paper: on).
+        random_crop: random crops of the resized images (the paper: on); off: centre crops.
         batch_size: images per training batch (per process under DDP).
         num_workers: dataloader workers.
         repeats: times the subset is listed per epoch.
@@ -135,7 +137,7 @@ class TrainImagesDataModule(pl.LightningDataModule):
 
     def __init__(self, resolution: int = 32, load_size: int | None = None, random_flip: bool = True,
                  batch_size: int = 16, num_workers: int = 0, repeats: int = 1,
-                 predict_num_samples: int = 64, predict_first_seed: int = 0) -> None:
+                 predict_num_samples: int = 64, predict_first_seed: int = 0, random_crop: bool = True) -> None:
         super().__init__()
         if resolution < 1 or batch_size < 1 or num_workers < 0:
             raise ValueError(f"need resolution >= 1, batch_size >= 1, num_workers >= 0; got {resolution}, {batch_size}, {num_workers}")
@@ -144,6 +146,7 @@ class TrainImagesDataModule(pl.LightningDataModule):
         self.resolution = resolution
         self.load_size = load_size or resolution
         self.random_flip = random_flip
+        self.random_crop = random_crop
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.repeats = repeats
@@ -188,8 +191,8 @@ class TrainImagesDataModule(pl.LightningDataModule):
     def train_dataset(self) -> TrainingImages:
         self.prepare_images()
         assert self.images is not None
-        return TrainingImages(self.images, self.resolution, augment=True,
-                              random_flip=self.random_flip, repeats=self.repeats)
+        return TrainingImages(self.images, self.resolution, augment=True, random_flip=self.random_flip,
+                              repeats=self.repeats, random_crop=self.random_crop)
 
     def reference_dataset(self) -> TrainingImages:
         """The training subset without augmentation (centre crop): what copies are searched in."""
@@ -235,10 +238,10 @@ class ImageFolderTrainData(TrainImagesDataModule):
 
     def __init__(self, root: str, subset_size: int | None = None, subset_seed: int = 0,
                  recursive: bool = True, resolution: int = 64, load_size: int | None = None,
-                 random_flip: bool = True, batch_size: int = 16, num_workers: int = 0, repeats: int = 1,
-                 predict_num_samples: int = 64, predict_first_seed: int = 0) -> None:
+                 random_flip: bool = True, random_crop: bool = True, batch_size: int = 16, num_workers: int = 0,
+                 repeats: int = 1, predict_num_samples: int = 64, predict_first_seed: int = 0) -> None:
         super().__init__(resolution, load_size, random_flip, batch_size, num_workers, repeats,
-                         predict_num_samples, predict_first_seed)
+                         predict_num_samples, predict_first_seed, random_crop)
         if subset_size is not None and subset_size < 1:
             raise ValueError(f"subset_size must be >= 1 or null (all images), got {subset_size}")
         self.save_hyperparameters()
@@ -278,23 +281,29 @@ class ImageFolderTrainData(TrainImagesDataModule):
 
 
 class ProceduralTrainData(TrainImagesDataModule):
-    """``num_images`` procedural scenes (``datamodules.procedural``) rendered at ``load_size``.
+    """``num_images`` procedural scenes (``datamodules.procedural``).
 
     Args:
         num_images: N, the number of training images.
         seed: scene seed (scene i is ``ProceduralScenes(seed=seed)[i]``).
+        render_size: size the scenes are drawn at before the antialiased resize to
+            ``load_size`` (default ``load_size``: drawn directly, with aliased edges and
+            stripes at small sizes; a larger value gives smoother, photo-like pixels).
         **kwargs: see :class:`TrainImagesDataModule`.
     """
 
-    def __init__(self, num_images: int = 32, seed: int = 0, resolution: int = 32, load_size: int | None = None,
-                 random_flip: bool = True, batch_size: int = 16, num_workers: int = 0, repeats: int = 1,
-                 predict_num_samples: int = 64, predict_first_seed: int = 0) -> None:
+    def __init__(self, num_images: int = 32, seed: int = 0, render_size: int | None = None, resolution: int = 32,
+                 load_size: int | None = None, random_flip: bool = True, random_crop: bool = True,
+                 batch_size: int = 16, num_workers: int = 0, repeats: int = 1, predict_num_samples: int = 64,
+                 predict_first_seed: int = 0) -> None:
         super().__init__(resolution, load_size, random_flip, batch_size, num_workers, repeats,
-                         predict_num_samples, predict_first_seed)
+                         predict_num_samples, predict_first_seed, random_crop)
         if num_images < 1:
             raise ValueError(f"num_images must be >= 1, got {num_images}")
+        if render_size is not None and render_size < 1:
+            raise ValueError(f"render_size must be >= 1, got {render_size}")
         self.save_hyperparameters()
-        self.scenes = ProceduralScenes(num_images, size=self.load_size, seed=seed)
+        self.scenes = ProceduralScenes(num_images, size=render_size or self.load_size, seed=seed)
 
     def load_subset(self) -> tuple[list[Tensor], list[str]]:
         items = [self.scenes[i] for i in range(len(self.scenes))]

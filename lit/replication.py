@@ -9,6 +9,12 @@ Definitions (``shared/DESIGN.md``):
   *exceeds* t (strictly; the paper reports t = 0.5 with SSCD);
 - **duplicates**: pairs of training images with similarity > 0.95 (Sec. 7).
 
+Mirror-aware matching (:func:`mirror_aware_search`): a DDPM trained with random
+horizontal flips reproduces training images mirrored as often as not, and a
+flip-sensitive descriptor (raw pixels, most CNN features) misses those copies.
+With the mirrored training features given, a training image scores the larger of
+its similarity and its mirror's similarity to the query.
+
 Summaries use linear-interpolation quantiles (numpy's default), so the median of
 an even count is the mean of the two middle values.
 """
@@ -21,7 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from lit.search import SearchResult, self_search
+from lit.search import SearchResult, search, self_search
 from lit.similarity import SimilarityKind, TokenNormalization
 
 DUPLICATE_THRESHOLD = 0.95
@@ -89,14 +95,74 @@ def self_similarity(
     k: int = 1,
     similarity: SimilarityKind = "cosine",
     normalization: TokenNormalization = "token",
+    mirrored: Tensor | None = None,
 ) -> SearchResult:
     """Each training item's top-``k`` matches among the *other* items (``lit.search.self_search``).
 
-    ``scores[:, 0]`` is the self-similarity baseline.
+    ``scores[:, 0]`` is the self-similarity baseline. With ``mirrored`` (features of
+    the horizontally flipped items) matching is mirror-aware (:func:`mirror_aware_search`;
+    an item's own mirror is left out too).
     """
     if features.shape[0] < 2:
         raise ValueError(f"the self-similarity baseline needs at least 2 training images, got {features.shape[0]}")
-    return self_search(features, k=min(k, features.shape[0] - 1), similarity=similarity, normalization=normalization)
+    k = min(k, features.shape[0] - 1)
+    if mirrored is not None:
+        own = torch.arange(features.shape[0])
+        return mirror_aware_search(features, features, mirrored, k, own_rows=own, similarity=similarity,
+                                   normalization=normalization).result
+    return self_search(features, k=k, similarity=similarity, normalization=normalization)
+
+
+@dataclass(frozen=True)
+class MirrorAwareResult:
+    """Top-k training rows (``result``) and whether each match was the mirrored image."""
+
+    result: SearchResult
+    mirrored: Tensor  # (Q, k) bool
+
+
+def mirror_aware_search(
+    queries: Tensor,
+    gallery: Tensor,
+    mirrored: Tensor,
+    k: int,
+    *,
+    own_rows: Tensor | None = None,
+    similarity: SimilarityKind = "cosine",
+    normalization: TokenNormalization = "token",
+) -> MirrorAwareResult:
+    """Top-``k`` gallery rows where row g scores ``max(s(q, g), s(q, mirror(g)))``.
+
+    ``mirrored`` holds the features of the horizontally flipped gallery images, row
+    for row. ``own_rows`` (Q,) names a gallery row to leave out per query (with its
+    mirror): the self-match of a self-similarity search; -1 for none. Ties keep
+    ``lit.search``'s order (ascending row, the original before its mirror).
+    """
+    if mirrored.shape != gallery.shape:
+        raise ValueError(f"mirrored features {tuple(mirrored.shape)} must match the gallery {tuple(gallery.shape)}")
+    rows_total = gallery.shape[0]
+    extra = 0 if own_rows is None else 2
+    found = search(queries, torch.cat([gallery, mirrored]), k=min(2 * k + extra, 2 * rows_total),
+                   similarity=similarity, normalization=normalization)
+    rows = torch.where(found.indices >= 0, found.indices % rows_total, found.indices)
+    flipped = found.indices >= rows_total
+    drop = rows < 0
+    if own_rows is not None:
+        drop |= rows == own_rows.to(rows.dtype)[:, None]
+    width = rows.shape[1]
+    earlier = torch.ones(width, width, dtype=torch.bool).tril(diagonal=-1)  # [i, j]: j before i
+    repeated = ((rows[:, :, None] == rows[:, None, :]) & earlier & ~drop[:, None, :]).any(dim=2)
+    drop |= repeated  # a row already listed through its better-scoring twin
+    order = torch.argsort(drop.to(torch.int8), dim=1, stable=True)[:, :k]  # kept entries first, in score order
+    scores = torch.where(drop, torch.tensor(float("-inf")), found.scores).gather(1, order)
+    rows = torch.where(drop, torch.tensor(-1), rows).gather(1, order)
+    flipped = (flipped & ~drop).gather(1, order)
+    if scores.shape[1] < k:  # fewer candidates than k: pad like lit.search
+        pad = k - scores.shape[1]
+        scores = torch.cat([scores, scores.new_full((scores.shape[0], pad), float("-inf"))], dim=1)
+        rows = torch.cat([rows, rows.new_full((rows.shape[0], pad), -1)], dim=1)
+        flipped = torch.cat([flipped, flipped.new_zeros((flipped.shape[0], pad))], dim=1)
+    return MirrorAwareResult(SearchResult(scores, rows), flipped)
 
 
 def duplicate_pairs(result: SearchResult, threshold: float = DUPLICATE_THRESHOLD) -> list[tuple[int, int, float]]:

@@ -12,6 +12,7 @@ from lit.plots import rate_over_time, replication_summary, save_figure, similari
 from lit.replication import (
     duplicate_pairs,
     images_with_duplicates,
+    mirror_aware_search,
     replication_rates,
     replication_stats,
     self_similarity,
@@ -67,6 +68,49 @@ def test_self_similarity_matches_brute_force() -> None:
     brute = [(i, j) for i in range(12) for j in range(i + 1, 12) if sims[i, j] > 0.95]
     assert [(i, j) for i, j, _ in pairs] == brute == [(3, 7)]
     assert images_with_duplicates(result.scores[:, 0], 0.95) == 2
+
+
+def _brute_mirror(queries: torch.Tensor, gallery: torch.Tensor, mirrored: torch.Tensor,
+                  own: list[int] | None) -> tuple[np.ndarray, np.ndarray]:
+    """numpy reference: per gallery row the max of its and its mirror's cosine; own rows removed."""
+    unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)  # noqa: E731
+    q, g, m = (unit(x.double().numpy()) for x in (queries, gallery, mirrored))
+    direct, flipped = q @ g.T, q @ m.T
+    best = np.maximum(direct, flipped)
+    if own is not None:
+        best[np.arange(len(own)), own] = -np.inf
+    return best, flipped > direct
+
+
+def test_mirror_aware_search_matches_brute_force() -> None:
+    generator = torch.Generator().manual_seed(2)
+    gallery = torch.randn(9, 6, generator=generator)
+    mirrored = torch.randn(9, 6, generator=generator)
+    queries = torch.cat([torch.randn(4, 6, generator=generator), mirrored[5:6] * 3])  # last query: mirror of row 5
+    found = mirror_aware_search(queries, gallery, mirrored, k=4)
+    best, flipped = _brute_mirror(queries, gallery, mirrored, None)
+    order = np.argsort(-best, axis=1, kind="stable")[:, :4]
+    assert np.array_equal(found.result.indices.numpy(), order)
+    assert np.allclose(found.result.scores.numpy(), np.take_along_axis(best, order, 1), atol=1e-5)
+    assert np.array_equal(found.mirrored.numpy(), np.take_along_axis(flipped, order, 1))
+    assert found.result.indices[4, 0] == 5 and bool(found.mirrored[4, 0])
+    assert found.result.scores[4, 0] == pytest.approx(1.0, abs=1e-5)
+    # every row listed once even though it is in the search twice (as itself and as its mirror)
+    assert all(len(set(row)) == 4 for row in found.result.indices.tolist())
+
+
+def test_mirror_aware_baseline_leaves_out_own_mirror() -> None:
+    generator = torch.Generator().manual_seed(3)
+    features = torch.randn(6, 5, generator=generator)
+    mirrored = features.clone()  # symmetric images: each one's mirror is itself
+    mirrored[2] = features[4]  # the mirror of image 2 looks like image 4
+    result = self_similarity(features, k=3, mirrored=mirrored)
+    best, _ = _brute_mirror(features, features, mirrored, list(range(6)))
+    assert np.allclose(result.scores.numpy(), -np.sort(-best, axis=1)[:, :3], atol=1e-5)
+    assert (result.indices != torch.arange(6)[:, None]).all()
+    assert result.indices[4, 0] == 2 and result.scores[4, 0] == pytest.approx(1.0, abs=1e-5)
+    small = self_similarity(features[:2], k=5, mirrored=mirrored[:2])  # k clipped to G - 1
+    assert small.indices.tolist() == [[1], [0]]
 
 
 def test_self_similarity_needs_two_images() -> None:

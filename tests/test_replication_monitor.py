@@ -109,15 +109,21 @@ def test_numbers_match_a_hand_computation(tmp_path: Path) -> None:
         flat = x.flatten(1) - x.flatten(1).mean(dim=1, keepdim=True)
         return flat / flat.norm(dim=1, keepdim=True)
 
-    sims = embed(generated) @ embed(train).T
+    mirrored = torch.flip(train, dims=[-1])  # match_mirrors: a training image also matches as its mirror
+    sims = torch.maximum(embed(generated) @ embed(train).T, embed(generated) @ embed(mirrored).T)
     top1 = sims.max(dim=1).values
     assert torch.allclose(watch.latest["top1"].double(), top1, atol=1e-4)
     row = watch.history[-1]
     assert row["rate@0.3"] == pytest.approx(float((top1 > 0.3).double().mean()))
     assert row["top1_median"] == pytest.approx(float(top1.median()), abs=1e-4)  # 5 values: true median
-    base = embed(train) @ embed(train).T
+    base = torch.maximum(embed(train) @ embed(train).T, embed(train) @ embed(mirrored).T)
     base.fill_diagonal_(-2.0)
     assert torch.allclose(watch.baseline_scores.double(), base.max(dim=1).values, atol=1e-4)
+
+    plain = monitor(every_n_steps=2, match_mirrors=False)
+    fit(tmp_path, [plain], max_steps=2)
+    direct = (embed(generated) @ embed(train).T).max(dim=1).values
+    assert torch.allclose(plain.latest["top1"].double(), direct, atol=1e-4)
 
 
 def test_resume_continues_history_without_gap(tmp_path: Path) -> None:
