@@ -35,7 +35,7 @@ sys.path.insert(0, str(REPO))
 
 from callbacks.replication import ReplicationMonitor  # noqa: E402
 from datamodules.images import ImageFolderTrainData  # noqa: E402
-from lit.plots import draw_rate_over_time, draw_similarity_histogram, new_figure, save_figure  # noqa: E402
+from lit.plots import draw_similarity_histogram, new_figure, save_figure  # noqa: E402
 from models.ddpm import DDPMModule  # noqa: E402
 
 BSDS = REPO.parent / "shared" / "data" / "bsds300" / "train" / "images"
@@ -92,10 +92,15 @@ def main() -> None:
 
     figure = new_figure(6.0 * (1 + len(monitors)), 4.2)
     axes = figure.subplots(1, 1 + len(monitors))
-    series = {f"N={size} rate@0.8": [row["rate@0.8"] for row in m.history] for size, m in monitors.items()}
-    steps = monitors[args.sizes[0]].checked_steps()
-    if all(m.checked_steps() == steps for m in monitors.values()):
-        draw_rate_over_time(axes[0], steps, series, ylabel="share of generations with top-1 > 0.8")
+    for index, (size, monitor) in enumerate(monitors.items()):  # mean top-1 over training, baseline dotted
+        colour = f"C{index}"
+        axes[0].plot(monitor.checked_steps(), [row["top1_mean"] for row in monitor.history], marker="o",
+                     color=colour, label=f"N={size} generations")
+        axes[0].axhline(monitor.baseline.mean, color=colour, linestyle=":", label=f"N={size} training vs training")
+    axes[0].set(xlabel="training step", ylabel=f"mean top-1 similarity ({args.descriptor})",
+                title="similarity of generations to their nearest training image")
+    axes[0].legend(fontsize="small")
+    axes[0].grid(alpha=0.3)
     for ax, (size, monitor) in zip(axes[1:], monitors.items()):
         draw_similarity_histogram(ax, monitor.latest["top1"], monitor.baseline_scores, THRESHOLDS,
                                   title=f"N = {size} training images, step {args.steps}")
