@@ -403,6 +403,11 @@ class OutpaintingDataModule(SyntheticRetrievalDataModule):
                              "jump_length": jump_length, "jump_n_sample": jump_n_sample, "eta": eta,
                              "use_ema": use_ema, "batch_size": render_batch_size, "device": device}
 
+
+    @property
+    def name(self) -> str:
+        """Table 1 column: Dif-Patch or Dif-Diagonal (the paper's IN-Dif-* sets)."""
+        return f"Dif-{self.builder_args['mode'].title()}"
     def make_builder(self) -> OutpaintBuilder:
         if self.unet is None:
             raise ValueError(f"OutpaintingDataModule needs unet: {_EXPECTED}")
