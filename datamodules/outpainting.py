@@ -408,6 +408,7 @@ class OutpaintingDataModule(SyntheticRetrievalDataModule):
     def name(self) -> str:
         """Table 1 column: Dif-Patch or Dif-Diagonal (the paper's IN-Dif-* sets)."""
         return f"Dif-{self.builder_args['mode'].title()}"
+
     def make_builder(self) -> OutpaintBuilder:
         if self.unet is None:
             raise ValueError(f"OutpaintingDataModule needs unet: {_EXPECTED}")
