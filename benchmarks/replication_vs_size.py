@@ -63,7 +63,7 @@ def train(size: int, resolution: int, random_crop: bool, steps: int, checks: int
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[16, 200])
-    parser.add_argument("--steps", type=int, default=1200, help="optimizer steps per run (same for every N)")
+    parser.add_argument("--steps", type=int, default=1600, help="optimizer steps per run (same for every N)")
     parser.add_argument("--resolution", type=int, default=16)
     parser.add_argument("--random-crop", action="store_true", help="random instead of centre crops")
     parser.add_argument("--checks", type=int, default=4)

@@ -162,6 +162,7 @@ def build_set(dataset: str, settings: Settings, unet: Path) -> dict[str, object]
     from lit.cli import LitCLI
 
     torch.set_num_threads(settings.threads)
+    sys.argv = sys.argv[:1]  # a child process: LightningCLI warns when it sees args beside sys.argv
     cli = LitCLI(args=cli_args(dataset, "pixel", settings, unet), run=False)
     datamodule = cli.datamodule
     start = time.perf_counter()
