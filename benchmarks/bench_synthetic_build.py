@@ -1,18 +1,26 @@
-"""Build time, throughput, disk size and time split of the synthetic sets (Segmix, Cutmix).
+"""Build time, throughput, disk size and time split of the synthetic sets, and their grids.
 
-Builds each set from ``../shared/data/bsds300`` with the 100 val images as queries and
-the 200 train images as the (disjoint) pool, ``--mixes`` items per query (default 10, so
-1,000 synthetic images per set), at ``--output-size`` pixels, once per worker count in
-``--workers`` (0: in the main process with ``--threads`` torch threads, default 1, i.e.
-one core; 2: two rendering processes, i.e. two cores); then rebuilds with a matching
-manifest (the reuse check). Prints items/s, seconds per 1,000 items, MB on disk, the
-split of time over stages (decode: JPEG + masks; resize: the pool canvas; augment: the
-region's resize and photometric ops; composite; PNG encode; write) plus the driver's
-own overhead, and peak RSS. Saves a grid per set (source, region mask, pool crop,
-synthetic image with the pasted box in red) to
-``benchmarks/results/{segmix,cutmix}_grid.png``.
+Sets: Segmix, Cutmix, Dif-Patch and Dif-Diagonal (outpainting with diffusers' RePaint and a
+seeded random-init 64 px UNet: the outpainted area is noise, the kept region is exact).
 
-    .venv/bin/python benchmarks/bench_synthetic_build.py            # full run (~ minutes)
+``--source bsds`` (default) builds from ``../shared/data/bsds300``: the 100 val images are
+the queries and the 200 train images the (disjoint) pool, ``--mixes`` items per query
+(default 10, so 1,000 synthetic images per set). ``--source procedural`` renders
+``--queries`` procedural scenes with instance masks (plus half as many pool scenes) into a
+temporary image+mask folder first: bsds300 has 300 images, this is how a 1,000-query build
+is timed. Each set is built once per worker count in ``--workers`` (0: in the main process
+with ``--threads`` torch threads, default 1, i.e. one core; 2: two rendering processes,
+i.e. two cores); then rebuilt with a matching manifest (the reuse check). Prints items/s,
+seconds per 1,000 items, MB on disk, the split of time over stages (decode: JPEG + masks;
+resize: the pool canvas; augment: the region's resize and photometric ops; composite;
+PNG encode; write; mask and diffusion for outpainting) plus the driver's own overhead,
+and peak RSS. With ``--grids`` saves a grid per set to ``benchmarks/results/<set>_grid.png``:
+source, region mask, pool crop, synthetic (pasted box in red) for Segmix / Cutmix; source
+(crop box in red), kept-region mask, kept pixels, synthetic for the outpainting sets.
+
+    .venv/bin/python benchmarks/bench_synthetic_build.py --grids     # bsds300, 1,000 items per set
+    .venv/bin/python benchmarks/bench_synthetic_build.py --source procedural --queries 1000 --mixes 1 \
+        --sets segmix cutmix dif_patch dif_diagonal                   # 1,000 queries per set
     .venv/bin/python benchmarks/bench_synthetic_build.py --queries 10 --mixes 2   # quick look
 """
 
@@ -30,31 +38,69 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 
 from datamodules.cutmix import CutmixBuilder  # noqa: E402
-from datamodules.masks import VocMaskSource  # noqa: E402
+from datamodules.masks import FolderMaskSource, VocMaskSource, _LabelMapSource  # noqa: E402
+from datamodules.outpainting import OutpaintBuilder, diagonal_mask, patch_mask  # noqa: E402
+from datamodules.procedural import ProceduralScenes  # noqa: E402
 from datamodules.segmix import SegmixBuilder  # noqa: E402
 from datamodules.synthetic import (  # noqa: E402
     PNG_COMPRESS_LEVEL, BuildReport, SyntheticBuilder, build_synthetic, folder_refs,
 )
+from table1_bsds import random_unet  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "bsds300"
 RESULTS = Path(__file__).resolve().parent / "results"
-STAGES = ("decode", "resize", "augment", "composite", "encode", "write")
+STAGES = ("decode", "resize", "augment", "composite", "mask", "load_model", "diffusion", "encode", "write")
+OUTPAINT = {"dif_patch": "patch", "dif_diagonal": "diagonal"}
 
 
-def make_builders(queries: int, mixes: int, size: int, seed: int) -> dict[str, SyntheticBuilder]:
-    val = VocMaskSource(DATA / "val" / "images", DATA / "val" / "masks")
-    pool = folder_refs(DATA / "train" / "images")
-    rows = list(range(min(queries, len(val))))
-    query_refs = [ref for ref in folder_refs(DATA / "val" / "images") if ref.id in {val.ids[r] for r in rows}]
-    return {
-        "segmix": SegmixBuilder(val, pool, rows, seed=seed, mixes_per_query=mixes, output_size=size),
-        "cutmix": CutmixBuilder(query_refs, pool, seed=seed, mixes_per_query=mixes, output_size=size),
-    }
+def render_procedural(folder: Path, count: int, size: int, seed: int) -> tuple[Path, Path]:
+    """``count`` procedural scenes as ``folder/images/*.png`` + ``folder/masks/*.png`` (instance ids)."""
+    images, masks = folder / "images", folder / "masks"
+    images.mkdir(parents=True, exist_ok=True)
+    masks.mkdir(parents=True, exist_ok=True)
+    scenes = ProceduralScenes(count, size=size, seed=seed)
+    for index in range(count):
+        item = scenes[index]
+        pixels = (item["image"] * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+        Image.fromarray(pixels).save(images / f"{index:05d}.png", compress_level=1)
+        Image.fromarray(item["mask"].to(torch.uint8).numpy()).save(masks / f"{index:05d}.png")
+    return images, masks
+
+
+def make_sources(source: str, queries: int, size: int, seed: int, work: Path) -> tuple[_LabelMapSource, Path]:
+    """(query images with instance masks, pool folder) from bsds300 or freshly rendered scenes."""
+    if source == "bsds":
+        return VocMaskSource(DATA / "val" / "images", DATA / "val" / "masks"), DATA / "train" / "images"
+    start = time.perf_counter()
+    images, masks = render_procedural(work / "procedural_queries", queries, size, seed)
+    pool, _ = render_procedural(work / "procedural_pool", max(1, queries // 2), size, seed + 1)
+    print(f"rendered {queries} query + {max(1, queries // 2)} pool procedural scenes at {size} px "
+          f"in {time.perf_counter() - start:.0f} s (not part of the build times)")
+    return FolderMaskSource(images, masks), pool
+
+
+def make_builder(name: str, source: _LabelMapSource, pool_dir: Path, args: argparse.Namespace,
+                 work: Path) -> SyntheticBuilder:
+    rows = list(range(min(args.queries, len(source))))
+    pool = folder_refs(pool_dir)
+    chosen = {source.ids[r] for r in rows}
+    query_refs = [ref for ref in folder_refs(source.images) if ref.id in chosen]
+    if name == "segmix":
+        return SegmixBuilder(source, pool, rows, seed=args.seed, mixes_per_query=args.mixes,
+                             output_size=args.output_size)
+    if name == "cutmix":
+        return CutmixBuilder(query_refs, pool, seed=args.seed, mixes_per_query=args.mixes,
+                             output_size=args.output_size)
+    unet = random_unet(work / "unet", args.outpaint_resolution, args.seed)
+    return OutpaintBuilder(query_refs, unet, seed=args.seed, mode=OUTPAINT[name], mixes_per_query=args.mixes,
+                           resolution=args.outpaint_resolution, num_inference_steps=args.outpaint_steps,
+                           jump_length=args.outpaint_jump, jump_n_sample=args.outpaint_jump, device="cpu")
 
 
 def disk_bytes(root: Path) -> int:
@@ -98,9 +144,12 @@ def compare_png_levels(root: Path, count: int = 100) -> None:
 
 
 def tile(image: Image.Image, size: int) -> Image.Image:
-    """Letterbox ``image`` into a ``size`` x ``size`` gray tile."""
-    image = image.copy()
-    image.thumbnail((size, size), Image.Resampling.LANCZOS)
+    """Fit ``image`` into a ``size`` x ``size`` gray tile: shrunk with Lanczos, small images
+    (64 px outpaintings) enlarged with nearest neighbour so that their pixels stay visible."""
+    scale = min(size / image.width, size / image.height)
+    shape = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+    resample = Image.Resampling.LANCZOS if scale < 1 else Image.Resampling.NEAREST
+    image = image.resize(shape, resample)
     canvas = Image.new("RGB", (size, size), (128, 128, 128))
     canvas.paste(image, ((size - image.width) // 2, (size - image.height) // 2))
     return canvas
@@ -153,20 +202,65 @@ def save_grid(name: str, root: Path, builder: SyntheticBuilder, out: Path, rows:
             ImageDraw.Draw(synthetic).rectangle([v * scale for v in box], outline=(255, 0, 0), width=2)
         grid.paste(synthetic, (3 * size, y))
         draw.text((3 * size + 4, y + 2), item.get("region", ""), fill=(255, 255, 0))
+    _save_small(grid, out, len(chosen))
+
+
+def _save_small(grid: Image.Image, out: Path, rows: int) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     grid.save(out, optimize=True)
     if out.stat().st_size > 500_000:  # keep results small: 256-colour palette
         grid.quantize(256, method=Image.Quantize.MEDIANCUT).save(out, optimize=True)
-    print(f"grid: {out} ({out.stat().st_size / 1e3:.0f} kB, {len(chosen)} rows)")
+    print(f"grid: {out} ({out.stat().st_size / 1e3:.0f} kB, {rows} rows)")
+
+
+
+def save_outpaint_grid(root: Path, builder: OutpaintBuilder, out: Path, rows: int = 6, size: int = 160) -> None:
+    """Rows of (source with the cropped square in red, kept-region mask, kept pixels of the
+    crop, synthetic): the kept region must reappear unchanged in the synthetic image."""
+    items = json.loads((root / "manifest.json").read_text())["items"]
+    chosen = items[:: max(1, len(items) // rows)][:rows]
+    queries = {ref.id: ref.path for ref in builder.queries()}
+    resolution = builder.resolution
+    grid = Image.new("RGB", (4 * size, len(chosen) * size + 14), (255, 255, 255))
+    draw = ImageDraw.Draw(grid)
+    for col, label in enumerate(("source (crop box)", "kept-region mask", "kept pixels", "synthetic")):
+        draw.text((col * size + 4, 1), label, fill=(0, 0, 0))
+    for row, item in enumerate(chosen):
+        y = row * size + 14
+        source = Image.open(queries[item["query_id"]]).convert("RGB")
+        box = item["placement"]["source_box"]
+        crop = source.crop(box).resize((resolution, resolution), Image.Resampling.BILINEAR)
+        framed = source.copy()
+        ImageDraw.Draw(framed).rectangle(box, outline=(255, 0, 0), width=max(2, source.width // 80))
+        kept = item["placement"]["kept"]
+        if kept["mode"] == "patch":
+            left, top, right, _ = kept["box"]
+            mask = patch_mask(resolution, right - left, top, left)
+        else:
+            mask = diagonal_mask(resolution, kept["diagonal"], kept["half"])
+        mask_image = Image.fromarray((mask.numpy() * 255).astype("uint8")).convert("RGB")
+        gray = Image.new("RGB", crop.size, (40, 40, 40))
+        kept_pixels = Image.composite(crop, gray, mask_image.convert("L"))
+        synthetic = Image.open(root / item["file"]).convert("RGB")
+        for col, picture in enumerate((framed, mask_image, kept_pixels, synthetic)):
+            grid.paste(tile(picture, size - 4), (col * size + 2, y + 2))
+        draw.text((3 * size + 4, y + 2), kept.get("diagonal", "") + " " + kept.get("half", ""), fill=(255, 255, 0))
+    _save_small(grid, out, len(chosen))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--source", choices=["bsds", "procedural"], default="bsds")
     parser.add_argument("--queries", type=int, default=100)
     parser.add_argument("--mixes", type=int, default=10)
     parser.add_argument("--output-size", type=int, default=256)
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 2])
-    parser.add_argument("--sets", nargs="+", default=["segmix", "cutmix"])
+    parser.add_argument("--sets", nargs="+", default=["segmix", "cutmix"],
+                        choices=["segmix", "cutmix", *OUTPAINT])
+    parser.add_argument("--outpaint-resolution", type=int, default=64)
+    parser.add_argument("--outpaint-steps", type=int, default=10, help="RePaint steps (paper: 250)")
+    parser.add_argument("--outpaint-jump", type=int, default=1, help="RePaint jump length and samples (paper: 10)")
+    parser.add_argument("--grids", action="store_true", help="save a PNG grid per set to benchmarks/results/")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads of the main process (workers always use 1)")
@@ -176,12 +270,12 @@ def main() -> None:
     baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}, "
           f"load average {os.getloadavg()[0]:.1f} (other processes compete for the cores when > 0)")
-    builders = make_builders(args.queries, args.mixes, args.output_size, args.seed)
     rows = []
     work = Path(tempfile.mkdtemp(prefix="bench_synthetic_"))
     try:
+        source, pool_dir = make_sources(args.source, args.queries, args.output_size, args.seed, work)
         for name in args.sets:
-            builder = builders[name]
+            builder = make_builder(name, source, pool_dir, args, work)
             for workers in args.workers:
                 root = work / f"{name}_{workers}"
                 report = build_synthetic(builder, root, progress=False, num_workers=workers)
@@ -192,8 +286,12 @@ def main() -> None:
                        for f in (i["file"] for i in json.loads((root / "manifest.json").read_text())["items"]))
             print(f"{name:7s} reuse check (manifest matches): {reuse.seconds * 1000:.0f} ms; "
                   f"files identical across worker counts: {same}")
-            compare_png_levels(root)
-            save_grid(name, root, builder, RESULTS / f"{name}_grid.png")
+            if name in ("segmix", "cutmix"):
+                compare_png_levels(root)
+            if args.grids and name in OUTPAINT:
+                save_outpaint_grid(root, builder, RESULTS / f"{name}_grid.png")
+            elif args.grids:
+                save_grid(name, root, builder, RESULTS / f"{name}_grid.png")
     finally:
         shutil.rmtree(work, ignore_errors=True)
     peak_self = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -177,9 +177,11 @@ class TrainImagesDataModule(pl.LightningDataModule):
         self._record_subset()
 
     def _record_subset(self) -> None:
-        """Write ``training_subset.tsv`` into the log dir (rank 0; log_dir is called on all ranks)."""
+        """Write ``training_subset.tsv`` into the log dir (rank 0; log_dir is called on all ranks).
+        Not without a logger: ``log_dir`` would then be the working directory, and the subset
+        is in the hyper-parameters and the checkpoint anyway."""
         trainer = getattr(self, "trainer", None)
-        if trainer is None:
+        if trainer is None or not trainer.loggers:
             return
         log_dir = trainer.log_dir
         if trainer.is_global_zero and log_dir is not None:

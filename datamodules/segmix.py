@@ -400,6 +400,12 @@ class SegmixDataModule(SyntheticRetrievalDataModule):
                              "max_rotation": max_rotation, "augmentation": augmentation,
                              "output_size": output_size}
 
+    @property
+    def name(self) -> str:
+        """Table 1 column: "COCO Segmix" / "VOC Segmix" by mask source (the paper's MSCOCO and
+        VOC Segmix are different columns), plain "Segmix" for an image+mask folder."""
+        return {"coco": "COCO Segmix", "voc": "VOC Segmix"}.get(self.mask_format, "Segmix")
+
     def make_builder(self) -> SegmixBuilder:
         source = mask_source(self.root, self.mask_format, **self.paths)
         query_rows, pool_rows = split_queries_and_pool(len(source), self.seed, self.num_queries,

@@ -13,8 +13,6 @@ state), so they work headless, in threads and under DDP.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -23,6 +21,8 @@ from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure, SubFigure
 from torch import Tensor
+
+from lit.report import atomic_path
 
 GENERATION_COLOUR = "tab:red"
 BASELINE_COLOUR = "tab:blue"
@@ -37,17 +37,9 @@ def new_figure(width: float, height: float) -> Figure:
 
 def save_figure(figure: Figure, path: str | Path) -> Path:
     """Write ``figure`` as PNG through a temporary file (a killed run leaves no half PNG)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".png")
-    os.close(fd)
-    try:
+    with atomic_path(path, suffix=".png") as tmp:
         figure.savefig(tmp, format="png", bbox_inches="tight")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return Path(path)
 
 
 def draw_similarity_histogram(ax: Axes, generation: Tensor, baseline: Tensor,

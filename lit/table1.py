@@ -16,6 +16,7 @@ import csv
 import io
 import json
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +49,9 @@ def load_runs(roots: Sequence[str | Path]) -> list[RunResult]:
             raise ValueError(f"{path} is not a lit test metrics.json: missing {sorted(missing)}")
         name = payload.get("run_name") or payload["descriptor"]
         dataset = payload.get("dataset") or path.parent.parent.name
+        if (name, dataset) in found:
+            warnings.warn(f"{path} replaces {found[(name, dataset)].path} for ({name}, {dataset}): "
+                          "the newest metrics.json of a (descriptor, dataset) pair wins", stacklevel=2)
         found[(name, dataset)] = RunResult(name, dataset, payload["metrics"], path)
     if not found:
         raise FileNotFoundError(f"no metrics.json under {', '.join(map(str, roots))}")

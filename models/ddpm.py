@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -34,6 +33,8 @@ from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 from pytorch_lightning.utilities import rank_zero_info
 from torch import Tensor
+
+from lit.report import atomic_path
 
 Sampler = Literal["ddpm", "ddim"]
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
@@ -315,7 +316,7 @@ def load_pretrained_unet(path: str | Path) -> UNet2DModel:
     if not (folder / "config.json").is_file() or not any((folder / w).is_file() for w in WEIGHT_FILES):
         raise ValueError(f"pretrained UNet folder {folder} is incomplete (expected {expected})")
     try:
-        return UNet2DModel.from_pretrained(folder, local_files_only=True)
+        return UNet2DModel.from_pretrained(folder, local_files_only=True, low_cpu_mem_usage=False)
     except Exception as error:  # noqa: BLE001 - any failure becomes one line naming the folder
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ValueError(f"cannot load pretrained UNet from {folder} (expected {expected}): {first}") from error
@@ -325,14 +326,8 @@ def save_png(image: Tensor, path: Path) -> Path:
     """Write a (C, H, W) [0, 1] image as an 8-bit PNG, atomically (DDP ranks may race on a seed)."""
     array = (image.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
     picture = Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
-    try:
+    with atomic_path(path, suffix=".png") as tmp:
         picture.save(tmp, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -67,3 +68,21 @@ def test_bad_inputs_have_clear_errors(tmp_path: Path) -> None:
     (tmp_path / "bad" / "metrics.json").write_text("{}")
     with pytest.raises(ValueError, match="missing"):
         load_runs([tmp_path / "bad"])
+
+
+def test_repeated_pair_keeps_newest_and_warns(tmp_path: Path) -> None:
+    _write_run(tmp_path / "a", "pixel", "Cutmix", 0.1, 0.1)
+    _write_run(tmp_path / "b", "pixel", "Cutmix", 0.4, 0.4)
+    old, new = tmp_path / "a/pixel_Cutmix/version_0/metrics.json", tmp_path / "b/pixel_Cutmix/version_0/metrics.json"
+    os.utime(old, (1_000, 1_000))
+    os.utime(new, (2_000, 2_000))
+    with pytest.warns(UserWarning, match="replaces .*a/pixel_Cutmix"):
+        runs = load_runs([tmp_path / "b", tmp_path / "a"])
+    assert [(r.dataset, r.metrics["mAP"]) for r in runs] == [("Cutmix", 0.4)]
+
+
+def test_segmix_columns_name_their_mask_source(tmp_path: Path) -> None:
+    from datamodules.segmix import SegmixDataModule
+
+    names = {fmt: SegmixDataModule(str(tmp_path), mask_format=fmt).name for fmt in ("coco", "voc", "folder")}
+    assert names == {"coco": "COCO Segmix", "voc": "VOC Segmix", "folder": "Segmix"}
