@@ -32,7 +32,7 @@ MONITOR = "callbacks.replication.ReplicationMonitor"
 
 def run(config: Path, save_dir: str, max_steps: int | None) -> tuple[float, ReplicationMonitor | None, int]:
     """Fit ``config``; returns (wall seconds of the fit, the monitor if any, steps done)."""
-    args = ["fit", "-c", str(config), f"--trainer.logger.init_args.save_dir={save_dir}",
+    args = ["-c", str(config), f"--trainer.logger.init_args.save_dir={save_dir}",
             "--trainer.enable_progress_bar=false"]
     if max_steps is not None:
         args.append(f"--trainer.max_steps={max_steps}")

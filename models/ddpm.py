@@ -119,7 +119,7 @@ class DDPMModule(pl.LightningModule):
             raise ValueError(f"ema_decay must be in [0, 1], got {ema_decay}")
         self.save_hyperparameters()
         if pretrained is not None:
-            self.unet = load_pretrained_unet(pretrained)
+            self.unet = load_pretrained_unet(pretrained).train()  # from_pretrained leaves eval mode (dropout off)
             loaded = self.unet.config.sample_size
             if isinstance(loaded, int) and loaded != resolution:
                 rank_zero_info(f"pretrained UNet {pretrained} has sample_size {loaded}; using it instead of resolution={resolution}")

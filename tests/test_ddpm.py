@@ -109,6 +109,7 @@ def test_pretrained_folder(tmp_path: Path) -> None:
     model = tiny(pretrained=str(tmp_path / "unet_folder"))
     assert all(torch.equal(a, b) for a, b in zip(source.parameters(), model.unet.parameters()))
     assert isinstance(model.unet, UNet2DModel)
+    assert all(m.training for m in model.unet.modules())  # trains with dropout, like a fresh UNet
     with pytest.raises(ValueError, match=r"not found: .*missing.*config\.json"):
         tiny(pretrained=str(tmp_path / "missing"))
     (tmp_path / "empty").mkdir()
