@@ -440,7 +440,9 @@ def split_queries_and_pool(
     candidates = order[num_pool:]
     if num_queries is not None:
         if num_queries > len(candidates):
-            raise ValueError(f"num_queries {num_queries} exceeds the {len(candidates)} images left for queries")
+            raise ValueError(f"num_queries {num_queries} exceeds the {len(candidates)} images left for queries "
+                             f"({count} sources, {num_pool} in the pool); set num_queries to at most "
+                             f"{len(candidates)}, or null for all of them")
         candidates = candidates[:num_queries]
     return sorted(candidates), sorted(order[:num_pool])
 

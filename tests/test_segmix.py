@@ -227,3 +227,10 @@ def test_datamodule_builds_a_retrieval_set(tmp_path: Path) -> None:
     assert retrieval.gallery[0]["image"].shape == (3, SIZE, SIZE)
     assert retrieval.gallery.path(7).endswith("d1.png")
     assert len(manifest["pool_ids"]) == 90
+
+
+def test_split_refuses_too_many_queries_with_the_fix() -> None:
+    queries, pool = split_queries_and_pool(10, 0, 5, 0.5, has_pool=False)
+    assert len(queries) == 5 and len(pool) == 5 and not set(queries) & set(pool)
+    with pytest.raises(ValueError, match=r"num_queries 1000 exceeds the 5 images .*10 sources, 5 in the pool.*null"):
+        split_queries_and_pool(10, 0, 1000, 0.5, has_pool=False)
