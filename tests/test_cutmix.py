@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,7 +16,8 @@ from datamodules.cutmix import CutmixBuilder, CutmixDataModule
 from datamodules.synthetic import SourceRef, build_synthetic, folder_refs, read_manifest
 from lit.io import load_image
 
-BSDS = Path(__file__).resolve().parents[2] / "shared" / "data" / "bsds300" / "val" / "images"
+REPO = Path(__file__).resolve().parents[1]
+BSDS = REPO.parent / "shared" / "data" / "bsds300" / "val" / "images"
 SIZE = 64
 
 
@@ -97,3 +102,34 @@ def test_errors(tmp_path: Path) -> None:
     with pytest.warns(UserWarning, match="1 of 1 queries skipped"):
         report = build_synthetic(CutmixBuilder([SourceRef("broken", broken)], refs), tmp_path / "s", progress=False)
     assert report.num_skipped == 1 and "cannot load image" in read_manifest(tmp_path / "s")["skipped"][0]["reason"]
+
+
+def _lit_test_cutmix(tmp_path: Path, root: Path, name: str, extra: list[str]) -> dict:
+    args = [sys.executable, "-m", "lit.cli", "test", "-c", str(REPO / "configs" / "cutmix.yaml"),
+            f"--data.init_args.root={root}", "--data.init_args.num_queries=null",
+            "--data.init_args.mixes_per_query=2", f"--data.init_args.output_size={SIZE}",
+            f"--data.init_args.output_dir={tmp_path / name / 'set'}", "--data.init_args.build_workers=0",
+            "--data.init_args.progress=false", "--data.init_args.batch_size=3",
+            "--model.init_args.descriptor=pixel", "--trainer.accelerator=cpu", "--trainer.enable_progress_bar=false",
+            f"--trainer.logger.init_args.save_dir={tmp_path}", f"--trainer.logger.init_args.name={name}", *extra]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(next((tmp_path / name).rglob("metrics.json")).read_text())
+
+
+def test_ddp_build_and_scores_match_one_process(tmp_path: Path) -> None:
+    """`lit test` on 2 DDP processes: rank 0 builds, both read; the set's bytes and every
+    metric equal a 1-process run (7 queries x 2 mixes: both shards padded)."""
+    root = tmp_path / "images"
+    root.mkdir()
+    for ref in folder_refs(BSDS)[:14]:
+        (root / ref.path.name).write_bytes(ref.path.read_bytes())
+    single = _lit_test_cutmix(tmp_path, root, "single", ["--trainer.devices=1"])
+    double = _lit_test_cutmix(tmp_path, root, "ddp", ["--trainer.devices=2", "--trainer.strategy=ddp"])
+    assert files(tmp_path / "single" / "set") == files(tmp_path / "ddp" / "set")
+    assert len(files(tmp_path / "ddp" / "set")) == 14
+    assert double["num_queries"] == single["num_queries"] == 7
+    assert double["dataset"] == single["dataset"] == "Cutmix"
+    for metric, value in single["metrics"].items():
+        assert double["metrics"][metric] == pytest.approx(value, abs=1e-6), metric
