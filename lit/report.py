@@ -16,7 +16,16 @@ from typing import Any
 
 
 def _file_mode() -> int:
-    """Mode a plain ``open()`` would give a new file under this process's umask."""
+    """Mode a plain ``open()`` would give a new file under this process's umask.
+
+    Read from ``/proc/self/status`` where Linux offers it: setting the umask to read it
+    back would briefly change it for every thread of the process (TensorBoard writers)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
     mask = os.umask(0o022)
     os.umask(mask)
     return 0o666 & ~mask
