@@ -225,7 +225,7 @@ def report(settings: Settings, out: Path) -> str:
                    stdout=subprocess.DEVNULL)
     for path in sorted(report_dir.iterdir()):
         if path.suffix in (".md", ".csv"):
-            shutil.copyfile(path, out / path.name)  # not copy2: lit writes 0600 files (mkstemp)
+            shutil.copyfile(path, out / path.name)
     return (report_dir / "table1.md").read_text(encoding="utf-8")
 
 
