@@ -45,7 +45,7 @@ from PIL import Image, ImageDraw  # noqa: E402
 
 from datamodules.cutmix import CutmixBuilder  # noqa: E402
 from datamodules.masks import FolderMaskSource, VocMaskSource, _LabelMapSource  # noqa: E402
-from datamodules.outpainting import OutpaintBuilder, diagonal_mask, patch_mask  # noqa: E402
+from datamodules.outpainting import OutpaintBuilder, kept_mask  # noqa: E402
 from datamodules.procedural import ProceduralScenes  # noqa: E402
 from datamodules.segmix import SegmixBuilder  # noqa: E402
 from datamodules.synthetic import (  # noqa: E402
@@ -170,6 +170,15 @@ def region_mask(name: str, item: dict, source: VocMaskSource, query_path: Path) 
     return mask
 
 
+def labelled_canvas(labels: tuple[str, ...], rows: int, size: int) -> tuple[Image.Image, ImageDraw.ImageDraw]:
+    """A white grid of ``rows`` x ``len(labels)`` tiles under a 14 px header of column labels."""
+    grid = Image.new("RGB", (len(labels) * size, rows * size + 14), (255, 255, 255))
+    draw = ImageDraw.Draw(grid)
+    for col, label in enumerate(labels):
+        draw.text((col * size + 4, 1), label, fill=(0, 0, 0))
+    return grid, draw
+
+
 def save_grid(name: str, root: Path, builder: SyntheticBuilder, out: Path, rows: int = 6, size: int = 160) -> None:
     """Rows of (source, region mask, pool crop, synthetic + pasted box); Segmix shows
     objects and backgrounds alternately."""
@@ -184,10 +193,7 @@ def save_grid(name: str, root: Path, builder: SyntheticBuilder, out: Path, rows:
     queries = {ref.id: ref.path for ref in builder.queries()}
     pool = {ref.id: ref.path for ref in builder.pool()}
     source = builder.source if isinstance(builder, SegmixBuilder) else None
-    grid = Image.new("RGB", (4 * size, len(chosen) * size + 14), (255, 255, 255))
-    draw = ImageDraw.Draw(grid)
-    for col, label in enumerate(("source", "region mask", "pool crop", "synthetic (box: paste)")):
-        draw.text((col * size + 4, 1), label, fill=(0, 0, 0))
+    grid, draw = labelled_canvas(("source", "region mask", "pool crop", "synthetic (box: paste)"), len(chosen), size)
     for row, item in enumerate(chosen):
         y = row * size + 14
         query = Image.open(queries[item["query_id"]]).convert("RGB")
@@ -213,7 +219,6 @@ def _save_small(grid: Image.Image, out: Path, rows: int) -> None:
     print(f"grid: {out} ({out.stat().st_size / 1e3:.0f} kB, {rows} rows)")
 
 
-
 def save_outpaint_grid(root: Path, builder: OutpaintBuilder, out: Path, rows: int = 6, size: int = 160) -> None:
     """Rows of (source with the cropped square in red, kept-region mask, kept pixels of the
     crop, synthetic): the kept region must reappear unchanged in the synthetic image."""
@@ -221,10 +226,7 @@ def save_outpaint_grid(root: Path, builder: OutpaintBuilder, out: Path, rows: in
     chosen = items[:: max(1, len(items) // rows)][:rows]
     queries = {ref.id: ref.path for ref in builder.queries()}
     resolution = builder.resolution
-    grid = Image.new("RGB", (4 * size, len(chosen) * size + 14), (255, 255, 255))
-    draw = ImageDraw.Draw(grid)
-    for col, label in enumerate(("source (crop box)", "kept-region mask", "kept pixels", "synthetic")):
-        draw.text((col * size + 4, 1), label, fill=(0, 0, 0))
+    grid, draw = labelled_canvas(("source (crop box)", "kept-region mask", "kept pixels", "synthetic"), len(chosen), size)
     for row, item in enumerate(chosen):
         y = row * size + 14
         source = Image.open(queries[item["query_id"]]).convert("RGB")
@@ -233,11 +235,7 @@ def save_outpaint_grid(root: Path, builder: OutpaintBuilder, out: Path, rows: in
         framed = source.copy()
         ImageDraw.Draw(framed).rectangle(box, outline=(255, 0, 0), width=max(2, source.width // 80))
         kept = item["placement"]["kept"]
-        if kept["mode"] == "patch":
-            left, top, right, _ = kept["box"]
-            mask = patch_mask(resolution, right - left, top, left)
-        else:
-            mask = diagonal_mask(resolution, kept["diagonal"], kept["half"])
+        mask = kept_mask(kept, resolution)
         mask_image = Image.fromarray((mask.numpy() * 255).astype("uint8")).convert("RGB")
         gray = Image.new("RGB", crop.size, (40, 40, 40))
         kept_pixels = Image.composite(crop, gray, mask_image.convert("L"))

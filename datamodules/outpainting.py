@@ -94,23 +94,30 @@ def diagonal_mask(resolution: int, diagonal: Diagonal, half: Half) -> Tensor:
     return keep.float()
 
 
+def kept_mask(kept: dict[str, Any], resolution: int) -> Tensor:
+    """The (R, R) mask a manifest's ``placement.kept`` description stands for."""
+    if kept["mode"] == "patch":
+        left, top, right, _ = kept["box"]
+        return patch_mask(resolution, right - left, top, left)
+    if kept["mode"] == "diagonal":
+        return diagonal_mask(resolution, kept["diagonal"], kept["half"])
+    raise ValueError(f"mode must be 'patch' or 'diagonal', got {kept['mode']!r}")
+
+
 def sample_mask(mode: OutpaintMode, resolution: int, patch_fraction: float,
                 generator: torch.Generator) -> tuple[Tensor, dict[str, Any]]:
     """A random kept-region mask (1 = keep) and its JSON-able description (two draws)."""
     if mode == "patch":
         side = patch_side(resolution, patch_fraction)
         top, left = random_square((resolution, resolution), side, generator)
-        return patch_mask(resolution, side, top, left), {
-            "mode": "patch", "box": [left, top, left + side, top + side],
-            "kept_fraction": side * side / resolution**2,
-        }
-    if mode == "diagonal":
-        diagonal: Diagonal = ("main", "anti")[randint(generator, 2)]  # type: ignore[assignment]
-        half: Half = ("upper", "lower")[randint(generator, 2)]  # type: ignore[assignment]
-        mask = diagonal_mask(resolution, diagonal, half)
-        return mask, {"mode": "diagonal", "diagonal": diagonal, "half": half,
-                      "kept_fraction": float(mask.mean())}
-    raise ValueError(f"mode must be 'patch' or 'diagonal', got {mode!r}")
+        kept: dict[str, Any] = {"mode": "patch", "box": [left, top, left + side, top + side]}
+    elif mode == "diagonal":
+        kept = {"mode": "diagonal", "diagonal": ("main", "anti")[randint(generator, 2)],
+                "half": ("upper", "lower")[randint(generator, 2)]}
+    else:
+        raise ValueError(f"mode must be 'patch' or 'diagonal', got {mode!r}")
+    mask = kept_mask(kept, resolution)
+    return mask, {**kept, "kept_fraction": float(mask.sum()) / resolution**2}
 
 
 # ----------------------------------------------------------------------------- RePaint

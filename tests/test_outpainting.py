@@ -14,7 +14,7 @@ from diffusers import RePaintPipeline, RePaintScheduler, UNet2DModel
 from PIL import Image
 
 from datamodules.outpainting import (
-    OutpaintBuilder, OutpaintingDataModule, diagonal_mask, load_outpainting_model, model_fingerprint, patch_side,
+    OutpaintBuilder, OutpaintingDataModule, diagonal_mask, kept_mask, load_outpainting_model, model_fingerprint, patch_side,
     repaint, sample_mask,
 )
 from datamodules.synthetic import StageTimer, build_synthetic, folder_refs, random_square_resized
@@ -103,8 +103,19 @@ def test_diagonal_sampling_is_seeded_and_covers_all_halves() -> None:
         mask, kept = sample_mask("diagonal", RES, 0.2, torch.Generator().manual_seed(seed))
         again, _ = sample_mask("diagonal", RES, 0.2, torch.Generator().manual_seed(seed))
         assert torch.equal(mask, again)
+        assert torch.equal(mask, diagonal_mask(RES, kept["diagonal"], kept["half"]))  # description = mask
+        assert kept["kept_fraction"] == (RES * (RES + 1) // 2) / RES**2
         seen.add((kept["diagonal"], kept["half"]))
     assert seen == {("main", "upper"), ("main", "lower"), ("anti", "upper"), ("anti", "lower")}
+
+
+def test_kept_mask_rebuilds_the_sampled_mask_from_its_description() -> None:
+    for mode in ("patch", "diagonal"):
+        for seed in range(8):
+            mask, kept = sample_mask(mode, 32, 0.2, torch.Generator().manual_seed(seed))
+            assert torch.equal(kept_mask(json.loads(json.dumps(kept)), 32), mask)  # as read from a manifest
+    with pytest.raises(ValueError, match="mode must be"):
+        kept_mask({"mode": "ring"}, 32)
 
 
 # ----------------------------------------------------------------------------- RePaint
