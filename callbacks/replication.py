@@ -59,7 +59,6 @@ from lit.replication import (
     top_copies,
 )
 from lit.report import write_text_atomic
-from lit.search import search
 from lit.similarity import SimilarityKind, TokenNormalization
 from models.extractors import Descriptor, build_descriptor
 
@@ -217,8 +216,7 @@ class ReplicationMonitor(Callback):
         self.descriptor.to(pl_module.device)
         self.reference = datamodule.reference_dataset()
         self.reference_names = list(getattr(datamodule, "names", []))
-        self.train_features, mirrors = self._embed_reference(trainer, pl_module)
-        self.mirror_features = mirrors if self.match_mirrors else None
+        self.train_features, self.mirror_features = self._embed_reference(trainer, pl_module)
         result = self_similarity(self.train_features, k=max(self.top_k, 10), similarity=self.similarity,
                                  normalization=self.token_normalization, mirrored=self.mirror_features)
         self.baseline_scores = result.scores[:, 0].float()
@@ -239,14 +237,13 @@ class ReplicationMonitor(Callback):
                 mirrors.append(self._embed(torch.flip(batch["image"], dims=[-1]), pl_module.device))
             indices.append(torch.as_tensor(batch["index"], dtype=torch.long))
         if not features:  # a rank with no rows still joins the gather
-            probe = self._embed(self.reference[0]["image"][None], pl_module.device)
-            features, mirrors, indices = [probe[:0]], [probe[:0]], [torch.empty(0, dtype=torch.long)]
-        own = torch.cat(features)
-        index, gathered, gathered_mirrors = self._gather(trainer, torch.cat(indices), own,
-                                                         torch.cat(mirrors) if mirrors else own)
+            probe = self._embed(self.reference[0]["image"][None], pl_module.device)[:0]
+            features, mirrors, indices = [probe], [probe] if self.match_mirrors else [], [torch.empty(0, dtype=torch.long)]
+        index, *gathered = self._gather(trainer, torch.cat(indices), torch.cat(features),
+                                        *([torch.cat(mirrors)] if self.match_mirrors else []))
         if index.numel() != len(self.reference) or not torch.equal(index, torch.arange(len(self.reference))):
             raise ValueError(f"reference_dataset indices must be 0..{len(self.reference) - 1}, got {index.numel()} distinct values")
-        return gathered, (gathered_mirrors if self.match_mirrors else None)
+        return gathered[0], (gathered[1] if self.match_mirrors else None)
 
     @torch.no_grad()
     def _embed(self, images: Tensor, device: torch.device) -> Tensor:
@@ -303,15 +300,10 @@ class ReplicationMonitor(Callback):
         k = min(self.top_k, self.train_features.shape[0])
         scores, matches = torch.empty(0, k), torch.empty(0, k, dtype=torch.long)
         flipped = torch.zeros(0, k, dtype=torch.long)
-        if features.shape[0] and self.mirror_features is not None:
+        if features.shape[0]:
             both = mirror_aware_search(features, self.train_features, self.mirror_features, k,
                                        similarity=self.similarity, normalization=self.token_normalization)
             scores, matches, flipped = both.result.scores.float(), both.result.indices, both.mirrored.long()
-        elif features.shape[0]:
-            found = search(features, self.train_features, k=k, similarity=self.similarity,
-                           normalization=self.token_normalization)
-            scores, matches = found.scores.float(), found.indices
-            flipped = torch.zeros_like(matches)
         mine = torch.tensor(positions, dtype=torch.long)
         index, scores, matches, flipped = self._gather(trainer, mine, scores, matches, flipped)
         if index.numel() != len(self.seeds):
@@ -331,7 +323,7 @@ class ReplicationMonitor(Callback):
         self.latest = {"top1": top1, "scores": scores, "matches": matches, "mirrored": flipped.bool(),
                        "shown": shown, "copies": copies}
         if trainer.is_global_zero:
-            self._log(trainer, row, stats)
+            self._log(trainer, stats)
         self._tick("logging", clock)
         return row
 
@@ -341,7 +333,7 @@ class ReplicationMonitor(Callback):
         return now
 
     # ------------------------------------------------------------------ logging (rank 0)
-    def _log(self, trainer: pl.Trainer, row: dict[str, float], stats: ReplicationStats) -> None:
+    def _log(self, trainer: pl.Trainer, stats: ReplicationStats) -> None:
         assert self.baseline is not None and self.baseline_scores is not None
         step = trainer.global_step
         scalars = {f"replication/{k}": v for k, v in stats.as_dict().items()}
@@ -349,7 +341,6 @@ class ReplicationMonitor(Callback):
         scalars.update({f"replication_time/{k}": v for k, v in self.timings.items()})
         for logger in trainer.loggers:
             logger.log_metrics(scalars, step=step)
-        for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):
                 writer = logger.experiment
                 writer.add_histogram("replication/top1_generations", self.latest["top1"], step)
@@ -367,7 +358,13 @@ class ReplicationMonitor(Callback):
                                     bins=self.histogram_bins, title=f"top-1 similarity ({self.descriptor_name})")
 
     def _copies(self) -> tuple[Tensor, Tensor, Tensor, list[str], list[list[str]]]:
-        """Generations, their training matches, scores and labels for the top-copies grid."""
+        """Generations, their training matches, scores and labels for the top-copies grid
+        (read from the training set once per check: the TensorBoard grid and the summary share it)."""
+        if "grid" not in self.latest:
+            self.latest["grid"] = self._read_copies()
+        return self.latest["grid"]
+
+    def _read_copies(self) -> tuple[Tensor, Tensor, Tensor, list[str], list[list[str]]]:
         assert self.reference is not None
         shown = self.latest["shown"]
         scores = self.latest["scores"][shown]
@@ -429,8 +426,7 @@ class ReplicationMonitor(Callback):
     # ------------------------------------------------------------------ end of fit
     def _write_summary(self, trainer: pl.Trainer) -> None:
         if not self.history or self.log_dir is None or not self.latest:
-            return
-        write_text_atomic(self.log_dir / HISTORY_FILE, self.history_csv())
+            return  # the history CSV is current: the last check's _log wrote it
         steps = self.checked_steps()
         rates = {f"rate@{format_threshold(t)}": [row[f"rate@{format_threshold(t)}"] for row in self.history]
                  for t in self.thresholds}

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from lit.search import SearchResult, search, self_search
+from lit.search import SearchResult, search
 from lit.similarity import SimilarityKind, TokenNormalization
 
 DUPLICATE_THRESHOLD = 0.95
@@ -72,8 +72,11 @@ def _check_scores(scores: Tensor) -> Tensor:
 
 def replication_rates(scores: Tensor, thresholds: Sequence[float]) -> dict[float, float]:
     """Fraction of ``scores`` strictly above each threshold."""
-    scores = _check_scores(scores)
-    return {float(t): float((scores > t).double().mean()) for t in thresholds}
+    return _rates(_check_scores(scores), thresholds)
+
+
+def _rates(checked: Tensor, thresholds: Sequence[float]) -> dict[float, float]:
+    return {float(t): float((checked > t).double().mean()) for t in thresholds}
 
 
 def replication_stats(scores: Tensor, thresholds: Sequence[float]) -> ReplicationStats:
@@ -82,7 +85,7 @@ def replication_stats(scores: Tensor, thresholds: Sequence[float]) -> Replicatio
     median, p95 = torch.quantile(scores, torch.tensor([0.5, 0.95], dtype=scores.dtype)).tolist()
     return ReplicationStats(
         count=int(scores.numel()),
-        rates=replication_rates(scores, thresholds),
+        rates=_rates(scores, thresholds),
         mean=float(scores.mean()),
         median=float(median),
         p95=float(p95),
@@ -106,11 +109,8 @@ def self_similarity(
     if features.shape[0] < 2:
         raise ValueError(f"the self-similarity baseline needs at least 2 training images, got {features.shape[0]}")
     k = min(k, features.shape[0] - 1)
-    if mirrored is not None:
-        own = torch.arange(features.shape[0])
-        return mirror_aware_search(features, features, mirrored, k, own_rows=own, similarity=similarity,
-                                   normalization=normalization).result
-    return self_search(features, k=k, similarity=similarity, normalization=normalization)
+    return mirror_aware_search(features, features, mirrored, k, own_rows=torch.arange(features.shape[0]),
+                               similarity=similarity, normalization=normalization).result
 
 
 @dataclass(frozen=True)
@@ -124,7 +124,7 @@ class MirrorAwareResult:
 def mirror_aware_search(
     queries: Tensor,
     gallery: Tensor,
-    mirrored: Tensor,
+    mirrored: Tensor | None,
     k: int,
     *,
     own_rows: Tensor | None = None,
@@ -134,10 +134,14 @@ def mirror_aware_search(
     """Top-``k`` gallery rows where row g scores ``max(s(q, g), s(q, mirror(g)))``.
 
     ``mirrored`` holds the features of the horizontally flipped gallery images, row
-    for row. ``own_rows`` (Q,) names a gallery row to leave out per query (with its
-    mirror): the self-match of a self-similarity search; -1 for none. Ties keep
-    ``lit.search``'s order (ascending row, the original before its mirror).
+    for row; ``None`` searches the gallery alone (no match is mirrored). ``own_rows``
+    (Q,) names a gallery row to leave out per query (with its mirror): the
+    self-match of a self-similarity search; -1 for none. Ties keep ``lit.search``'s
+    order (ascending row, the original before its mirror).
     """
+    if mirrored is None:
+        found = search(queries, gallery, k=k, similarity=similarity, normalization=normalization, exclude=own_rows)
+        return MirrorAwareResult(found, torch.zeros_like(found.indices, dtype=torch.bool))
     if mirrored.shape != gallery.shape:
         raise ValueError(f"mirrored features {tuple(mirrored.shape)} must match the gallery {tuple(gallery.shape)}")
     rows_total = gallery.shape[0]
@@ -190,6 +194,4 @@ def images_with_duplicates(baseline: Tensor, threshold: float = DUPLICATE_THRESH
 def top_copies(scores: Tensor, count: int) -> Tensor:
     """Rows of the ``count`` highest top-1 scores, highest first (ties: lower row first)."""
     scores = _check_scores(scores)
-    count = min(count, scores.numel())
-    order = sorted(range(scores.numel()), key=lambda i: (-float(scores[i]), i))
-    return torch.tensor(order[:count], dtype=torch.long)
+    return torch.sort(scores, descending=True, stable=True).indices[:count]
