@@ -141,6 +141,11 @@ class RevisitedOxfordParis(RetrievalDataModule):
         self.max_pixels = max_pixels
         self.dropped_queries: list[str] = []
 
+    @property
+    def name(self) -> str:
+        """Table 1 column: ``rOxford5k-Medium`` etc. (the two sets and three protocols differ)."""
+        return f"{_DISPLAY[self.dataset]}-{self.protocol.title()}"
+
     def build(self) -> RetrievalSet:
         display = _DISPLAY[self.dataset]
         root = require_root(self.root, display, _layout(self.dataset))

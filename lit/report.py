@@ -69,9 +69,9 @@ def write_json(path: str | Path, payload: Mapping[str, Any]) -> Path:
     return write_text_atomic(path, json.dumps(payload, indent=2, sort_keys=False) + "\n")
 
 
-def format_value(value: float, percent: bool = True) -> str:
+def format_value(value: float) -> str:
     """Format a metric in [0, 1] as a percentage with two decimals (the paper's style)."""
-    return f"{100.0 * value:.2f}" if percent else f"{value:.4f}"
+    return f"{100.0 * value:.2f}"
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:

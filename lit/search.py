@@ -31,6 +31,7 @@ from tqdm import tqdm
 from lit.similarity import (
     SimilarityKind,
     TokenNormalization,
+    _check_mode,
     l2_normalize,
     split_product,
 )
@@ -319,10 +320,7 @@ def _validate(
     for name, v in (("k", k), ("gallery_block", gallery_block), ("query_block", query_block)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"{name} must be a positive int, got {v!r}")
-    if normalization not in get_args(TokenNormalization):
-        raise ValueError(
-            f"normalization must be one of {get_args(TokenNormalization)}, got {normalization!r}"
-        )
+    _check_mode(normalization)
     if similarity not in get_args(SimilarityKind):
         raise ValueError(
             f"similarity must be one of {get_args(SimilarityKind)}, got {similarity!r}"

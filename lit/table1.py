@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from lit.report import markdown_table, write_text_atomic
+from lit.report import format_value, markdown_table, write_text_atomic
 
 
 @dataclass(frozen=True)
@@ -104,7 +104,7 @@ def render(table: dict[str, dict[str, float]], with_rank: bool) -> tuple[str, st
                 cells.append("–")
                 raw.append("")
                 continue
-            text = f"{100 * value:.2f}"
+            text = format_value(value)
             cells.append(f"**{text}**" if value == best[column] else text)
             raw.append(text)
         if with_rank:

@@ -123,6 +123,7 @@ def test_oxford_protocols_drop_empty_queries(
     tmp_path: Path, protocol: str, kept: list[int], positives: list[list[int]], junk: list[list[int]]
 ) -> None:
     module = RevisitedOxfordParis(str(_oxford(tmp_path / "ox")), protocol=protocol)  # type: ignore[arg-type]
+    assert module.name == f"rOxford5k-{protocol.title()}"  # a Table 1 column per set and protocol
     with pytest.warns(UserWarning) as record:
         rs = _build(module)
     dropped = [QIMLIST[q] for q in range(3) if q not in kept]
