@@ -44,7 +44,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from datamodules.procedural import ProceduralScenes
-from lit.io import list_images, load_image
+from lit.io import list_images, load_image, to_uint8
 from lit.report import write_text_atomic
 
 SUBSET_FILE = "training_subset.tsv"
@@ -167,7 +167,7 @@ class TrainImagesDataModule(pl.LightningDataModule):
         images, names = self.load_subset()
         if not images:
             raise ValueError(f"{type(self).__name__} found no training images")
-        self.images = [_to_uint8(TF.resize(im, self.load_size, antialias=True)) for im in images]
+        self.images = [to_uint8(TF.resize(im, self.load_size, antialias=True)) for im in images]
         self.names = list(names)
 
     def setup(self, stage: str | None = None) -> None:
@@ -319,5 +319,3 @@ def subset_order(count: int, seed: int) -> list[int]:
     return torch.randperm(count, generator=generator).tolist()
 
 
-def _to_uint8(image: Tensor) -> Tensor:
-    return (image.clamp(0, 1) * 255).round().to(torch.uint8)

@@ -90,7 +90,7 @@ def read_revisited_ground_truth(root: Path, name: RevisitedName) -> RevisitedGro
         raise DatasetLayoutError(
             f"{display}: cannot read {source} as a pickle ({type(error).__name__}: {error})"
         ) from error
-    if not isinstance(data, Mapping) or (missing := [k for k in ("imlist", "qimlist", "gnd") if k not in data]):
+    if not isinstance(data, Mapping) or not all(k in data for k in ("imlist", "qimlist", "gnd")):
         keys = sorted(data) if isinstance(data, Mapping) else type(data).__name__
         raise DatasetLayoutError(f"{display}: {source} must be a dict with keys 'imlist', 'qimlist', 'gnd'; got {keys}")
     imlist, qimlist, gnd = [str(n) for n in data["imlist"]], [str(n) for n in data["qimlist"]], list(data["gnd"])

@@ -57,7 +57,7 @@ from tqdm.auto import tqdm
 
 from datamodules.procedural import derive_seed
 from datamodules.retrieval import ImageFileDataset, RetrievalDataModule, RetrievalSet
-from lit.io import DEFAULT_MAX_PIXELS, list_images
+from lit.io import DEFAULT_MAX_PIXELS, list_images, to_uint8
 from lit.report import write_bytes_atomic, write_json
 
 FORMAT_VERSION = 1
@@ -380,11 +380,6 @@ def _files_intact(root: Path, manifest: dict[str, Any]) -> bool:
 
 
 # ----------------------------------------------------------------------------- shared helpers
-def to_uint8(image: Tensor) -> Tensor:
-    """[0, 1] float -> uint8 with round-half-to-even (``torch.round``), deterministic."""
-    return (image.clamp(0.0, 1.0) * 255.0).round().to(torch.uint8)
-
-
 def uniform(generator: torch.Generator, low: float, high: float) -> float:
     """One float in [low, high) from ``generator`` (always exactly one draw)."""
     return low + (high - low) * float(torch.rand((), generator=generator, dtype=torch.float64))
@@ -590,6 +585,5 @@ __all__ = [
     "read_manifest",
     "require_disjoint",
     "split_queries_and_pool",
-    "to_uint8",
     "uniform",
 ]

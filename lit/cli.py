@@ -27,18 +27,9 @@ class LitCLI(LightningCLI):
             subclass_mode_model=True,
             subclass_mode_data=True,
             save_config_kwargs={"overwrite": True},
-            parser_kwargs={"parser_mode": "omegaconf"} if _has_omegaconf() else None,
             args=args,
             run=run,
         )
-
-
-def _has_omegaconf() -> bool:
-    try:
-        import omegaconf  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def _quiet_known_warnings() -> None:

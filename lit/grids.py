@@ -15,6 +15,9 @@ from PIL import Image
 from torch import Tensor
 from torchvision.utils import make_grid
 
+from lit.io import to_uint8
+from lit.report import atomic_path
+
 GREEN = (0.1, 0.75, 0.1)
 RED = (0.85, 0.1, 0.1)
 GREY = (0.55, 0.55, 0.55)
@@ -67,9 +70,10 @@ def retrieval_grid(
 
 
 def save_png(image: Tensor, path: str | Path) -> Path:
-    """Write a (3,H,W) image in [0,1] as an 8-bit PNG."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    array = (image.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
-    Image.fromarray(array).save(path)
-    return path
+    """Write a (C, H, W) [0, 1] image (C = 1 or 3) as an 8-bit PNG, atomically: a killed run
+    leaves no half file, and DDP ranks writing the same file cannot interleave."""
+    array = to_uint8(image.detach().cpu()).permute(1, 2, 0).numpy()
+    picture = Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array)
+    with atomic_path(path, suffix=".png") as tmp:
+        picture.save(tmp, format="PNG")
+    return Path(path)

@@ -252,3 +252,8 @@ __all__ = [
     "list_images",
     "load_image",
 ]
+
+
+def to_uint8(image: Tensor) -> Tensor:
+    """[0, 1] float -> uint8 with round-half-to-even (``torch.round``), deterministic."""
+    return (image.clamp(0.0, 1.0) * 255.0).round().to(torch.uint8)

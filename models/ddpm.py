@@ -30,11 +30,10 @@ import torch.nn.functional as F
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
 from diffusers.training_utils import EMAModel
 from diffusers.utils.torch_utils import randn_tensor
-from PIL import Image
 from pytorch_lightning.utilities import rank_zero_info
 from torch import Tensor
 
-from lit.report import atomic_path
+from lit.grids import save_png
 
 Sampler = Literal["ddpm", "ddim"]
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
@@ -320,15 +319,6 @@ def load_pretrained_unet(path: str | Path) -> UNet2DModel:
     except Exception as error:  # noqa: BLE001 - any failure becomes one line naming the folder
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ValueError(f"cannot load pretrained UNet from {folder} (expected {expected}): {first}") from error
-
-
-def save_png(image: Tensor, path: Path) -> Path:
-    """Write a (C, H, W) [0, 1] image as an 8-bit PNG, atomically (DDP ranks may race on a seed)."""
-    array = (image.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
-    picture = Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array)
-    with atomic_path(path, suffix=".png") as tmp:
-        picture.save(tmp, format="PNG")
-    return path
 
 
 def _as_seed(value: Any) -> int:
