@@ -57,6 +57,7 @@ from tqdm.auto import tqdm
 
 from datamodules.procedural import derive_seed
 from datamodules.retrieval import ImageFileDataset, RetrievalDataModule, RetrievalSet
+from lit.distributed import world_size
 from lit.io import DEFAULT_MAX_PIXELS, list_images, to_uint8
 from lit.report import write_bytes_atomic, write_json
 
@@ -126,6 +127,7 @@ class BuildReport:
     rendered_queries: int
     seconds: float
     stage_seconds: dict[str, float]
+    manifest: dict[str, Any] = field(default_factory=dict, repr=False)  # as read or written
 
     @property
     def items_per_second(self) -> float:
@@ -198,7 +200,7 @@ def build_synthetic(builder: SyntheticBuilder, root: str | Path, progress: bool 
     manifest = read_manifest(root)
     if manifest is not None and manifest_matches(manifest, header) and _files_intact(root, manifest):
         return BuildReport(root, True, len(manifest["items"]), len(manifest["skipped"]), 0,
-                           time.perf_counter() - start, {})
+                           time.perf_counter() - start, {}, manifest)
     (root / MANIFEST).unlink(missing_ok=True)  # never leave a stale manifest beside new images
     done = _resume_or_reset(root, header)
     queries = builder.queries()
@@ -228,7 +230,7 @@ def build_synthetic(builder: SyntheticBuilder, root: str | Path, progress: bool 
         warnings.warn(f"{builder.kind}: {len(manifest['skipped'])} of {len(queries)} queries skipped "
                       f"(first: {first['query_id']}: {first['reason']})", SyntheticSkipWarning, stacklevel=2)
     return BuildReport(root, False, len(manifest["items"]), len(manifest["skipped"]), len(pending),
-                       time.perf_counter() - start, dict(timer.seconds))
+                       time.perf_counter() - start, dict(timer.seconds), manifest)
 
 
 def read_manifest(root: str | Path) -> dict[str, Any] | None:
@@ -326,16 +328,13 @@ def _resume_or_reset(root: Path, header: dict[str, Any]) -> dict[int, dict[str, 
         previous = json.loads((build / "header.json").read_text(encoding="utf-8"))
     except (FileNotFoundError, json.JSONDecodeError):
         previous = None
+    for stray in images.glob(".*.tmp"):  # a killed write's leftovers (nothing when images/ is absent)
+        stray.unlink(missing_ok=True)
     if previous == header:
-        for stray in images.glob(".*.tmp"):
-            stray.unlink(missing_ok=True)
         return _read_progress(root, build / "progress.jsonl")
     shutil.rmtree(build, ignore_errors=True)
-    if images.is_dir():
-        for old in images.glob("*.png"):
-            old.unlink()
-        for stray in images.glob(".*.tmp"):
-            stray.unlink(missing_ok=True)
+    for old in images.glob("*.png"):
+        old.unlink()
     build.mkdir(parents=True, exist_ok=True)
     images.mkdir(parents=True, exist_ok=True)
     write_json(build / "header.json", header)
@@ -519,16 +518,17 @@ class SyntheticRetrievalDataModule(RetrievalDataModule):
                                             num_workers=self.build_workers)
 
     def build(self) -> RetrievalSet:
-        header = self.builder.header()
-        manifest = read_manifest(self.output_dir)
-        if manifest is None or not manifest_matches(manifest, header):
-            if torch.distributed.is_available() and torch.distributed.is_initialized() \
-                    and torch.distributed.get_world_size() > 1:
-                raise RuntimeError(f"no matching synthetic set in {self.output_dir}: prepare_data() on rank 0 "
-                                   "should have built it (is output_dir on storage shared by all nodes?)")
-            self.prepare_data()
+        if self.build_report is not None:  # prepared in this process: its manifest is current
+            manifest = self.build_report.manifest
+        else:
             manifest = read_manifest(self.output_dir)
-            assert manifest is not None
+            if manifest is None or not manifest_matches(manifest, self.builder.header()):
+                if world_size() > 1:
+                    raise RuntimeError(f"no matching synthetic set in {self.output_dir}: prepare_data() on rank 0 "
+                                       "should have built it (is output_dir on storage shared by all nodes?)")
+                self.prepare_data()
+                assert self.build_report is not None
+                manifest = self.build_report.manifest
         return manifest_to_retrieval_set(manifest, self.builder.queries(), self.output_dir,
                                          self._distractor_paths(), self.max_pixels)
 
