@@ -23,7 +23,7 @@ from torch import Tensor
 
 from datamodules.synthetic import (
     QueryOutput, RenderedItem, Skip, SourceRef, StageTimer, SyntheticBuilder, SyntheticRetrievalDataModule,
-    folder_refs, randint, random_square, random_square_resized, require_disjoint, split_queries_and_pool, uniform,
+    folder_refs, randint, random_square, random_square_resized, require_disjoint, split_sources, uniform,
 )
 from lit.io import DEFAULT_MAX_PIXELS, ImageLoadError, load_image
 
@@ -151,9 +151,7 @@ class CutmixDataModule(SyntheticRetrievalDataModule):
         sources = folder_refs(Path(self.root))
         if not sources:
             raise ValueError(f"no images found under {self.root}")
-        query_rows, pool_rows = split_queries_and_pool(len(sources), self.seed, self.num_queries,
-                                                       self.pool_fraction, has_pool=self.pool_dir is not None)
-        pool = folder_refs(self.pool_dir) if self.pool_dir is not None else [sources[r] for r in pool_rows]
+        query_rows, pool = split_sources(sources, self.seed, self.num_queries, self.pool_fraction, self.pool_dir)
         return CutmixBuilder([sources[r] for r in query_rows], pool, seed=self.seed,
                              mixes_per_query=self.mixes_per_query, patch_fraction=self.patch_fraction,
                              output_size=self.output_size, max_pixels=self.max_pixels)

@@ -45,8 +45,8 @@ from torch import Tensor
 from datamodules.masks import CocoMaskSource, FolderMaskSource, MaskSource, VocMaskSource
 from datamodules.synthetic import (
     QueryOutput, RenderedItem, Skip, SourceRef, StageTimer, SyntheticBuilder,
-    SyntheticRetrievalDataModule, folder_refs, randint, random_square_resized, require_disjoint,
-    split_queries_and_pool, uniform,
+    SyntheticRetrievalDataModule, randint, random_square_resized, require_disjoint,
+    split_sources, uniform,
 )
 from lit.io import DEFAULT_MAX_PIXELS, ImageLoadError, load_image
 
@@ -135,6 +135,11 @@ class RegionAugmentation:
         return image.clamp(0, 1)
 
 
+def source_refs(source: MaskSource) -> list[SourceRef]:
+    """The images of a mask source as refs (id, path), row for row."""
+    return [SourceRef(i, p) for i, p in zip(source.ids, source.paths)]
+
+
 class SegmixBuilder(SyntheticBuilder):
     """Renders Segmix images (see the module docstring).
 
@@ -175,7 +180,8 @@ class SegmixBuilder(SyntheticBuilder):
             raise ValueError("the Segmix pool (paste targets) is empty")
         self.source = source
         self.query_rows = list(range(len(source))) if query_rows is None else list(query_rows)
-        self._queries = [SourceRef(source.ids[r], source.paths[r]) for r in self.query_rows]
+        refs = source_refs(source)
+        self._queries = [refs[r] for r in self.query_rows]
         require_disjoint(self._queries, pool)
         self._pool = list(pool)
         self.mixes_per_query = mixes_per_query
@@ -408,12 +414,8 @@ class SegmixDataModule(SyntheticRetrievalDataModule):
 
     def make_builder(self) -> SegmixBuilder:
         source = mask_source(self.root, self.mask_format, **self.paths)
-        query_rows, pool_rows = split_queries_and_pool(len(source), self.seed, self.num_queries,
-                                                       self.pool_fraction, has_pool=self.pool_dir is not None)
-        if self.pool_dir is not None:
-            pool = folder_refs(self.pool_dir)
-        else:
-            pool = [SourceRef(source.ids[r], source.paths[r]) for r in pool_rows]
+        query_rows, pool = split_sources(source_refs(source), self.seed, self.num_queries, self.pool_fraction,
+                                         self.pool_dir)
         return SegmixBuilder(source, pool, query_rows, seed=self.seed, max_pixels=self.max_pixels,
                              **self.builder_args)
 

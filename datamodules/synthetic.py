@@ -441,6 +441,17 @@ def split_queries_and_pool(
     return sorted(candidates), sorted(order[:num_pool])
 
 
+def split_sources(sources: Sequence[SourceRef], seed: int, num_queries: int | None, pool_fraction: float,
+                  pool_dir: str | Path | None) -> tuple[list[int], list[SourceRef]]:
+    """Query rows of ``sources`` and the paste pool: the images of ``pool_dir`` when given,
+    else the seeded ``pool_fraction`` of ``sources`` that :func:`split_queries_and_pool`
+    keeps apart from the queries."""
+    query_rows, pool_rows = split_queries_and_pool(len(sources), seed, num_queries, pool_fraction,
+                                                   has_pool=pool_dir is not None)
+    pool = folder_refs(pool_dir) if pool_dir is not None else [sources[r] for r in pool_rows]
+    return query_rows, pool
+
+
 def folder_refs(folder: str | Path) -> list[SourceRef]:
     """Images under ``folder`` as refs with id = path relative to it, without suffix."""
     folder = Path(folder)
@@ -585,5 +596,6 @@ __all__ = [
     "read_manifest",
     "require_disjoint",
     "split_queries_and_pool",
+    "split_sources",
     "uniform",
 ]
