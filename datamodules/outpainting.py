@@ -48,6 +48,7 @@ from datamodules.synthetic import (
     folder_refs, randint, random_square, random_square_resized, split_queries_and_pool,
 )
 from lit.io import DEFAULT_MAX_PIXELS, load_image
+from models.ddpm import WEIGHT_FILES, DDPMModule, load_pretrained_unet, unet_folder
 
 OutpaintMode = Literal["patch", "diagonal"]
 Diagonal = Literal["main", "anti"]
@@ -170,8 +171,8 @@ def model_fingerprint(path: str | Path, use_ema: bool) -> dict[str, Any]:
         raise ValueError(f"outpainting model not found: {source} (expected {_EXPECTED})")
     if source.is_file():
         return {"kind": "ddpm_checkpoint", "sha256": _sha256([source]), "use_ema": use_ema}
-    folder = _unet_folder(source)
-    weights = [folder / n for n in ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")]
+    folder = unet_folder(source)
+    weights = [folder / n for n in WEIGHT_FILES]
     weights = [w for w in weights if w.is_file()]
     if not (folder / "config.json").is_file() or not weights:
         raise ValueError(f"outpainting model folder {folder} is incomplete (expected {_EXPECTED})")
@@ -192,10 +193,8 @@ def load_outpainting_model(path: str | Path, use_ema: bool = True) -> tuple[UNet
     if source.is_file():
         unet, schedule, prediction = _load_checkpoint(source, use_ema)
     else:
-        from models.ddpm import load_pretrained_unet  # one-line errors for bad folders
-
         unet = load_pretrained_unet(source)
-        config_file = _scheduler_config_file(source, _unet_folder(source))
+        config_file = _scheduler_config_file(source, unet_folder(source))
         config = RePaintScheduler.load_config(str(config_file)) if config_file else {}
         schedule = {k: v for k, v in config.items() if k in _SCHEDULE_KEYS}
         prediction = config.get("prediction_type", "epsilon")
@@ -208,8 +207,6 @@ def load_outpainting_model(path: str | Path, use_ema: bool = True) -> tuple[UNet
 
 
 def _load_checkpoint(path: Path, use_ema: bool) -> tuple[UNet2DModel, dict[str, Any], str]:
-    from models.ddpm import DDPMModule
-
     try:
         module = DDPMModule.load_from_checkpoint(str(path), map_location="cpu", weights_only=False)
     except Exception as error:  # noqa: BLE001 - one line naming the file
@@ -222,17 +219,10 @@ def _load_checkpoint(path: Path, use_ema: bool) -> tuple[UNet2DModel, dict[str, 
     return module.unet, schedule, str(config.get("prediction_type", "epsilon"))
 
 
-def _unet_folder(path: Path) -> Path:
-    """The UNet folder of a diffusers model folder or pipeline folder (``unet/``)."""
-    if (path / "unet" / "config.json").is_file() and not (path / "config.json").is_file():
-        return path / "unet"
-    return path
-
-
-def _scheduler_config_file(given: Path, unet_folder: Path) -> Path | None:
+def _scheduler_config_file(given: Path, folder: Path) -> Path | None:
     """``scheduler_config.json`` beside the UNet, or in the pipeline's ``scheduler/``."""
-    for candidate in (unet_folder / "scheduler_config.json", given / "scheduler" / "scheduler_config.json",
-                      unet_folder.parent / "scheduler" / "scheduler_config.json"):
+    for candidate in (folder / "scheduler_config.json", given / "scheduler" / "scheduler_config.json",
+                      folder.parent / "scheduler" / "scheduler_config.json"):
         if candidate.is_file():
             return candidate
     return None

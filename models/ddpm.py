@@ -304,11 +304,17 @@ def build_unet(
     )
 
 
+def unet_folder(path: str | Path) -> Path:
+    """The UNet folder of a diffusers model folder or pipeline folder (``unet/``)."""
+    path = Path(path)
+    if (path / "unet" / "config.json").is_file() and not (path / "config.json").is_file():
+        return path / "unet"
+    return path
+
+
 def load_pretrained_unet(path: str | Path) -> UNet2DModel:
     """Load a local diffusers ``UNet2DModel`` folder (or a pipeline folder with ``unet/``); no downloads."""
-    folder = Path(path)
-    if (folder / "unet" / "config.json").is_file() and not (folder / "config.json").is_file():
-        folder = folder / "unet"
+    folder = unet_folder(path)
     expected = "a diffusers UNet2DModel folder with config.json and diffusion_pytorch_model.safetensors (or .bin)"
     if not folder.is_dir():
         raise ValueError(f"pretrained UNet folder not found: {path} (expected {expected})")
