@@ -12,9 +12,9 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-from datamodules.real_sets import DatasetLayoutError, class_retrieval_set, require_root, shorten
+from datamodules.real_sets import DatasetLayoutError, class_retrieval_set, require_root
 from datamodules.retrieval import RetrievalDataModule, RetrievalSet
-from lit.io import DEFAULT_MAX_PIXELS, list_images
+from lit.io import DEFAULT_MAX_PIXELS, list_images, shorten
 
 _NAME = "GPR1200"
 _LAYOUT = "the flat images/ folder of GPR1200.zip with files named <class id>_<name>.jpg"

@@ -14,9 +14,9 @@ from typing import Literal
 
 from pytorch_lightning.utilities import rank_zero_warn
 
-from datamodules.real_sets import DatasetLayoutError, class_retrieval_set, require_root, shorten
+from datamodules.real_sets import DatasetLayoutError, class_retrieval_set, require_root
 from datamodules.retrieval import RetrievalDataModule, RetrievalSet
-from lit.io import DEFAULT_MAX_PIXELS, list_images
+from lit.io import DEFAULT_MAX_PIXELS, list_images, shorten
 
 InstreSubset = Literal["INSTRE-S1", "INSTRE-S2", "INSTRE-M"]
 

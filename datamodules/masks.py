@@ -36,7 +36,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from lit.io import list_images
+from lit.io import list_images, shorten
 
 
 @dataclass(frozen=True)
@@ -318,9 +318,8 @@ def _require_files(paths: Sequence[Path], what: str, folder: Path) -> None:
         raise FileNotFoundError(_missing_message(len(missing), len(paths), f"file(s) {what}", folder, missing))
 
 
-def _missing_message(count: int, total: int, what: str, folder: Path, names: Sequence[str], shown: int = 5) -> str:
-    first = ", ".join(names[:shown]) + (", ..." if len(names) > shown else "")
-    return f"{count} of {total} {what} are missing from {folder}: {first}"
+def _missing_message(count: int, total: int, what: str, folder: Path, names: Sequence[str]) -> str:
+    return f"{count} of {total} {what} are missing from {folder}: {shorten(names)}"
 
 
 __all__ = [

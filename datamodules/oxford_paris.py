@@ -28,9 +28,9 @@ from typing import Any, Literal
 
 from pytorch_lightning.utilities import rank_zero_warn
 
-from datamodules.real_sets import Box, CroppedImageDataset, DatasetLayoutError, require_files, require_root, shorten
+from datamodules.real_sets import Box, CroppedImageDataset, DatasetLayoutError, require_files, require_root
 from datamodules.retrieval import ImageFileDataset, RetrievalDataModule, RetrievalSet
-from lit.io import DEFAULT_MAX_PIXELS
+from lit.io import DEFAULT_MAX_PIXELS, shorten
 
 RevisitedName = Literal["roxford5k", "rparis6k"]
 Protocol = Literal["easy", "medium", "hard"]

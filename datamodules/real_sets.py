@@ -20,7 +20,7 @@ from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor
 
 from datamodules.retrieval import ImageFileDataset, RetrievalSet
-from lit.io import DEFAULT_MAX_PIXELS
+from lit.io import DEFAULT_MAX_PIXELS, missing_files, shorten
 
 Box = tuple[float, float, float, float]
 """(x1, y1, x2, y2) in pixels of the stored image, x2/y2 exclusive (PIL ``crop``)."""
@@ -28,11 +28,6 @@ Box = tuple[float, float, float, float]
 
 class DatasetLayoutError(ValueError):
     """A dataset root is missing files or folders, or they do not have the expected form."""
-
-
-def shorten(names: Sequence[str], shown: int = 5) -> str:
-    """The first ``shown`` names joined by commas, with ``...`` when there are more."""
-    return ", ".join(names[:shown]) + (", ..." if len(names) > shown else "")
 
 
 def require_root(root: str | Path, dataset: str, layout: str) -> Path:
@@ -48,11 +43,10 @@ def require_root(root: str | Path, dataset: str, layout: str) -> Path:
 def require_files(root: Path, names: Sequence[str], dataset: str, listed_in: str) -> None:
     """Raise one :class:`DatasetLayoutError` saying how many of ``names`` (relative to
     ``root``) are missing and which, else return."""
-    unique = list(dict.fromkeys(names))
-    missing = [name for name in unique if not (root / name).is_file()]
+    missing, total = missing_files(root, names)
     if missing:
         raise DatasetLayoutError(
-            f"{dataset}: {len(missing)} of {len(unique)} image files listed in {listed_in} are missing "
+            f"{dataset}: {len(missing)} of {total} image files listed in {listed_in} are missing "
             f"under {root}: {shorten(missing)}"
         )
 

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from datamodules.procedural import ProceduralScenes, derive_seed
-from lit.io import DEFAULT_MAX_PIXELS, list_images, load_image
+from lit.io import DEFAULT_MAX_PIXELS, list_images, load_image, missing_files, shorten
 
 _GROUND_TRUTH_KEYS = ("queries", "gallery", "positives")
 _OPTIONAL_KEYS = ("junk",)
@@ -447,14 +447,12 @@ def _read_ground_truth(source: Path) -> dict[str, Any]:
     return data
 
 
-def _check_files_exist(source: Path, root: Path, names: list[str], shown: int = 5) -> None:
+def _check_files_exist(source: Path, root: Path, names: list[str]) -> None:
     """Raise one FileNotFoundError listing how many listed images are missing, and the first few."""
-    unique = list(dict.fromkeys(names))
-    missing = [name for name in unique if not (root / name).is_file()]
+    missing, total = missing_files(root, names)
     if missing:
-        first = ", ".join(missing[:shown]) + (", ..." if len(missing) > shown else "")
         raise FileNotFoundError(
-            f"{len(missing)} of {len(unique)} image file(s) listed in {source} are missing under {root}: {first}"
+            f"{len(missing)} of {total} image file(s) listed in {source} are missing under {root}: {shorten(missing)}"
         )
 
 

@@ -36,7 +36,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -120,8 +120,7 @@ class SkipCounter:
         if not self.paths:
             return "no images skipped"
         distinct = list(Counter(self.paths))
-        shown = ", ".join(distinct[:first]) + (", ..." if len(distinct) > first else "")
-        return f"{self.count} image(s) skipped ({len(distinct)} distinct): {shown}"
+        return f"{self.count} image(s) skipped ({len(distinct)} distinct): {shorten(distinct, first)}"
 
 
 def _load(path: Path, max_pixels: int) -> Tensor:
@@ -257,3 +256,14 @@ __all__ = [
 def to_uint8(image: Tensor) -> Tensor:
     """[0, 1] float -> uint8 with round-half-to-even (``torch.round``), deterministic."""
     return (image.clamp(0.0, 1.0) * 255.0).round().to(torch.uint8)
+
+
+def shorten(names: Sequence[str], shown: int = 5) -> str:
+    """The first ``shown`` names joined by commas, with ``...`` when there are more."""
+    return ", ".join(names[:shown]) + (", ..." if len(names) > shown else "")
+
+
+def missing_files(root: Path, names: Sequence[str]) -> tuple[list[str], int]:
+    """(the distinct ``names`` with no file under ``root``, how many distinct names there are)."""
+    unique = list(dict.fromkeys(names))
+    return [name for name in unique if not (root / name).is_file()], len(unique)

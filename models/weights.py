@@ -29,6 +29,7 @@ import torch
 from timm.models import swin_transformer, vision_transformer
 from torch import Tensor, nn
 
+from lit.io import shorten
 from models.pooling import PooledTrunk
 
 _MAX_KEYS_SHOWN = 3
@@ -229,9 +230,7 @@ def _brief(error: BaseException, limit: int = 200) -> str:
 
 
 def _examples(items: list[str]) -> str:
-    shown = ", ".join(items[:_MAX_KEYS_SHOWN])
-    more = ", ..." if len(items) > _MAX_KEYS_SHOWN else ""
-    return f"[{shown}{more}]"
+    return f"[{shorten(items, _MAX_KEYS_SHOWN)}]"
 
 
 # --------------------------------------------------------------------------- layouts of published checkpoints
