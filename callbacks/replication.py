@@ -47,7 +47,7 @@ from pytorch_lightning.loggers import TensorBoardLogger
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from lit.distributed import all_gather_rows, dedupe_by_index
+from lit.distributed import gather_by_index
 from lit.plots import replication_summary, save_figure, similarity_histogram, top_copies_grid
 from lit.replication import (
     ReplicationStats,
@@ -202,8 +202,7 @@ class ReplicationMonitor(Callback):
             self.descriptor = build_descriptor(self.descriptor_name, weights=self.descriptor_weights,
                                                random_init=self.random_init, input_size=self.input_size)
             self.descriptor.requires_grad_(False)
-            auto = self.similarity_choice == "auto"
-            self.similarity = self.descriptor.default_similarity if auto else self.similarity_choice
+            self.similarity = self.descriptor.similarity_for(self.similarity_choice)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Embed the training subset once (sharded across ranks) and compute the baseline."""
@@ -257,8 +256,7 @@ class ReplicationMonitor(Callback):
     def _gather(trainer: pl.Trainer, index: Tensor, *rows: Tensor) -> tuple[Tensor, ...]:
         """All-gather rows from every rank (through the strategy's device) and dedupe by index."""
         device = trainer.strategy.root_device
-        gathered = [all_gather_rows(t.to(device)).cpu() for t in (index, *rows)]
-        return dedupe_by_index(gathered[0], *gathered[1:])
+        return tuple(t.cpu() for t in gather_by_index(index.to(device), *(t.to(device) for t in rows)))
 
     # ------------------------------------------------------------------ cadence
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torchmetrics.utilities.distributed import gather_all_tensors
 
 
 def dedupe_by_index(index: Tensor, *tensors: Tensor) -> tuple[Tensor, ...]:
@@ -40,24 +41,18 @@ def world_size() -> int:
 
 
 def all_gather_rows(tensor: Tensor) -> Tensor:
-    """Concatenate ``tensor`` from every rank along dim 0, allowing different row counts.
-
-    Ranks may hold different numbers of rows (an image that failed to load is
-    skipped on one rank only), which ``all_gather`` cannot take directly: rows
-    are padded to the largest count, gathered, then trimmed. Rank order is kept.
-    """
+    """Concatenate ``tensor`` from every rank along dim 0, allowing different row counts
+    (an image that failed to load is skipped on one rank only); rank order is kept.
+    torchmetrics' ``gather_all_tensors`` pads, gathers and trims."""
     if world_size() == 1:
         return tensor
-    dist = torch.distributed
-    count = torch.tensor([tensor.shape[0]], device=tensor.device, dtype=torch.long)
-    counts = [torch.zeros_like(count) for _ in range(dist.get_world_size())]
-    dist.all_gather(counts, count)
-    largest = int(max(int(c) for c in counts))
-    padded = tensor.new_zeros((largest, *tensor.shape[1:]))
-    padded[: tensor.shape[0]] = tensor
-    gathered = [torch.zeros_like(padded) for _ in counts]
-    dist.all_gather(gathered, padded.contiguous())
-    return torch.cat([g[: int(c)] for g, c in zip(gathered, counts)], dim=0)
+    return torch.cat(gather_all_tensors(tensor), dim=0)
+
+
+def gather_by_index(index: Tensor, *rows: Tensor) -> tuple[Tensor, ...]:
+    """Rows from every rank, one per global ``index``, ordered by index (DDP padding dropped):
+    the same tensors for any number of processes."""
+    return dedupe_by_index(all_gather_rows(index), *(all_gather_rows(t) for t in rows))
 
 
 def all_gather_objects(items: list) -> list:

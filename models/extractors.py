@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from torch import Tensor, nn
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms.v2 import functional as TF
 
 from models.pooling import AvgPool, GeM, PixelEmbedding, PooledTrunk
 from models.weights import (
@@ -59,6 +61,7 @@ __all__ = [
 
 OutputKind = Literal["global", "tokens"]
 Interpolation = Literal["bilinear", "bicubic"]
+_INTERPOLATION = {"bilinear": InterpolationMode.BILINEAR, "bicubic": InterpolationMode.BICUBIC}
 RGB = tuple[float, float, float]
 
 INCEPTION_MEAN: RGB = (0.5, 0.5, 0.5)
@@ -96,30 +99,19 @@ class Preprocessing:
 
 
 def resize_short_side(images: Tensor, size: int, interpolation: Interpolation = "bilinear") -> Tensor:
-    """Resize (B, C, H, W) so the short side is ``size`` (torchvision ``Resize(int)`` semantics).
-
-    Antialiased like torchvision on tensors; bicubic overshoot is clamped to
-    [0, 1] as PIL does for 8-bit images. Returns the input when nothing changes.
-    """
-    height, width = images.shape[-2:]
-    if height <= width:
-        out_h, out_w = size, int(size * width / height)
-    else:
-        out_h, out_w = int(size * height / width), size
-    if (out_h, out_w) == (height, width):
-        return images
-    resized = F.interpolate(images, size=(out_h, out_w), mode=interpolation, align_corners=False, antialias=True)
-    return resized.clamp(0.0, 1.0) if interpolation == "bicubic" else resized
+    """Resize (B, C, H, W) so the short side is ``size``: torchvision's antialiased ``resize``;
+    bicubic overshoot is clamped to [0, 1] as PIL does for 8-bit images. Returns the input
+    when nothing changes."""
+    resized = TF.resize(images, [size], interpolation=_INTERPOLATION[interpolation], antialias=True)
+    return resized.clamp(0.0, 1.0) if interpolation == "bicubic" and resized is not images else resized
 
 
 def center_crop(images: Tensor, size: int) -> Tensor:
-    """Central ``size`` x ``size`` crop of (B, C, H, W), offsets rounded as torchvision does."""
+    """Central ``size`` x ``size`` crop of (B, C, H, W) (torchvision's), refusing to pad a smaller image."""
     height, width = images.shape[-2:]
     if height < size or width < size:
         raise ValueError(f"cannot crop {size}x{size} from a {height}x{width} image")
-    top = int(round((height - size) / 2.0))
-    left = int(round((width - size) / 2.0))
-    return images[..., top : top + size, left : left + size]
+    return TF.center_crop(images, [size, size])
 
 
 def _check_images(images: Tensor | Sequence[Tensor]) -> list[Tensor]:
@@ -171,6 +163,10 @@ class Descriptor(nn.Module):
         self.default_similarity: SimilarityKind = default_similarity
         self.register_buffer("mean", torch.tensor(preprocessing.mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(preprocessing.std).view(1, 3, 1, 1), persistent=False)
+
+    def similarity_for(self, choice: str) -> SimilarityKind:
+        """``choice`` itself, or this descriptor's default for ``"auto"``."""
+        return self.default_similarity if choice == "auto" else choice  # type: ignore[return-value]
 
     @property
     def input_size(self) -> int:
@@ -269,6 +265,23 @@ _TIMM_VIT_INCEPTION = _pre(224, 0.9, "bicubic", INCEPTION_MEAN, INCEPTION_STD)
 _MOCOV3_FORMAT = (
     "a MoCo v3 checkpoint: dict with 'state_dict' holding 'module.base_encoder.*' ViT-B/16 keys "
     "(head/predictor/momentum encoder ignored)"
+)
+
+_MOCOV3 = DescriptorSpec(
+    name="mocov3_vit_b16",
+    arch="vit_base_patch16_224",
+    output="global",
+    default_similarity="cosine",
+    feature_dim=768,
+    preprocessing=_IMAGENET_224,
+    build=_build_timm,
+    weights=WeightsFormat(
+        _MOCOV3_FORMAT,
+        "https://dl.fbaipublicfiles.com/moco-v3/vit-b-300ep/vit-b-300ep.pth.tar "
+        "(github.com/facebookresearch/moco-v3)",
+    ),
+    layout=TimmViTState(key="state_dict", prefixes=("module.base_encoder.", "base_encoder.")),
+    size_multiple=16,
 )
 
 _SPECS: tuple[DescriptorSpec, ...] = (
@@ -373,37 +386,15 @@ _SPECS: tuple[DescriptorSpec, ...] = (
         layout=SwinState(),
         size_multiple=32,
     ),
-    DescriptorSpec(
-        name="mocov3_vit_b16",
-        arch="vit_base_patch16_224",
-        output="global",
-        default_similarity="cosine",
-        feature_dim=768,
-        preprocessing=_IMAGENET_224,
-        build=_build_timm,
-        weights=WeightsFormat(
-            _MOCOV3_FORMAT,
-            "https://dl.fbaipublicfiles.com/moco-v3/vit-b-300ep/vit-b-300ep.pth.tar "
-            "(github.com/facebookresearch/moco-v3)",
-        ),
-        layout=TimmViTState(key="state_dict", prefixes=("module.base_encoder.", "base_encoder.")),
-        size_multiple=16,
-    ),
-    DescriptorSpec(
+    _MOCOV3,
+    replace(  # same network and checkpoint format; only the weights' origin differs
+        _MOCOV3,
         name="mocov3_vit_b16_cutmix",
-        arch="vit_base_patch16_224",
-        output="global",
-        default_similarity="cosine",
-        feature_dim=768,
-        preprocessing=_IMAGENET_224,
-        build=_build_timm,
         weights=WeightsFormat(
             _MOCOV3_FORMAT,
             "no public release: produced by this suite's MoCo v3 + CutMix fine-tuning of "
             "https://dl.fbaipublicfiles.com/moco-v3/vit-b-300ep/vit-b-300ep.pth.tar",
         ),
-        layout=TimmViTState(key="state_dict", prefixes=("module.base_encoder.", "base_encoder.")),
-        size_multiple=16,
     ),
     DescriptorSpec(
         name="vicregl_resnet50",

@@ -19,7 +19,7 @@ from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.utilities import rank_zero_info
 from torch import Tensor
 
-from lit.distributed import all_gather_objects, all_gather_rows, dedupe_by_index
+from lit.distributed import all_gather_objects, dedupe_by_index, gather_by_index
 from lit.grids import retrieval_grid, save_png
 from lit.metrics import RetrievalMetrics, ranking_relevance
 from lit.report import metrics_markdown, write_json, write_text_atomic
@@ -72,7 +72,7 @@ class RetrievalEvaluator(pl.LightningModule):
         self.descriptor = build_descriptor(
             descriptor, weights=weights, random_init=random_init, input_size=input_size
         )
-        self.similarity = self.descriptor.default_similarity if similarity == "auto" else similarity
+        self.similarity = self.descriptor.similarity_for(similarity)
         self.metrics = RetrievalMetrics(ks=tuple(ks), ap=ap)
         self._features: dict[int, list[Tensor]] = {}
         self._indices: dict[int, list[Tensor]] = {}
@@ -105,9 +105,7 @@ class RetrievalEvaluator(pl.LightningModule):
         retrieval_set = self.trainer.datamodule.retrieval_set  # type: ignore[union-attr]
         query_ids, query_features = self._local(QUERIES)
         local_gallery_ids, local_gallery_features = self._local(GALLERY)
-        gallery_ids, gallery_features = dedupe_by_index(
-            all_gather_rows(local_gallery_ids), all_gather_rows(local_gallery_features)
-        )
+        gallery_ids, gallery_features = gather_by_index(local_gallery_ids, local_gallery_features)
         if gallery_ids.numel() == 0:
             raise RuntimeError("no gallery image could be loaded: nothing to search")
         scored = torch.zeros(0, dtype=torch.long, device=query_ids.device)
@@ -116,7 +114,7 @@ class RetrievalEvaluator(pl.LightningModule):
                 query_ids, query_features, gallery_ids, gallery_features, retrieval_set
             ).to(query_ids.device)
         results = {name: float(value) for name, value in self.metrics.compute().items()}
-        num_queries = int(dedupe_by_index(all_gather_rows(scored))[0].numel())
+        num_queries = int(gather_by_index(scored)[0].numel())
         # straight to the logger: every rank holds the same values, and self.log would
         # repeat them under each of the two test dataloaders
         for logger in self.loggers:
@@ -157,7 +155,7 @@ class RetrievalEvaluator(pl.LightningModule):
         """Search this rank's queries, feed their relevance to the accumulator, return their ids."""
         exclude = None
         if retrieval_set.query_in_gallery is not None:
-            own = torch.tensor(retrieval_set.query_in_gallery, dtype=torch.long)[query_ids.cpu()]
+            own = retrieval_set.exclude[query_ids.cpu()]
             exclude = _rows_of(own, gallery_ids.cpu())
         k = min(self.hparams.k, int(gallery_ids.numel()))
         result = search(
