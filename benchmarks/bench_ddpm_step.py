@@ -28,9 +28,6 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-ARCHITECTURE = ("resolution", "block_out_channels", "layers_per_block", "down_block_types", "up_block_types",
-                "attention_head_dim", "norm_num_groups")
-
 
 def load_config(path: Path) -> tuple[dict, dict]:
     """(model init_args, data init_args) of a training config."""

@@ -206,7 +206,7 @@ def main() -> None:
     print()
     print("\n".join(rows))
     print()
-    print(f"| ours, other calls | s | peak MiB |\n|---|---|---|")
+    print("| ours, other calls | s | peak MiB |\n|---|---|---|")
     print(f"| ranking_relevance (ranked ids -> bool) | {t_rel:.3f} | {m_rel:.0f} |")
     print(f"| retrieval_metrics, all {len(all_keys)} keys | {t_all:.3f} | {m_all:.0f} |")
     print(f"| RetrievalMetrics update x{-(-q // 1000)} + compute | {t_acc:.3f} | {m_acc:.0f} |")

@@ -21,9 +21,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
-from typing import Callable
 
 import faiss
 import numpy as np
@@ -32,7 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_split_product import MB, PeakRSS, release_free_memory  # noqa: E402
+from bench_split_product import MB, measure  # noqa: E402
 
 from lit.search import _rounding_slack, search  # noqa: E402
 from lit.similarity import l2_normalize  # noqa: E402
@@ -45,16 +43,6 @@ def raw_faiss(q: torch.Tensor, g: torch.Tensor, k: int) -> tuple[np.ndarray, np.
     index = faiss.IndexFlatIP(xb.shape[1])
     index.add(xb)
     return index.search(xq, k)
-
-
-def timed(fn: Callable[[], object]) -> tuple[float, int, object]:
-    """(seconds, extra peak RSS bytes, result)."""
-    release_free_memory()
-    with PeakRSS() as mem:
-        start = time.perf_counter()
-        out = fn()
-        seconds = time.perf_counter() - start
-    return seconds, mem.extra, out
 
 
 def main() -> None:
@@ -80,9 +68,9 @@ def main() -> None:
     t_raw = t_ours = float("inf")
     m_raw = m_ours = 0
     for _ in range(a.repeats):
-        s, m, raw = timed(lambda: raw_faiss(q, g, a.k))
+        s, m, raw = measure(lambda: raw_faiss(q, g, a.k))
         t_raw, m_raw = min(t_raw, s), max(m_raw, m)
-        s, m, ours = timed(
+        s, m, ours = measure(
             lambda: search(q, g, a.k, gallery_block=a.gallery_block, query_block=a.query_block)
         )
         t_ours, m_ours = min(t_ours, s), max(m_ours, m)

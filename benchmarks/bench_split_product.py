@@ -22,7 +22,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, TypeVar
 
 import torch
 
@@ -70,7 +70,10 @@ def release_free_memory() -> None:
         pass
 
 
-def measure(fn: Callable[[], torch.Tensor]) -> tuple[float, int, torch.Tensor]:
+T = TypeVar("T")
+
+
+def measure(fn: Callable[[], T]) -> tuple[float, int, T]:
     """(seconds, extra peak RSS bytes, result) of one call."""
     release_free_memory()
     with PeakRSS() as mem:

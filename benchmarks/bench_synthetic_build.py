@@ -113,9 +113,10 @@ def describe(name: str, workers: int, report: BuildReport, root: Path) -> dict[s
     # with workers, stage seconds are summed over processes: scale to the wall clock
     share = {s: v / busy for s, v in stages.items()} if busy else {}
     overhead = max(0.0, report.seconds - busy) if workers == 0 else float("nan")
+    disk = disk_bytes(root)
     row = {"set": name, "workers": workers, "items": report.num_items, "seconds": report.seconds,
            "items_per_s": report.items_per_second, "s_per_1000_items": 1000 * report.seconds / report.num_items,
-           "MB": disk_bytes(root) / 1e6, "kB_per_item": disk_bytes(root) / 1e3 / report.num_items,
+           "MB": disk / 1e6, "kB_per_item": disk / 1e3 / report.num_items,
            "driver_overhead_s": overhead, **{f"share_{s}": share.get(s, 0.0) for s in STAGES}}
     split = ", ".join(f"{s} {100 * share.get(s, 0):.0f}%" for s in STAGES)
     extra = f", driver overhead {overhead:.2f} s ({100 * overhead / report.seconds:.1f}%)" if workers == 0 else ""
@@ -155,10 +156,9 @@ def tile(image: Image.Image, size: int) -> Image.Image:
     return canvas
 
 
-def region_mask(name: str, item: dict, source: VocMaskSource, query_path: Path) -> Image.Image:
+def region_mask(name: str, item: dict, source: _LabelMapSource | None, size: tuple[int, int]) -> Image.Image:
     """White where the pasted content came from in the source image."""
-    with Image.open(query_path) as image:
-        width, height = image.size
+    width, height = size
     if name == "segmix":
         masked = source[source.ids.index(item["query_id"])]
         region = item["region"]
@@ -198,7 +198,7 @@ def save_grid(name: str, root: Path, builder: SyntheticBuilder, out: Path, rows:
         y = row * size + 14
         query = Image.open(queries[item["query_id"]]).convert("RGB")
         grid.paste(tile(query, size), (0, y))
-        grid.paste(tile(region_mask(name, item, source, queries[item["query_id"]]), size), (size, y))
+        grid.paste(tile(region_mask(name, item, source, query.size), size), (size, y))
         grid.paste(tile(Image.open(pool[item["pool_id"]]).convert("RGB").crop(item["pool_box"]), size), (2 * size, y))
         synthetic = Image.open(root / item["file"]).convert("RGB")
         scale = size / synthetic.width

@@ -139,13 +139,13 @@ def random_unet(folder: Path, resolution: int, seed: int) -> Path:
     if (folder / "config.json").is_file() and (folder / "scheduler_config.json").is_file():
         return folder
     import torch
-    from diffusers import DDPMScheduler, UNet2DModel
+    from diffusers import DDPMScheduler
 
-    if resolution % 4:
-        raise ValueError(f"--resolution must be a multiple of 4 for the 3-level UNet, got {resolution}")
+    from models.ddpm import build_unet
+
     torch.manual_seed(seed)
-    unet = UNet2DModel(sample_size=resolution, block_out_channels=(8, 16, 16), layers_per_block=1,
-                       norm_num_groups=4, down_block_types=("DownBlock2D",) * 3, up_block_types=("UpBlock2D",) * 3)
+    unet = build_unet(resolution, 3, (8, 16, 16), 1, ("DownBlock2D",) * 3, ("UpBlock2D",) * 3,
+                      attention_head_dim=8, norm_num_groups=4)
     unet.save_pretrained(folder)
     DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear").save_pretrained(folder)
     return folder
