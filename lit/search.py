@@ -112,14 +112,15 @@ def _search_global(
     num_g = gallery.shape[0]
     scores, rows = _empty_topk(num_q, k)
     index = faiss.IndexFlatIP(dim)
+    query_starts = range(0, num_q, query_block)
+    normalized = [_normalized(queries[q0 : q0 + query_block], "queries", q0) for q0 in query_starts]
     starts = range(0, num_g, gallery_block)
     for g0 in tqdm(starts, desc="search", unit="block", disable=not progress):
         block = _normalized(gallery[g0 : g0 + gallery_block], "gallery", g0)
         index.add(block)
-        for q0 in range(0, num_q, query_block):
+        for q0, xq in zip(query_starts, normalized):
             q1 = min(num_q, q0 + query_block)
             excl = None if exclude is None else exclude[q0:q1]
-            xq = _normalized(queries[q0:q1], "queries", q0)
             s, i = _block_topk(index, block, xq, k, g0, excl)
             scores[q0:q1], rows[q0:q1] = _merge(scores[q0:q1], rows[q0:q1], s, i, k)
         index.reset()

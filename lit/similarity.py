@@ -107,12 +107,13 @@ def split_product(
     best_buf = torch.empty(qb_max * gb_max, dtype=torch.float32, device=queries.device)
     chunk_buf = torch.empty_like(best_buf)
 
+    gallery_starts = range(0, num_g, block_size)
+    g_scales = [_inverse_norms(gallery[g0 : g0 + block_size], normalization, t_chunk) for g0 in gallery_starts]
     for q0 in range(0, num_q, block_size):
         q_block = queries[q0 : q0 + block_size]
         q_scale = _inverse_norms(q_block, normalization, t_chunk)
-        for g0 in range(0, num_g, block_size):
+        for g0, g_scale in zip(gallery_starts, g_scales):
             g_block = gallery[g0 : g0 + block_size]
-            g_scale = _inverse_norms(g_block, normalization, t_chunk)
             nq, ng = q_block.shape[0], g_block.shape[0]
             best = best_buf[: nq * ng].view(nq, ng)
             chunk_max = chunk_buf[: nq * ng].view(nq, ng)
