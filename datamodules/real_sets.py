@@ -10,24 +10,18 @@
 
 from __future__ import annotations
 
-from collections import defaultdict
-from collections.abc import Hashable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from PIL import Image
-from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor
 
-from datamodules.retrieval import ImageFileDataset, RetrievalSet
+from datamodules.retrieval import DatasetLayoutError, ImageFileDataset, class_retrieval_set
 from lit.io import DEFAULT_MAX_PIXELS, missing_files, shorten
 
 Box = tuple[float, float, float, float]
 """(x1, y1, x2, y2) in pixels of the stored image, x2/y2 exclusive (PIL ``crop``)."""
-
-
-class DatasetLayoutError(ValueError):
-    """A dataset root is missing files or folders, or they do not have the expected form."""
 
 
 def require_root(root: str | Path, dataset: str, layout: str) -> Path:
@@ -101,40 +95,6 @@ def _rescale_box(box: Box, path: str, image: Tensor) -> Box:
         return box
     sx, sy = width / stored_width, height / stored_height
     return (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
-
-
-def class_retrieval_set(
-    paths: Sequence[str | Path],
-    labels: Sequence[Hashable],
-    dataset: str,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
-) -> RetrievalSet:
-    """Every image is in the gallery; every image of a class with >= 2 images is a query
-    whose positives are the other images of its class (its own gallery row is excluded).
-
-    Images of single-image classes cannot be queries: they stay in the gallery as
-    distractors and are counted in a warning.
-    """
-    if len(paths) != len(labels):
-        raise ValueError(f"{dataset}: {len(paths)} paths but {len(labels)} labels")
-    rows_of_class: dict[Hashable, list[int]] = defaultdict(list)
-    for row, label in enumerate(labels):
-        rows_of_class[label].append(row)
-    singles = [label for label, rows in rows_of_class.items() if len(rows) == 1]
-    if singles:
-        rank_zero_warn(
-            f"{dataset}: {len(singles)} class(es) have a single image ({shorten([str(s) for s in singles])}); "
-            "those images are gallery-only distractors, not queries"
-        )
-    query_rows = [row for row, label in enumerate(labels) if len(rows_of_class[label]) > 1]
-    if not query_rows:
-        raise DatasetLayoutError(f"{dataset}: no class has two or more images, so there are no queries")
-    return RetrievalSet(
-        queries=ImageFileDataset([paths[r] for r in query_rows], max_pixels),
-        gallery=ImageFileDataset(paths, max_pixels),
-        positives=[[r for r in rows_of_class[labels[q]] if r != q] for q in query_rows],
-        query_in_gallery=query_rows,
-    )
 
 
 __all__ = [

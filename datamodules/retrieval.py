@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import os
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -127,6 +127,44 @@ class ImageFileDataset(Dataset):
         return {"image": load_image(path, max_pixels=self.max_pixels), "index": int(index), "path": path}
 
 
+class DatasetLayoutError(ValueError):
+    """A dataset root is missing files or folders, or they do not have the expected form."""
+
+
+def class_retrieval_set(
+    paths: Sequence[str | Path],
+    labels: Sequence[Hashable],
+    dataset: str,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> RetrievalSet:
+    """Every image is in the gallery; every image of a class with >= 2 images is a query
+    whose positives are the other images of its class (its own gallery row is excluded).
+
+    Images of single-image classes cannot be queries: they stay in the gallery as
+    distractors and are counted in a warning.
+    """
+    if len(paths) != len(labels):
+        raise ValueError(f"{dataset}: {len(paths)} paths but {len(labels)} labels")
+    rows_of_class: dict[Hashable, list[int]] = defaultdict(list)
+    for row, label in enumerate(labels):
+        rows_of_class[label].append(row)
+    singles = [label for label, rows in rows_of_class.items() if len(rows) == 1]
+    if singles:
+        rank_zero_warn(
+            f"{dataset}: {len(singles)} class(es) have a single image ({shorten([str(s) for s in singles])}); "
+            "those images are gallery-only distractors, not queries"
+        )
+    query_rows = [row for row, label in enumerate(labels) if len(rows_of_class[label]) > 1]
+    if not query_rows:
+        raise DatasetLayoutError(f"{dataset}: no class has two or more images, so there are no queries")
+    return RetrievalSet(
+        queries=ImageFileDataset([paths[r] for r in query_rows], max_pixels),
+        gallery=ImageFileDataset(paths, max_pixels),
+        positives=[[r for r in rows_of_class[labels[q]] if r != q] for q in query_rows],
+        query_in_gallery=query_rows,
+    )
+
+
 class RetrievalDataModule(pl.LightningDataModule):
     """Base datamodule: subclasses implement :meth:`build`; ``setup()`` calls it once.
 
@@ -208,34 +246,17 @@ class FolderRetrievalDataModule(RetrievalDataModule):
         if loose:
             rank_zero_warn(f"{len(loose)} image(s) directly under {root} are in no class folder and are ignored")
         paths: list[Path] = []
-        rows_of_class: dict[int, list[int]] = defaultdict(list)
+        labels: list[int] = []
         self.class_names = []
         for folder in sorted(p for p in root.iterdir() if p.is_dir()):
             images = list_images(folder)
-            if not images:
-                continue
-            label = len(self.class_names)
-            self.class_names.append(folder.name)
-            rows_of_class[label] = list(range(len(paths), len(paths) + len(images)))
-            paths.extend(images)
+            if images:
+                labels += [len(self.class_names)] * len(images)
+                self.class_names.append(folder.name)
+                paths += images
         if not paths:
             raise ValueError(f"no images found in class folders under {root} (expected root/<class>/<images>)")
-        singles = [label for label, rows in rows_of_class.items() if len(rows) == 1]
-        if singles:
-            rank_zero_warn(
-                f"{len(singles)} class(es) under {root} have a single image: those images are "
-                "gallery-only distractors, not queries"
-            )
-        query_rows = [row for rows in rows_of_class.values() if len(rows) > 1 for row in rows]
-        if not query_rows:
-            raise ValueError(f"no class under {root} has two or more images, so there are no queries")
-        label_of_row = {row: label for label, rows in rows_of_class.items() for row in rows}
-        return RetrievalSet(
-            queries=ImageFileDataset([paths[r] for r in query_rows], self.max_pixels),
-            gallery=ImageFileDataset(paths, self.max_pixels),
-            positives=[[r for r in rows_of_class[label_of_row[q]] if r != q] for q in query_rows],
-            query_in_gallery=query_rows,
-        )
+        return class_retrieval_set(paths, labels, str(root), self.max_pixels)
 
 
 class ListRetrievalDataModule(RetrievalDataModule):
