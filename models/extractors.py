@@ -144,6 +144,11 @@ def _check_images(images: Tensor | Sequence[Tensor]) -> list[Tensor]:
 # --------------------------------------------------------------------------- descriptor module
 
 
+def default_similarity(output: OutputKind) -> SimilarityKind:
+    """The paper's pairing: split-product for token features, cosine for global ones."""
+    return "split_product" if output == "tokens" else "cosine"
+
+
 class Descriptor(nn.Module):
     """Preprocessing + backbone: images in [0, 1] -> (B, D) L2-normalised or (B, T, D) float32 features."""
 
@@ -153,16 +158,18 @@ class Descriptor(nn.Module):
         backbone: nn.Module,
         output: OutputKind,
         preprocessing: Preprocessing,
-        default_similarity: SimilarityKind,
     ) -> None:
         super().__init__()
         self.name = name
         self.backbone = backbone
         self.output: OutputKind = output
         self.preprocessing = preprocessing
-        self.default_similarity: SimilarityKind = default_similarity
         self.register_buffer("mean", torch.tensor(preprocessing.mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(preprocessing.std).view(1, 3, 1, 1), persistent=False)
+
+    @property
+    def default_similarity(self) -> SimilarityKind:
+        return default_similarity(self.output)
 
     def similarity_for(self, choice: str) -> SimilarityKind:
         """``choice`` itself, or this descriptor's default for ``"auto"``."""
@@ -220,7 +227,6 @@ class DescriptorSpec:
     name: str
     arch: str
     output: OutputKind
-    default_similarity: SimilarityKind
     feature_dim: int
     preprocessing: Preprocessing
     build: Builder
@@ -230,6 +236,10 @@ class DescriptorSpec:
     min_size: int = 1
     num_classes: int = 0
     arch_kwargs: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def default_similarity(self) -> SimilarityKind:
+        return default_similarity(self.output)
 
 
 def _build_timm(spec: DescriptorSpec, input_size: int, init: bool) -> nn.Module:
@@ -271,7 +281,6 @@ _MOCOV3 = DescriptorSpec(
     name="mocov3_vit_b16",
     arch="vit_base_patch16_224",
     output="global",
-    default_similarity="cosine",
     feature_dim=768,
     preprocessing=_IMAGENET_224,
     build=_build_timm,
@@ -289,7 +298,6 @@ _SPECS: tuple[DescriptorSpec, ...] = (
         name="sscd_resnet50",
         arch="resnet50",
         output="global",
-        default_similarity="cosine",
         feature_dim=512,
         # SSCD README "small_288": short side 288, ImageNet mean/std; we centre-crop 288 to batch square images
         preprocessing=_pre(288, 1.0, "bilinear", IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD),
@@ -306,7 +314,6 @@ _SPECS: tuple[DescriptorSpec, ...] = (
         name="multigrain_resnet50",
         arch="resnet50",
         output="global",
-        default_similarity="cosine",
         feature_dim=2048,
         preprocessing=_IMAGENET_224,
         build=partial(_build_resnet, pool=partial(GeM, 3.0)),
@@ -323,7 +330,6 @@ _SPECS: tuple[DescriptorSpec, ...] = (
         name="vit_s16_in1k",
         arch="vit_small_patch16_224",
         output="global",
-        default_similarity="cosine",
         feature_dim=384,
         preprocessing=_TIMM_VIT_INCEPTION,
         build=_build_timm,
@@ -338,7 +344,6 @@ _SPECS: tuple[DescriptorSpec, ...] = (
         name="vit_b16_in21k",
         arch="vit_base_patch16_224",
         output="global",
-        default_similarity="cosine",
         feature_dim=768,
         preprocessing=_TIMM_VIT_INCEPTION,
         build=_build_timm,
@@ -354,7 +359,6 @@ _SPECS: tuple[DescriptorSpec, ...] = (
         # OpenAI CLIP uses QuickGELU; same keys as vit_base_patch16_clip_224
         arch="vit_base_patch16_clip_quickgelu_224",
         output="global",
-        default_similarity="cosine",
         feature_dim=512,
         preprocessing=_pre(224, 1.0, "bicubic", OPENAI_CLIP_MEAN, OPENAI_CLIP_STD),
         build=_build_timm,
@@ -373,7 +377,6 @@ _SPECS: tuple[DescriptorSpec, ...] = (
         name="swin_b_in1k",
         arch="swin_base_patch4_window7_224",
         output="global",
-        default_similarity="cosine",
         feature_dim=1024,
         preprocessing=_pre(224, 0.9, "bicubic", IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD),
         build=_build_timm,
@@ -400,7 +403,6 @@ _SPECS: tuple[DescriptorSpec, ...] = (
         name="vicregl_resnet50",
         arch="resnet50",
         output="global",
-        default_similarity="cosine",
         feature_dim=2048,
         preprocessing=_IMAGENET_224,
         build=partial(_build_resnet, pool=AvgPool),
@@ -415,7 +417,6 @@ _SPECS: tuple[DescriptorSpec, ...] = (
         name="dino_vit_b16",
         arch="vit_base_patch16_224",
         output="tokens",
-        default_similarity="split_product",
         feature_dim=768,
         preprocessing=_pre(224, 0.875, "bicubic", IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD),
         build=_build_timm,
@@ -431,7 +432,6 @@ _SPECS: tuple[DescriptorSpec, ...] = (
         name="pixel",
         arch="none",
         output="global",
-        default_similarity="cosine",
         feature_dim=3 * 32 * 32,
         preprocessing=_pre(32, 1.0, "bilinear", (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)),
         build=_build_pixel,
@@ -493,7 +493,7 @@ def build_from_spec(
         assert spec.weights is not None and spec.layout is not None
         backbone = spec.layout.apply(backbone, content, path, spec.weights)
     descriptor = Descriptor(
-        spec.name, backbone, spec.output, replace(spec.preprocessing, input_size=size), spec.default_similarity
+        spec.name, backbone, spec.output, replace(spec.preprocessing, input_size=size)
     )
     return descriptor.eval()
 
