@@ -488,7 +488,8 @@ def build_from_spec(
         assert spec.weights is not None and spec.layout is not None
         path = Path(weights).expanduser()
         content = spec.layout.read(path, spec.weights)  # fails before a large model is built
-    backbone = spec.build(spec, size, path is None)
+    replaced = path is not None and spec.layout is not None and spec.layout.replaces_backbone
+    backbone = None if replaced else spec.build(spec, size, path is None)
     if path is not None:
         assert spec.weights is not None and spec.layout is not None
         backbone = spec.layout.apply(backbone, content, path, spec.weights)

@@ -23,7 +23,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from timm.models import swin_transformer, vision_transformer
@@ -244,16 +244,21 @@ class WeightsLayout(ABC):
     and returns the backbone to use.
     """
 
+    #: ``apply`` returns a model of its own (ignores ``backbone``): no backbone need be built.
+    replaces_backbone: ClassVar[bool] = False
+
     @abstractmethod
     def read(self, path: Path, fmt: WeightsFormat) -> Any: ...
 
     @abstractmethod
-    def apply(self, backbone: nn.Module, content: Any, path: Path, fmt: WeightsFormat) -> nn.Module: ...
+    def apply(self, backbone: nn.Module | None, content: Any, path: Path, fmt: WeightsFormat) -> nn.Module: ...
 
 
 @dataclass(frozen=True)
 class TorchScriptModel(WeightsLayout):
     """A TorchScript archive (SSCD's release) that replaces the eager backbone."""
+
+    replaces_backbone: ClassVar[bool] = True
 
     def read(self, path: Path, fmt: WeightsFormat) -> Any:
         module = read_checkpoint(path, fmt)
@@ -261,7 +266,7 @@ class TorchScriptModel(WeightsLayout):
             raise weights_error(path, fmt, f"not a TorchScript archive (got {type(module).__name__})")
         return module
 
-    def apply(self, backbone: nn.Module, content: Any, path: Path, fmt: WeightsFormat) -> nn.Module:
+    def apply(self, backbone: nn.Module | None, content: Any, path: Path, fmt: WeightsFormat) -> nn.Module:
         return content
 
 
