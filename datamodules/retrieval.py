@@ -367,9 +367,16 @@ class ProceduralCopyGallery(Dataset):
         self.distractors = distractors
         self.seed = seed
         self.augment = copy_augmentation(sources.size)
+        self._last_source: tuple[int, Tensor] | None = None  # copies of a source are consecutive rows
 
     def __len__(self) -> int:
         return len(self.sources) * self.copies + len(self.distractors)
+
+    def _source_image(self, source: int) -> Tensor:
+        """Scene ``source``, rendered once for its run of consecutive copies."""
+        if self._last_source is None or self._last_source[0] != source:
+            self._last_source = (source, self.sources[source]["image"])
+        return self._last_source[1]
 
     def path(self, index: int) -> str:
         if index < len(self.sources) * self.copies:
@@ -384,7 +391,7 @@ class ProceduralCopyGallery(Dataset):
         num_copies = len(self.sources) * self.copies
         if index < num_copies:
             source, copy = divmod(index, self.copies)
-            image = self.sources[source]["image"]
+            image = self._source_image(source)
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(derive_seed(self.seed, "copy", source, copy))
                 image = self.augment(image[None])[0].clamp(0.0, 1.0)
