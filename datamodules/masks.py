@@ -193,15 +193,20 @@ class CocoMaskSource(MaskSource):
 class _LabelMapSource(MaskSource):
     """Shared by VOC and folder sources: one label PNG per image, matched by stem."""
 
-    def __init__(self, images: str | Path, masks: str | Path, ids: Sequence[str] | None, mask_suffix: str) -> None:
+    def __init__(self, images: str | Path, masks: str | Path, ids: Sequence[str] | None, mask_suffix: str,
+                 ids_from_images: bool = False) -> None:
+        """``ids``: the images to use; None: every mask's (or, with ``ids_from_images``, every image's)."""
         self.images = Path(images)
         self.masks = Path(masks)
         self.mask_suffix = mask_suffix
         for what, folder in (("image", self.images), ("mask", self.masks)):
             if not folder.is_dir():
                 raise FileNotFoundError(f"{type(self).__name__}: {what} folder not found: {folder}")
-        by_stem = {str(p.relative_to(self.images).with_suffix("")): p for p in list_images(self.images)}
-        if ids is None:
+        listed = [(str(p.relative_to(self.images).with_suffix("")), p) for p in list_images(self.images)]
+        by_stem = dict(listed)
+        if ids is None and ids_from_images:
+            ids = [stem for stem, _ in listed]  # a stem twice (a.png, a.jpg) is refused below
+        elif ids is None:
             stems = (str(p.relative_to(self.masks).with_suffix("")) for p in self.masks.rglob(f"*{mask_suffix}.png"))
             ids = [stem[: len(stem) - len(mask_suffix)] for stem in stems]
         self.ids = sorted(ids)
@@ -266,9 +271,7 @@ class FolderMaskSource(_LabelMapSource):
     def __init__(self, images: str | Path, masks: str | Path, mask_suffix: str = "",
                  ignore_value: int | None = None) -> None:
         self.ignore_value = ignore_value
-        images = Path(images)
-        ids = [str(p.relative_to(images).with_suffix("")) for p in list_images(images)] if images.is_dir() else None
-        super().__init__(images, masks, ids, mask_suffix=mask_suffix)
+        super().__init__(images, masks, None, mask_suffix=mask_suffix, ids_from_images=True)
 
     def _load(self, index: int) -> tuple[list[np.ndarray], np.ndarray]:
         with Image.open(self.mask_path(index)) as image:
