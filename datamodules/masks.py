@@ -134,7 +134,8 @@ class MaskSource(ABC):
 
     @abstractmethod
     def describe(self) -> dict[str, str]:
-        """Format and file locations, for logs and manifests."""
+        """Format and absolute file locations, for logs and manifests (a manifest made from
+        another working directory still matches)."""
 
 
 class CocoMaskSource(MaskSource):
@@ -187,7 +188,7 @@ class CocoMaskSource(MaskSource):
         return objects, ~(covered | crowd)
 
     def describe(self) -> dict[str, str]:
-        return {"format": "coco", "annotations": str(self.annotations), "images": str(self.images)}
+        return {"format": "coco", "annotations": _absolute(self.annotations), "images": _absolute(self.images)}
 
 
 class _LabelMapSource(MaskSource):
@@ -256,8 +257,8 @@ class VocMaskSource(_LabelMapSource):
         return labels_to_instances(labels, ignore)
 
     def describe(self) -> dict[str, str]:
-        return {"format": "voc", "images": str(self.images), "masks": str(self.masks),
-                "image_set": str(self.image_set or "")}
+        return {"format": "voc", "images": _absolute(self.images), "masks": _absolute(self.masks),
+                "image_set": _absolute(self.image_set) if self.image_set else ""}
 
 
 class FolderMaskSource(_LabelMapSource):
@@ -284,8 +285,12 @@ class FolderMaskSource(_LabelMapSource):
         return labels_to_instances(labels, ignore)
 
     def describe(self) -> dict[str, str]:
-        return {"format": "folder", "images": str(self.images), "masks": str(self.masks),
+        return {"format": "folder", "images": _absolute(self.images), "masks": _absolute(self.masks),
                 "mask_suffix": self.mask_suffix}
+
+
+def _absolute(path: str | Path) -> str:
+    return str(Path(path).resolve())
 
 
 def _read_coco(path: Path) -> dict[str, Any]:

@@ -195,8 +195,7 @@ class SegmixBuilder(SyntheticBuilder):
 
     def parameters(self) -> dict[str, Any]:
         return {
-            "source": {k: str(Path(v).resolve()) if v and k in ("annotations", "images", "masks", "image_set") else v
-                       for k, v in self.source.describe().items()},
+            "source": self.source.describe(),
             "mixes_per_query": self.mixes_per_query, "object_probability": self.object_probability,
             "min_region_area": self.min_region_area, "object_scale": self.object_scale,
             "max_rotation": self.max_rotation, "augmentation": asdict(self.augmentation),
