@@ -50,12 +50,14 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from lit.distributed import gather_by_index
 from lit.plots import replication_summary, save_figure, similarity_histogram, top_copies_grid
 from lit.replication import (
+    DUPLICATE_THRESHOLD,
     ReplicationStats,
     duplicate_pairs,
     format_threshold,
     mirror_aware_search,
     replication_stats,
     self_similarity,
+    stat_names,
     top_copies,
 )
 from lit.report import write_text_atomic
@@ -418,8 +420,7 @@ class ReplicationMonitor(Callback):
         return buffer.getvalue()
 
     def _metric_names(self) -> list[str]:
-        return [f"rate@{format_threshold(t)}" for t in self.thresholds] + [
-            "top1_mean", "top1_median", "top1_p95", "top1_max"]
+        return stat_names(self.thresholds)
 
     # ------------------------------------------------------------------ end of fit
     def _write_summary(self, trainer: pl.Trainer) -> None:
@@ -453,7 +454,8 @@ class ReplicationMonitor(Callback):
             base = self.baseline.as_dict()
             lines.append(f"{'baseline':>8} {'':>6} " + " ".join(f"{base[n]:>11.3f}" for n in names)
                          + "   (training images vs each other)")
-            lines.append(f"training images with a near-duplicate (> 0.95) among the others: {len(self.duplicates)} pair(s)")
+            lines.append(f"training images with a near-duplicate (> {DUPLICATE_THRESHOLD}) among the others: "
+                         f"{len(self.duplicates)} pair(s)")
         total = sum(self.timings.values())
         lines.append("monitor time: " + ", ".join(f"{k} {v:.1f}s" for k, v in self.timings.items()) + f" (total {total:.1f}s)")
         tensorboard = [lg.log_dir for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]

@@ -46,10 +46,14 @@ class ReplicationStats:
 
     def as_dict(self, prefix: str = "") -> dict[str, float]:
         """Flat scalars: ``{prefix}rate@{t}`` and ``{prefix}top1_{mean,median,p95,max}``."""
-        out = {f"{prefix}rate@{format_threshold(t)}": r for t, r in self.rates.items()}
-        out.update({f"{prefix}top1_mean": self.mean, f"{prefix}top1_median": self.median,
-                    f"{prefix}top1_p95": self.p95, f"{prefix}top1_max": self.max})
-        return out
+        values = [*self.rates.values(), self.mean, self.median, self.p95, self.max]
+        return dict(zip(stat_names(self.rates, prefix), values))
+
+
+def stat_names(thresholds: Sequence[float], prefix: str = "") -> list[str]:
+    """Names of :meth:`ReplicationStats.as_dict`'s scalars, in order, for these thresholds."""
+    return [f"{prefix}rate@{format_threshold(t)}" for t in thresholds] + [
+        f"{prefix}top1_{name}" for name in ("mean", "median", "p95", "max")]
 
 
 def format_threshold(threshold: float) -> str:
