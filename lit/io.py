@@ -190,15 +190,11 @@ def _to_rgb_array(image: Image.Image) -> np.ndarray:
     if mode in _SIXTEEN_BIT_MODES:
         gray = np.asarray(image).astype(np.float32) / 65535.0
         return _gray_to_rgb(gray)
-    if mode == "I":
-        values = np.asarray(image).astype(np.float64)
-        if values.size and values.min() >= 0 and values.max() <= 65535:
-            return _gray_to_rgb((values / 65535.0).astype(np.float32))
-        return _gray_to_rgb(_min_max(values))
-    if mode == "F":
+    if mode in ("I", "F"):  # 32-bit integer (16-bit data in a wider mode) or float gray
+        full_scale = 65535.0 if mode == "I" else 1.0
         values = np.nan_to_num(np.asarray(image).astype(np.float64), nan=0.0)
-        if values.size and values.min() >= 0.0 and values.max() <= 1.0:
-            return _gray_to_rgb(values.astype(np.float32))
+        if values.size and values.min() >= 0.0 and values.max() <= full_scale:
+            return _gray_to_rgb((values / full_scale).astype(np.float32))
         return _gray_to_rgb(_min_max(values))
     if mode != "RGB":
         image = image.convert("RGB")
