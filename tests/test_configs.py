@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -28,6 +30,25 @@ def test_there_are_configs() -> None:
     assert any(c.name == "demo_retrieval.yaml" for c in CONFIGS)
 
 
+def _leaves(node: Any, path: tuple[str | int, ...] = ()) -> Iterator[tuple[tuple[str | int, ...], Any]]:
+    """(key path, value) of every leaf of a parsed YAML; lists of scalars are leaves, lists holding
+    mappings (callbacks) are walked by position."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            yield from _leaves(value, (*path, key))
+    elif isinstance(node, list) and any(isinstance(v, (dict, list)) for v in node):
+        for index, value in enumerate(node):
+            yield from _leaves(value, (*path, index))
+    else:
+        yield path, node
+
+
+def _at(node: Any, path: tuple[str | int, ...]) -> Any:
+    for key in path:
+        node = node[key]
+    return node
+
+
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: c.name)
 def test_config_prints(config: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     args = [_subcommand(config), "-c", str(config), *_required_overrides(config, tmp_path), "--print_config"]
@@ -39,6 +60,18 @@ def test_config_prints(config: Path, tmp_path: Path, capsys: pytest.CaptureFixtu
     assert printed["model"]["class_path"] == source["model"]["class_path"]
     for key, value in (source["model"].get("init_args") or {}).items():
         assert printed["model"]["init_args"][key] == value, key
+    # every leaf of the source (trainer, callbacks, model, data, seed) is printed with its value
+    overrides = _required_overrides(config, tmp_path)
+    overridden = {("data", "init_args", arg.split("=")[0].rsplit(".", 1)[-1]) for arg in overrides}
+    leaves = list(_leaves(source))
+    assert len(leaves) > 3
+    for path, value in leaves:
+        expected = str(tmp_path) if path in overridden else value
+        try:
+            got = _at(printed, path)
+        except (KeyError, IndexError, TypeError):
+            pytest.fail(f"{'.'.join(map(str, path))} of {config.name} is missing from the printed config")
+        assert got == expected, path
 
 
 def test_unknown_key_is_rejected(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
+import torchvision.transforms.v2.functional as TF
 from diffusers import UNet2DModel
 from PIL import Image
 
@@ -105,9 +106,16 @@ def test_sample_is_per_seed_deterministic() -> None:
 
 def test_pretrained_folder(tmp_path: Path) -> None:
     source = tiny().unet
+    with torch.no_grad():  # tiny() seeds 0: without this, a fresh UNet would pass the comparison too
+        for i, p in enumerate(source.parameters()):
+            p.add_(0.1 * (i % 3 + 1))
     source.save_pretrained(tmp_path / "unet_folder")
     model = tiny(pretrained=str(tmp_path / "unet_folder"))
     assert all(torch.equal(a, b) for a, b in zip(source.parameters(), model.unet.parameters()))
+    loaded, saved = model.unet.state_dict(), source.state_dict()
+    assert loaded.keys() == saved.keys() and all(torch.equal(loaded[k], saved[k]) for k in saved)
+    fresh = tiny().unet.state_dict()
+    assert all(not torch.equal(loaded[k], fresh[k]) for k, _ in source.named_parameters())
     assert isinstance(model.unet, UNet2DModel)
     assert all(m.training for m in model.unet.modules())  # trains with dropout, like a fresh UNet
     with pytest.raises(ValueError, match=r"not found: .*missing.*config\.json"):
@@ -143,6 +151,19 @@ def test_subset_is_seeded_recorded_and_checked(tmp_path: Path) -> None:
     item = reference[2]
     assert item["image"].shape == (3, 16, 16) and item["index"] == 2
     assert torch.equal(reference[2]["image"], item["image"])  # no augmentation
+    # the stored images: each chosen file, shorter side resized to 16 (to within one uint8 level)
+    assert data.images is not None and len(data.images) == 5
+    for name, stored in zip(data.names, data.images):
+        pixels = torch.from_numpy(np.asarray(Image.open(name).convert("RGB"), dtype=np.float32) / 255).permute(2, 0, 1)
+        h, w = pixels.shape[-2:]
+        size = (16, int(16 * w / h)) if h <= w else (int(16 * h / w), 16)  # torchvision truncates the long side
+        expected = (TF.resize(pixels, list(size), antialias=True).clamp(0, 1) * 255).round()
+        assert stored.dtype == torch.uint8 and stored.shape == (3, *size)
+        assert (stored.float() - expected).abs().max() <= 1
+    # the reference images: the centre 16 x 16 of the stored uint8 images, as float in [0, 1]
+    for i in range(5):
+        assert torch.equal(reference[i]["image"], TF.center_crop(data.images[i], [16]).float() / 255)
+        assert reference[i]["index"] == i
     with pytest.raises(ValueError, match="different subset"):
         data.load_state_dict(other.state_dict())
     data.load_state_dict(again.state_dict())
@@ -171,3 +192,28 @@ def test_training_augmentation_crops_and_flips() -> None:
     reference = data.reference_dataset()
     assert reference[0]["image"].shape == (3, 16, 16)
     assert torch.equal(reference[0]["image"], reference[0]["image"])
+    assert data.images is not None and [im.shape for im in data.images] == [(3, 20, 20)] * 2
+    for i in range(2):  # reference: the centre crop of the stored uint8 image, no flip
+        assert torch.equal(reference[i]["image"], TF.center_crop(data.images[i], [16]).float() / 255)
+        assert torch.equal(reference[i + 2]["image"], reference[i]["image"])  # repeats are not in the reference
+
+    def windows(image: torch.Tensor) -> list[torch.Tensor]:
+        return [image[:, y:y + 16, x:x + 16].float() / 255 for y in range(5) for x in range(5)]
+
+    def index_of(draw: torch.Tensor, candidates: list[torch.Tensor]) -> int:
+        found = [k for k, c in enumerate(candidates) if torch.equal(draw, c)]
+        assert found, "draw is none of the expected crops"
+        return found[0]
+
+    plain = windows(data.images[0])
+    mirrored = [w.flip(-1) for w in plain]
+    assert not any(torch.equal(a, b) for a in plain for b in mirrored)  # the scene is not symmetric
+    seen = {index_of(train[0]["image"], plain + mirrored) for _ in range(60)}
+    assert len({k % 25 for k in seen}) > 1 and min(seen) < 25 <= max(seen)  # several windows, both orientations
+    no_flip = ProceduralTrainData(num_images=2, resolution=16, load_size=20, random_flip=False).train_dataset()
+    seen = {index_of(no_flip[0]["image"], plain) for _ in range(30)}  # a window of the stored image, never mirrored
+    assert len(seen) > 1
+    centre = ProceduralTrainData(num_images=2, resolution=16, load_size=20, random_crop=False).train_dataset()
+    expected = TF.center_crop(data.images[0], [16]).float() / 255
+    seen = {index_of(centre[0]["image"], [expected, expected.flip(-1)]) for _ in range(30)}
+    assert seen == {0, 1}  # exactly the centre crop and its mirror

@@ -19,6 +19,7 @@ import pytest
 import torch
 import torchvision.transforms.v2.functional as TF
 from safetensors.torch import save_file
+from timm.layers import resample_abs_pos_embed
 from torch import Tensor
 
 from models.extractors import (
@@ -263,7 +264,7 @@ def test_gem_reference() -> None:
     expected = np.power(np.power(arr, 3.0).mean(axis=(2, 3)), 1 / 3.0)
     np.testing.assert_allclose(gem(x, p=3.0).numpy(), expected, rtol=1e-5)
     torch.testing.assert_close(gem(x, p=200.0), x.amax(dim=(2, 3)), rtol=2e-2, atol=0)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"gem expects a \(B, C, H, W\) map, got shape \(5, 3, 4\)"):
         gem(x[0])
 
 
@@ -456,6 +457,14 @@ def test_vit_pos_embed_resampled_to_input_size(tmp_path: Path) -> None:
     torch.save(source.backbone.state_dict(), path)
     loaded = build_from_spec(spec, weights=path, input_size=TINY)
     assert loaded(images(1)).shape == (1, 1 + (TINY // 16) ** 2, 64)
+    saved, got = source.backbone.state_dict(), loaded.backbone.state_dict()
+    assert saved["pos_embed"].shape == (1, 1 + (64 // 16) ** 2, 64)  # 4 x 4 grid + class token
+    expected = resample_abs_pos_embed(saved["pos_embed"], [TINY // 16, TINY // 16], num_prefix_tokens=1)
+    assert expected.shape == got["pos_embed"].shape == (1, 1 + (TINY // 16) ** 2, 64)
+    torch.testing.assert_close(got["pos_embed"], expected, rtol=0, atol=1e-6)
+    assert torch.equal(got["pos_embed"][:, :1], saved["pos_embed"][:, :1])  # the class token is not resampled
+    assert got.keys() == saved.keys()
+    assert all(torch.equal(got[k], saved[k]) for k in saved if k != "pos_embed")  # everything else as saved
 
 
 # --------------------------------------------------------------------------- one-line weight errors

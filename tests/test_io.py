@@ -259,6 +259,9 @@ def test_list_images_sorted_case_insensitive_and_recursive(tmp_path: Path) -> No
     (tmp_path / "dir.png").mkdir()  # a folder with an image suffix is not a file
     expected = sorted(tmp_path / n for n in names if Path(n).suffix.lower() in IMAGE_EXTENSIONS)
     assert list_images(tmp_path) == expected
+    # written out by hand: the four image files, in path order, recursive
+    listed = [p.relative_to(tmp_path).as_posix() for p in list_images(tmp_path)]
+    assert listed == ["a.png", "b.JPG", "sub/c.Tiff", "sub/deeper/d.webp"]
     assert list_images(tmp_path, recursive=False) == [tmp_path / "a.png", tmp_path / "b.JPG"]
 
 

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from diffusers import RePaintPipeline, RePaintScheduler, UNet2DModel
 from PIL import Image
 
@@ -168,6 +169,15 @@ def test_build_keeps_source_pixels_and_records_masks(tmp_path: Path, sources: Pa
         inside[top:bottom, left:right] = True
         assert np.abs(out[inside] - expected[inside]).max() <= 1  # kept: the source, up to uint8 rounding
         assert np.abs(out[~inside] - expected[~inside]).mean() > 10  # outpainted: something else
+        # independently of random_square_resized: the box is the largest square inside the source,
+        # and the kept pixels are that crop, antialiased-bilinear resized to RES
+        h, w = source.shape[-2:]
+        x0, y0, x1, y1 = item["placement"]["source_box"]
+        assert x1 - x0 == y1 - y0 == min(h, w) and 0 <= x0 and 0 <= y0 and x1 <= w and y1 <= h
+        crop = F.interpolate(source[None, :, y0:y1, x0:x1], size=(RES, RES), mode="bilinear", antialias=True,
+                             align_corners=False)[0].clamp(0, 1)
+        reference = (crop.permute(1, 2, 0).numpy() * 255).round()
+        assert np.abs(out[inside] - reference[inside]).max() <= 1
 
 
 def test_resume_skips_written_items_and_matches_a_clean_build(
@@ -223,10 +233,16 @@ def test_ddpm_checkpoint_uses_ema_weights(tmp_path: Path) -> None:
     trainer.strategy.connect(module)
     trainer.save_checkpoint(tmp_path / "tiny.ckpt")
     raw = next(module.unet.parameters())
+    raw_all = dict(module.unet.named_parameters())
     unet, scheduler = load_outpainting_model(tmp_path / "tiny.ckpt", use_ema=True)
     assert torch.allclose(next(unet.parameters()), raw + 0.5) and scheduler.config.beta_schedule == "squaredcos_cap_v2"
+    ema = dict(unet.named_parameters())
+    assert ema.keys() == raw_all.keys()
+    assert all(torch.allclose(ema[name], raw_all[name] + 0.5) for name in raw_all)  # every EMA weight, not just one
     unet, _ = load_outpainting_model(tmp_path / "tiny.ckpt", use_ema=False)
     assert torch.allclose(next(unet.parameters()), raw)
+    plain = dict(unet.named_parameters())
+    assert plain.keys() == raw_all.keys() and all(torch.equal(plain[name], raw_all[name]) for name in raw_all)
     assert model_fingerprint(tmp_path / "tiny.ckpt", True)["kind"] == "ddpm_checkpoint"
 
 
@@ -270,3 +286,7 @@ def test_datamodule_reads_the_set_back(tmp_path: Path, sources: Path, unet_dir: 
     assert item["image"].shape == (3, RES, RES)
     manifest = json.loads((tmp_path / "set" / "manifest.json").read_text())
     assert {i["placement"]["kept"]["mode"] for i in manifest["items"]} == {"diagonal"}
+    assert len(manifest["items"]) == 3
+    for row, entry in enumerate(manifest["items"]):  # gallery row i is the PNG of manifest item i
+        png = torch.from_numpy(_pixels(tmp_path / "set" / entry["file"]).astype(np.float32) / 255).permute(2, 0, 1)
+        assert torch.allclose(rs.gallery[row]["image"], png, rtol=0, atol=1e-6)

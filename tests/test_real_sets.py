@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from datamodules.cub import CUB200DataModule
@@ -18,6 +19,7 @@ from datamodules.instre import INSTREDataModule
 from datamodules.oxford_paris import RevisitedOxfordParis, protocol_ground_truth
 from datamodules.real_sets import CroppedImageDataset, DatasetLayoutError, class_retrieval_set, crop_box
 from datamodules.retrieval import RetrievalSet
+from lit.io import load_image
 
 
 def _write_image(path: Path, seed: int, size: tuple[int, int] = (20, 24)) -> None:
@@ -73,6 +75,17 @@ def test_cropped_dataset_follows_downscaling(tmp_path: Path) -> None:
     small = CroppedImageDataset([path], [(0.0, 0.0, 20.0, 40.0)], max_pixels=20 * 20)[0]["image"]
     assert full.shape == (3, 40, 20)
     assert small.shape == (3, 20, 10)  # half the image, at half the resolution
+    pixels = torch.from_numpy(np.asarray(Image.open(path).convert("RGB"), dtype=np.float32) / 255).permute(2, 0, 1)
+    assert torch.equal(full, pixels[:, 0:40, 0:20])  # the left half of the stored image
+    whole = load_image(path, max_pixels=20 * 20)  # the same downscaling: 40 x 40 -> 20 x 20, scale 1/2
+    assert whole is not None and whole.shape == (3, 20, 20)
+    halved = F.interpolate(pixels[None], size=(20, 20), mode="bilinear", antialias=True, align_corners=False)[0]
+    torch.testing.assert_close(whole, halved.clamp(0, 1), rtol=0, atol=1e-6)
+    assert torch.equal(small, whole[:, 0:20, 0:10])  # box (0, 0, 20, 40) scaled by 1/2: x 0..10, y 0..20
+    # an offset box: (10, 8, 30, 36) in stored pixels is (5, 4, 15, 18) in the downscaled image
+    offset = CroppedImageDataset([path], [(10.0, 8.0, 30.0, 36.0)], max_pixels=20 * 20)[0]["image"]
+    assert torch.equal(offset, whole[:, 4:18, 5:15])
+    assert torch.equal(CroppedImageDataset([path], [(10.0, 8.0, 30.0, 36.0)])[0]["image"], pixels[:, 8:36, 10:30])
 
 
 # ---------------------------------------------------------------- revisited Oxford / Paris

@@ -24,6 +24,16 @@ def test_rates_are_strictly_above_threshold() -> None:
     scores = torch.tensor([0.1, 0.5, 0.50001, 0.9, 0.95, 1.0])
     rates = replication_rates(scores, [0.5, 0.9, 0.95])
     assert rates == {0.5: 4 / 6, 0.9: 2 / 6, 0.95: 1 / 6}  # 0.5, 0.9 and 0.95 themselves do not count
+    # in float32, 0.9 and 0.95 round below the thresholds: only 0.5 told > from >= above.
+    # float64 scores hit every threshold exactly (>= would give 5/6, 3/6, 2/6) ...
+    rates = replication_rates(torch.tensor([0.1, 0.5, 0.50001, 0.9, 0.95, 1.0], dtype=torch.float64), [0.5, 0.9, 0.95])
+    assert rates == {0.5: 4 / 6, 0.9: 2 / 6, 0.95: 1 / 6}
+    # ... and so do float32 scores at thresholds exactly representable in binary (>=: 5/6, 3/6)
+    exact = torch.tensor([0.25, 0.75, 0.8, 0.875, 0.9, 1.0], dtype=torch.float32)
+    assert exact[1].item() == 0.75 and exact[3].item() == 0.875
+    assert replication_rates(exact, [0.75, 0.875]) == {0.75: 4 / 6, 0.875: 2 / 6}
+    assert replication_stats(exact, [0.75, 0.875]).rates == {0.75: 4 / 6, 0.875: 2 / 6}
+    assert replication_rates(torch.tensor([0.75, 0.75]), [0.75]) == {0.75: 0.0}
 
 
 def test_stats_match_numpy() -> None:
@@ -47,10 +57,17 @@ def test_stats_keys() -> None:
     assert stats.as_dict()["top1_median"] == pytest.approx(0.6)
 
 
-@pytest.mark.parametrize("bad", [torch.zeros(0), torch.zeros(2, 2), torch.tensor([0.1, float("nan")])])
-def test_bad_scores_raise(bad: torch.Tensor) -> None:
-    with pytest.raises(ValueError):
+@pytest.mark.parametrize(("bad", "message"), [
+    (torch.zeros(0), r"scores is empty"),
+    (torch.zeros(2, 2), r"scores must be 1-D .*got shape \(2, 2\)"),
+    (torch.tensor([0.1, float("nan")]), r"scores contain NaN or inf"),
+    (torch.tensor([0.1, float("inf")]), r"scores contain NaN or inf"),
+])
+def test_bad_scores_raise(bad: torch.Tensor, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
         replication_stats(bad, [0.5])
+    with pytest.raises(ValueError, match=message):
+        replication_rates(bad, [0.5])
 
 
 def test_self_similarity_matches_brute_force() -> None:
