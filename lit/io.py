@@ -35,9 +35,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections import Counter
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -98,29 +96,6 @@ def load_image(
             raise ImageLoadError(f"cannot load image {path}: {reason}") from error
         warnings.warn(f"skipping image {path}: {reason}", ImageSkipWarning, stacklevel=2)
         return None
-
-
-@dataclass
-class SkipCounter:
-    """Counts files skipped while loading (e.g. from ``batch["skipped"]``) and summarises them."""
-
-    paths: list[str] = field(default_factory=list)
-
-    def update(self, skipped: Iterable[str | Path]) -> None:
-        """Record the paths of skipped files."""
-        self.paths.extend(str(p) for p in skipped)
-
-    @property
-    def count(self) -> int:
-        """Number of skipped files recorded (a file skipped twice counts twice)."""
-        return len(self.paths)
-
-    def summary(self, first: int = 5) -> str:
-        """One line: how many files were skipped and the first few distinct names."""
-        if not self.paths:
-            return "no images skipped"
-        distinct = list(Counter(self.paths))
-        return f"{self.count} image(s) skipped ({len(distinct)} distinct): {shorten(distinct, first)}"
 
 
 def _load(path: Path, max_pixels: int) -> Tensor:
@@ -243,7 +218,6 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "ImageLoadError",
     "ImageSkipWarning",
-    "SkipCounter",
     "list_images",
     "load_image",
 ]

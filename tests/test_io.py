@@ -15,7 +15,6 @@ from lit.io import (
     IMAGE_EXTENSIONS,
     ImageLoadError,
     ImageSkipWarning,
-    SkipCounter,
     list_images,
     load_image,
 )
@@ -271,12 +270,3 @@ def test_list_images_missing_root(tmp_path: Path) -> None:
     (tmp_path / "file.png").write_bytes(b"x")
     with pytest.raises(NotADirectoryError, match="file.png"):
         list_images(tmp_path / "file.png")
-
-
-def test_skip_counter() -> None:
-    counter = SkipCounter()
-    assert counter.count == 0 and counter.summary() == "no images skipped"
-    counter.update(["a.jpg", "b.jpg"])
-    counter.update([Path("a.jpg")])
-    assert counter.count == 3
-    assert counter.summary(first=1) == "3 image(s) skipped (2 distinct): a.jpg, ..."
