@@ -9,6 +9,7 @@ with typed ``init_args``, so every option shows in ``--help`` and
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 import warnings
@@ -39,13 +40,19 @@ def _quiet_known_warnings() -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 
+#: ``lit NAME ...`` commands beside LightningCLI's fit/test/predict:
+#: name -> (module, function taking the remaining argv, one-line help).
+EXTRA_COMMANDS: dict[str, tuple[str, str, str]] = {
+    "report": ("lit.table1", "main", "collect the metrics.json of lit test runs into the paper's Table 1"),
+}
+
+
 def main(args: list[str] | None = None) -> None:
     """Entry point of the ``lit`` console script (``lit report`` collects Table 1)."""
     argv = sys.argv[1:] if args is None else args
-    if argv[:1] == ["report"]:
-        from lit.table1 import main as report_main
-
-        report_main(argv[1:])
+    if argv[:1] and argv[0] in EXTRA_COMMANDS:
+        module, function, _ = EXTRA_COMMANDS[argv[0]]
+        getattr(importlib.import_module(module), function)(argv[1:])
         return
     _quiet_known_warnings()
     LitCLI(args=args)
