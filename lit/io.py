@@ -36,6 +36,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +44,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps, JpegImagePlugin, UnidentifiedImageError
 from torch import Tensor
+
+from lit.errors import UserError
 
 IMAGE_EXTENSIONS: frozenset[str] = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
@@ -56,24 +59,72 @@ _SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N"})
 _ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
 
 
-class ImageLoadError(ValueError):
-    """A file could not be read as an image (raised by ``load_image(..., strict=True)``)."""
+class ImageLoadError(UserError, ValueError):
+    """A file could not be read as an image (raised by ``load_image(..., strict=True)``).
+
+    A :class:`~lit.errors.UserError`: in strict mode ``lit`` ends with one line naming the file."""
 
 
 class ImageSkipWarning(UserWarning):
     """A file was skipped because it could not be read as an image."""
 
 
-def list_images(root: str | Path, recursive: bool = True) -> list[Path]:
-    """Return the sorted image files under ``root`` (suffixes in :data:`IMAGE_EXTENSIONS`,
-    case-insensitive); ``recursive=False`` looks at ``root`` itself only."""
+@dataclass
+class ImageListing:
+    """What :func:`scan_images` found: the image files, and the entries named like images
+    that are not readable files (dangling symlinks, folders, sockets) with the reason."""
+
+    paths: list[Path] = field(default_factory=list)
+    skipped: list[tuple[Path, str]] = field(default_factory=list)
+
+    @property
+    def skipped_names(self) -> list[str]:
+        return [str(path) for path, _ in self.skipped]
+
+
+def scan_images(root: str | Path, recursive: bool = True) -> ImageListing:
+    """The sorted image files under ``root`` (suffixes in :data:`IMAGE_EXTENSIONS`,
+    case-insensitive) plus every entry named like an image that is not a file (a dangling
+    symlink, a directory called ``x.jpg``, ...), so that callers can count it as skipped.
+    ``recursive=False`` looks at ``root`` itself only."""
     root = Path(root)
     if not root.exists():
         raise FileNotFoundError(f"image folder not found: {root}")
     if not root.is_dir():
         raise NotADirectoryError(f"expected an image folder, got a file: {root}")
     candidates = root.rglob("*") if recursive else root.iterdir()
-    return sorted(p for p in candidates if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    listing = ImageListing()
+    for path in sorted(p for p in candidates if p.suffix.lower() in IMAGE_EXTENSIONS):
+        if path.is_file():
+            listing.paths.append(path)
+        else:
+            listing.skipped.append((path, _not_a_file_reason(path)))
+    return listing
+
+
+def _not_a_file_reason(path: Path) -> str:
+    """Why an entry named like an image is not one."""
+    if path.is_symlink() and not path.exists():
+        return "dangling symlink"
+    if path.is_dir():
+        return "a directory, not an image file"
+    return "not a regular file"
+
+
+def list_images(root: str | Path, recursive: bool = True) -> list[Path]:
+    """The sorted image files under ``root`` (see :func:`scan_images`); entries named like
+    images that are not files are left out with one :class:`ImageSkipWarning` giving their
+    count and names (use :func:`scan_images` to get them as a list)."""
+    listing = scan_images(root, recursive)
+    if listing.skipped:
+        warnings.warn(
+            f"skipping {len(listing.skipped)} entr{'y' if len(listing.skipped) == 1 else 'ies'} under {root} "
+            f"named like images that are not image files: "
+            + shorten([f"{path} ({reason})" for path, reason in listing.skipped]),
+            ImageSkipWarning,
+            stacklevel=2,
+        )
+    return listing.paths
 
 
 def load_image(
@@ -216,10 +267,12 @@ def _fit_pixels(image: Tensor, max_pixels: int) -> Tensor:
 __all__ = [
     "DEFAULT_MAX_PIXELS",
     "IMAGE_EXTENSIONS",
+    "ImageListing",
     "ImageLoadError",
     "ImageSkipWarning",
     "list_images",
     "load_image",
+    "scan_images",
 ]
 
 

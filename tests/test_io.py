@@ -17,7 +17,9 @@ from lit.io import (
     ImageSkipWarning,
     list_images,
     load_image,
+    scan_images,
 )
+from lit.errors import UserError
 
 BSDS = Path(__file__).resolve().parents[2] / "shared" / "data" / "bsds300"
 
@@ -257,11 +259,12 @@ def test_list_images_sorted_case_insensitive_and_recursive(tmp_path: Path) -> No
         (tmp_path / name).write_bytes(b"x")
     (tmp_path / "dir.png").mkdir()  # a folder with an image suffix is not a file
     expected = sorted(tmp_path / n for n in names if Path(n).suffix.lower() in IMAGE_EXTENSIONS)
-    assert list_images(tmp_path) == expected
+    with pytest.warns(ImageSkipWarning, match="1 entry .*dir.png"):
+        assert list_images(tmp_path) == expected
     # written out by hand: the four image files, in path order, recursive
-    listed = [p.relative_to(tmp_path).as_posix() for p in list_images(tmp_path)]
+    listed = [p.relative_to(tmp_path).as_posix() for p in scan_images(tmp_path).paths]
     assert listed == ["a.png", "b.JPG", "sub/c.Tiff", "sub/deeper/d.webp"]
-    assert list_images(tmp_path, recursive=False) == [tmp_path / "a.png", tmp_path / "b.JPG"]
+    assert scan_images(tmp_path, recursive=False).paths == [tmp_path / "a.png", tmp_path / "b.JPG"]
 
 
 def test_list_images_missing_root(tmp_path: Path) -> None:
@@ -270,3 +273,27 @@ def test_list_images_missing_root(tmp_path: Path) -> None:
     (tmp_path / "file.png").write_bytes(b"x")
     with pytest.raises(NotADirectoryError, match="file.png"):
         list_images(tmp_path / "file.png")
+
+
+def test_dangling_symlinks_and_image_named_folders_are_counted_as_skipped(tmp_path: Path) -> None:
+    Image.new("RGB", (4, 4)).save(tmp_path / "good.png")
+    (tmp_path / "gone.jpg").symlink_to(tmp_path / "deleted.jpg")  # dangling
+    (tmp_path / "album.jpg").mkdir()  # a folder named like an image
+    (tmp_path / "album.jpg" / "inner.png").symlink_to(tmp_path / "good.png")  # a live link is an image
+    listing = scan_images(tmp_path)
+    assert listing.paths == [tmp_path / "album.jpg" / "inner.png", tmp_path / "good.png"]
+    assert listing.skipped == [(tmp_path / "album.jpg", "a directory, not an image file"),
+                               (tmp_path / "gone.jpg", "dangling symlink")]
+    with pytest.warns(ImageSkipWarning) as caught:
+        assert list_images(tmp_path) == listing.paths
+    message = str(caught[0].message)
+    assert "2 entries" in message and "gone.jpg (dangling symlink)" in message and "album.jpg (a directory" in message
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert scan_images(tmp_path, recursive=False).paths == [tmp_path / "good.png"]  # scan never warns
+
+
+def test_strict_load_error_is_a_user_error_naming_the_file(tmp_path: Path) -> None:
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    with pytest.raises(UserError, match="broken.png"):
+        load_image(tmp_path / "broken.png", strict=True)
