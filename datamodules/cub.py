@@ -86,6 +86,7 @@ class CUB200DataModule(RetrievalDataModule):
         split: ``test`` (classes 101-200, the standard evaluation set), ``train``
             (classes 1-100) or ``all``.
         max_pixels: images larger than this are downscaled on load.
+        strict: stop at the first unreadable image (default: skip and count it).
     """
 
     def __init__(
@@ -95,8 +96,9 @@ class CUB200DataModule(RetrievalDataModule):
         batch_size: int = 32,
         num_workers: int = 0,
         max_pixels: int = DEFAULT_MAX_PIXELS,
+        strict: bool = False,
     ) -> None:
-        super().__init__(batch_size=batch_size, num_workers=num_workers)
+        super().__init__(batch_size=batch_size, num_workers=num_workers, strict=strict)
         if split not in _SPLIT_CLASSES:
             raise ValueError(f"unknown split {split!r}; expected 'test', 'train' or 'all'")
         self.root = root
@@ -107,7 +109,8 @@ class CUB200DataModule(RetrievalDataModule):
         root = require_root(self.root, _NAME, _LAYOUT)
         names, labels = cub_images(root, self.split)
         require_files(root / "images", names, _NAME, "images.txt")
-        return class_retrieval_set([root / "images" / n for n in names], labels, _NAME, self.max_pixels)
+        return class_retrieval_set([root / "images" / n for n in names], labels, _NAME, self.max_pixels,
+                                   self.strict)
 
 
 __all__ = ["CUB200DataModule", "CubSplit", "cub_images", "read_id_table"]

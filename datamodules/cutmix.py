@@ -11,6 +11,11 @@ Each synthetic image, from its own generator (see ``datamodules.synthetic``):
 
 No photometric augmentation: the copy is the patch as it is. Items record the query box
 (query pixels), the pool image and its box, and the pasted box (output pixels).
+
+An unreadable query skips that query (counted with its reason); an unreadable pool image
+is replaced by a seeded redraw (:meth:`~datamodules.synthetic.SyntheticBuilder.load_pool_image`,
+recorded in the item as ``replaced_pool``), so one bad pool file never costs a readable
+query. ``strict`` stops at the first unreadable file instead.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from datamodules.synthetic import (
-    QueryOutput, RenderedItem, Skip, SourceRef, StageTimer, SyntheticBuilder, SyntheticRetrievalDataModule,
+    QueryOutput, RenderedItem, SourceRef, StageTimer, SyntheticBuilder, SyntheticRetrievalDataModule,
     folder_refs, randint, random_square, random_square_resized, require_disjoint, split_sources, uniform,
 )
 from lit.io import DEFAULT_MAX_PIXELS, ImageLoadError, load_image
@@ -39,14 +44,15 @@ class CutmixBuilder(SyntheticBuilder):
         patch_fraction: range of the patch side, as a fraction of ``output_size``.
         output_size: side of the square synthetic images.
         max_pixels: images larger than this are downscaled on load.
+        strict: stop the build at the first unreadable query or pool image.
     """
 
     kind = "cutmix"
 
     def __init__(self, queries: list[SourceRef], pool: list[SourceRef], seed: int = 0, mixes_per_query: int = 1,
                  patch_fraction: tuple[float, float] = (0.3, 0.6), output_size: int = 256,
-                 max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
-        super().__init__(seed)
+                 max_pixels: int = DEFAULT_MAX_PIXELS, strict: bool = False) -> None:
+        super().__init__(seed, strict=strict)
         if mixes_per_query < 1:
             raise ValueError(f"mixes_per_query must be >= 1, got {mixes_per_query}")
         if not 0.0 < patch_fraction[0] <= patch_fraction[1] <= 1.0:
@@ -65,7 +71,7 @@ class CutmixBuilder(SyntheticBuilder):
 
     def parameters(self) -> dict[str, Any]:
         return {"mixes_per_query": self.mixes_per_query, "patch_fraction": self.patch_fraction,
-                "output_size": self.output_size, "max_pixels": self.max_pixels}
+                "output_size": self.output_size, "max_pixels": self.max_pixels, "bad_pool_image": "redraw"}
 
     def queries(self) -> list[SourceRef]:
         return self._queries
@@ -75,13 +81,13 @@ class CutmixBuilder(SyntheticBuilder):
 
     def render_query(self, row: int, timer: StageTimer) -> QueryOutput:
         ref = self._queries[row]
-        try:  # an unreadable query or pool image skips the query (counted in the manifest)
+        try:  # an unreadable query skips it (counted in the manifest); a bad pool image is redrawn
             with timer("decode"):
                 image = load_image(ref.path, strict=True, max_pixels=self.max_pixels)
             assert image is not None
             return [self._mix(ref.id, mix, image, timer) for mix in range(self.mixes_per_query)]
-        except ImageLoadError as error:
-            return Skip(str(error))
+        except ImageLoadError as error:  # the query, a strict pool failure, or a pool with no readable image
+            return self.unreadable(error)
 
     def _mix(self, query_id: str, mix: int, image: Tensor, timer: StageTimer) -> RenderedItem:
         generator = self.generator(query_id, mix)
@@ -91,10 +97,9 @@ class CutmixBuilder(SyntheticBuilder):
         scale = size / min(image.shape[-2:])
         source_side = max(1, min(round(side / scale), min(image.shape[-2:])))
         sy, sx = random_square(tuple(image.shape[-2:]), source_side, generator)
-        pool_row = randint(generator, len(self._pool))
         with timer("decode"):
-            pool_image = load_image(self._pool[pool_row].path, strict=True, max_pixels=self.max_pixels)
-        assert pool_image is not None
+            pool_image, pool_row, replaced = self.load_pool_image(randint(generator, len(self._pool)),
+                                                                  self.max_pixels, query_id, mix)
         with timer("resize"):
             canvas, pool_box = random_square_resized(pool_image, size, generator)
         with timer("augment"):
@@ -106,12 +111,15 @@ class CutmixBuilder(SyntheticBuilder):
         with timer("composite"):
             result = canvas.clone()
             result[:, ty:ty + side, tx:tx + side] = patch
-        return RenderedItem(result, {
+        provenance: dict[str, Any] = {
             "pool_id": self._pool[pool_row].id, "pool_box": pool_box, "region": "patch",
             "placement": {"source_box": [sx, sy, sx + source_side, sy + source_side], "patch_fraction": fraction,
                           "box": [tx, ty, tx + side, ty + side]},
             "augmentation": {},
-        })
+        }
+        if replaced:
+            provenance["replaced_pool"] = replaced
+        return RenderedItem(result, provenance)
 
 
 class CutmixDataModule(SyntheticRetrievalDataModule):
@@ -126,7 +134,7 @@ class CutmixDataModule(SyntheticRetrievalDataModule):
         output_dir: where the set is written (reused while its manifest matches).
         seed: seed of the split and of every paste.
         mixes_per_query, patch_fraction, output_size: see :class:`CutmixBuilder`.
-        distractors, num_distractors, progress, build_workers, max_pixels, batch_size, num_workers:
+        distractors, num_distractors, progress, build_workers, max_pixels, batch_size, num_workers, strict:
             see :class:`~datamodules.synthetic.SyntheticRetrievalDataModule`.
     """
 
@@ -135,9 +143,9 @@ class CutmixDataModule(SyntheticRetrievalDataModule):
                  mixes_per_query: int = 1, patch_fraction: tuple[float, float] = (0.3, 0.6),
                  output_size: int = 256, distractors: str | None = None, num_distractors: int | None = None,
                  progress: bool = True, build_workers: int = 0, max_pixels: int = DEFAULT_MAX_PIXELS,
-                 batch_size: int = 32, num_workers: int = 0) -> None:
+                 batch_size: int = 32, num_workers: int = 0, strict: bool = False) -> None:
         super().__init__(output_dir, distractors, num_distractors, progress, build_workers, max_pixels,
-                         batch_size, num_workers)
+                         batch_size, num_workers, strict)
         self.root = root
         self.pool_dir = pool
         self.num_queries = num_queries
@@ -154,7 +162,7 @@ class CutmixDataModule(SyntheticRetrievalDataModule):
         query_rows, pool = split_sources(sources, self.seed, self.num_queries, self.pool_fraction, self.pool_dir)
         return CutmixBuilder([sources[r] for r in query_rows], pool, seed=self.seed,
                              mixes_per_query=self.mixes_per_query, patch_fraction=self.patch_fraction,
-                             output_size=self.output_size, max_pixels=self.max_pixels)
+                             output_size=self.output_size, max_pixels=self.max_pixels, strict=self.strict)
 
 
 __all__ = ["CutmixBuilder", "CutmixDataModule"]

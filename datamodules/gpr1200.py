@@ -63,6 +63,7 @@ class GPR1200DataModule(RetrievalDataModule):
         num_classes: expected number of classes (1200; ``None`` skips the check).
         images_per_class: expected images per class (10; ``None`` skips the check).
         max_pixels: images larger than this are downscaled on load.
+        strict: stop at the first unreadable image (default: skip and count it).
     """
 
     def __init__(
@@ -73,8 +74,9 @@ class GPR1200DataModule(RetrievalDataModule):
         batch_size: int = 32,
         num_workers: int = 0,
         max_pixels: int = DEFAULT_MAX_PIXELS,
+        strict: bool = False,
     ) -> None:
-        super().__init__(batch_size=batch_size, num_workers=num_workers)
+        super().__init__(batch_size=batch_size, num_workers=num_workers, strict=strict)
         self.root = root
         self.num_classes = num_classes
         self.images_per_class = images_per_class
@@ -85,7 +87,7 @@ class GPR1200DataModule(RetrievalDataModule):
         folder = root / "images" if (root / "images").is_dir() else root
         paths, labels = gpr1200_images(folder)
         check_class_counts(labels, self.num_classes, self.images_per_class, folder)
-        return class_retrieval_set(paths, labels, _NAME, self.max_pixels)
+        return class_retrieval_set(paths, labels, _NAME, self.max_pixels, self.strict)
 
 
 __all__ = ["GPR1200DataModule", "check_class_counts", "gpr1200_images"]

@@ -73,6 +73,7 @@ class INSTREDataModule(RetrievalDataModule):
         subsets: the subsets to include (default all three, 250 classes).
         check_counts: require the release's class counts (100, 100, 50).
         max_pixels: images larger than this are downscaled on load.
+        strict: stop at the first unreadable image (default: skip and count it).
     """
 
     def __init__(
@@ -83,8 +84,9 @@ class INSTREDataModule(RetrievalDataModule):
         batch_size: int = 32,
         num_workers: int = 0,
         max_pixels: int = DEFAULT_MAX_PIXELS,
+        strict: bool = False,
     ) -> None:
-        super().__init__(batch_size=batch_size, num_workers=num_workers)
+        super().__init__(batch_size=batch_size, num_workers=num_workers, strict=strict)
         if not subsets or any(s not in _OFFICIAL for s in subsets):
             raise ValueError(f"subsets must be a non-empty list of {list(_OFFICIAL)}; got {subsets}")
         if len(set(subsets)) != len(subsets):
@@ -99,7 +101,7 @@ class INSTREDataModule(RetrievalDataModule):
         paths, labels = instre_images(root, self.subsets)
         if self.check_counts:
             check_subset_counts(root, self.subsets, labels)
-        return class_retrieval_set(paths, labels, _NAME, self.max_pixels)
+        return class_retrieval_set(paths, labels, _NAME, self.max_pixels, self.strict)
 
 
 __all__ = ["INSTREDataModule", "InstreSubset", "check_subset_counts", "instre_images"]

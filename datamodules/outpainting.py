@@ -47,7 +47,7 @@ from datamodules.synthetic import (
     QueryOutput, RenderedItem, Skip, SourceRef, StageTimer, SyntheticBuilder, SyntheticRetrievalDataModule,
     folder_refs, randint, random_square, random_square_resized, split_queries_and_pool,
 )
-from lit.io import DEFAULT_MAX_PIXELS, load_image
+from lit.io import DEFAULT_MAX_PIXELS, ImageLoadError, load_image
 from models.ddpm import WEIGHT_FILES, DDPMModule, load_pretrained_unet, unet_folder
 
 OutpaintMode = Literal["patch", "diagonal"]
@@ -257,6 +257,7 @@ class OutpaintBuilder(SyntheticBuilder):
         device: ``auto`` (CUDA when available), ``cpu``, ``cuda``, ``cuda:1``, ...
         step_progress: show a progress bar over the RePaint steps of each batch.
         max_pixels: query images larger than this are downscaled on load.
+        strict: stop the build at the first unreadable query image (default: skip and count it).
     """
 
     kind = "outpaint"
@@ -265,8 +266,8 @@ class OutpaintBuilder(SyntheticBuilder):
                  patch_fraction: float = 0.2, mixes_per_query: int = 1, resolution: int = 256,
                  num_inference_steps: int = 250, jump_length: int = 10, jump_n_sample: int = 10, eta: float = 0.0,
                  use_ema: bool = True, batch_size: int = 8, device: str = "auto", step_progress: bool = False,
-                 max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
-        super().__init__(seed, batch_size=batch_size)
+                 max_pixels: int = DEFAULT_MAX_PIXELS, strict: bool = False) -> None:
+        super().__init__(seed, batch_size=batch_size, strict=strict)
         if mode not in ("patch", "diagonal"):
             raise ValueError(f"mode must be 'patch' or 'diagonal', got {mode!r}")
         patch_side(resolution, patch_fraction)  # validates the fraction
@@ -327,10 +328,11 @@ class OutpaintBuilder(SyntheticBuilder):
         for position, row in enumerate(rows):
             ref = self._queries[row]
             with timer("decode"):
-                image = load_image(ref.path, max_pixels=self.max_pixels)
-            if image is None:
-                outputs[position] = Skip(f"unreadable image {ref.path}")
-                continue
+                try:
+                    image = load_image(ref.path, strict=True, max_pixels=self.max_pixels)
+                except ImageLoadError as error:
+                    outputs[position] = self.unreadable(error)
+                    continue
             for mix in range(self.mixes_per_query):
                 generator = self.generator(ref.id, mix)
                 with timer("mask"):
@@ -373,7 +375,7 @@ class OutpaintingDataModule(SyntheticRetrievalDataModule):
         device: where the UNet runs while building (``auto``: CUDA when available).
         patch_fraction, mixes_per_query, resolution, num_inference_steps, jump_length,
         jump_n_sample, eta, use_ema: see :class:`OutpaintBuilder`.
-        distractors, num_distractors, progress, build_workers, max_pixels, batch_size, num_workers:
+        distractors, num_distractors, progress, build_workers, max_pixels, batch_size, num_workers, strict:
             see :class:`~datamodules.synthetic.SyntheticRetrievalDataModule`.
     """
 
@@ -383,9 +385,10 @@ class OutpaintingDataModule(SyntheticRetrievalDataModule):
                  jump_length: int = 10, jump_n_sample: int = 10, eta: float = 0.0, use_ema: bool = True,
                  render_batch_size: int = 8, device: str = "auto", distractors: str | None = None,
                  num_distractors: int | None = None, progress: bool = True, build_workers: int = 0,
-                 max_pixels: int = DEFAULT_MAX_PIXELS, batch_size: int = 32, num_workers: int = 0) -> None:
+                 max_pixels: int = DEFAULT_MAX_PIXELS, batch_size: int = 32, num_workers: int = 0,
+                 strict: bool = False) -> None:
         super().__init__(output_dir or f"synthetic/dif_{mode}", distractors, num_distractors, progress,
-                         build_workers, max_pixels, batch_size, num_workers)
+                         build_workers, max_pixels, batch_size, num_workers, strict)
         if mode not in ("patch", "diagonal"):
             raise ValueError(f"mode must be 'patch' or 'diagonal', got {mode!r}")
         if build_workers > 0 and device != "cpu":
@@ -414,7 +417,7 @@ class OutpaintingDataModule(SyntheticRetrievalDataModule):
             raise ValueError(f"no images found under {self.root}")
         rows, _ = split_queries_and_pool(len(sources), self.seed, self.num_queries, 0.0, has_pool=True)
         return OutpaintBuilder([sources[r] for r in rows], self.unet, seed=self.seed,
-                               max_pixels=self.max_pixels, **self.builder_args)
+                               max_pixels=self.max_pixels, strict=self.strict, **self.builder_args)
 
 
 __all__ = [

@@ -119,6 +119,7 @@ class RevisitedOxfordParis(RetrievalDataModule):
         dataset: ``roxford5k`` or ``rparis6k``.
         protocol: ``easy``, ``medium`` (the usual headline number) or ``hard``.
         max_pixels: images larger than this are downscaled on load (crops follow).
+        strict: stop at the first unreadable image (default: skip and count it).
     """
 
     def __init__(
@@ -129,8 +130,9 @@ class RevisitedOxfordParis(RetrievalDataModule):
         batch_size: int = 32,
         num_workers: int = 0,
         max_pixels: int = DEFAULT_MAX_PIXELS,
+        strict: bool = False,
     ) -> None:
-        super().__init__(batch_size=batch_size, num_workers=num_workers)
+        super().__init__(batch_size=batch_size, num_workers=num_workers, strict=strict)
         if dataset not in _DISPLAY:
             raise ValueError(f"unknown dataset {dataset!r}; expected 'roxford5k' or 'rparis6k'")
         if protocol not in ("easy", "medium", "hard"):
@@ -175,9 +177,10 @@ class RevisitedOxfordParis(RetrievalDataModule):
         jpg = root / "jpg"
         return RetrievalSet(
             queries=CroppedImageDataset(
-                [jpg / f"{truth.qimlist[q]}.jpg" for q in keep], [truth.boxes[q] for q in keep], self.max_pixels
+                [jpg / f"{truth.qimlist[q]}.jpg" for q in keep], [truth.boxes[q] for q in keep], self.max_pixels,
+                self.strict,
             ),
-            gallery=ImageFileDataset([jpg / f"{n}.jpg" for n in truth.imlist], self.max_pixels),
+            gallery=ImageFileDataset([jpg / f"{n}.jpg" for n in truth.imlist], self.max_pixels, self.strict),
             positives=[positives[q] for q in keep],
             junk=[junk[q] for q in keep],
         )

@@ -71,8 +71,9 @@ class CroppedImageDataset(ImageFileDataset):
         paths: Sequence[str | Path],
         boxes: Sequence[Box | None],
         max_pixels: int = DEFAULT_MAX_PIXELS,
+        strict: bool = False,
     ) -> None:
-        super().__init__(paths, max_pixels=max_pixels)
+        super().__init__(paths, max_pixels=max_pixels, strict=strict)
         if len(boxes) != len(self.paths):
             raise ValueError(f"got {len(boxes)} boxes for {len(self.paths)} images")
         self.boxes = [tuple(float(v) for v in b) if b is not None else None for b in boxes]

@@ -10,7 +10,9 @@ item carries its row ``index`` so the evaluator can deduplicate.
 
 Image files are read lazily with :func:`lit.io.load_image`: a bad file becomes
 ``image=None`` with an ``ImageSkipWarning`` and :func:`collate_images` reports
-it in ``batch["skipped"]`` for the caller to count.
+it in ``batch["skipped"]`` for the caller to count. Every datamodule that reads files
+takes ``strict``: the first unreadable file then stops the run with an
+:class:`~lit.io.ImageLoadError` (a ``UserError``) naming it.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import json
 import os
 from collections import defaultdict
 from collections.abc import Hashable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +44,10 @@ class RetrievalSet:
 
     ``positives[q]`` / ``junk[q]`` are gallery rows; ``query_in_gallery[q]`` is the
     gallery row that *is* query ``q`` (excluded from its ranking), or -1.
+    ``skipped_queries`` (query path -> reason): candidate queries left out before
+    evaluation (e.g. a synthetic set's skipped sources); ``skipped_sources`` (file ->
+    reason): other unreadable inputs that were worked around (e.g. a redrawn pool image).
+    Both go into ``metrics.json``.
     """
 
     queries: Dataset
@@ -49,6 +55,8 @@ class RetrievalSet:
     positives: list[list[int]]
     junk: list[list[int]] | None = None
     query_in_gallery: list[int] | None = None
+    skipped_queries: dict[str, str] = field(default_factory=dict)
+    skipped_sources: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         num_queries, num_gallery = len(self.queries), len(self.gallery)  # type: ignore[arg-type]
@@ -110,11 +118,13 @@ def collate_images(batch: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 class ImageFileDataset(Dataset):
-    """Image files read lazily; a file that fails to load yields ``image=None`` (a counted skip)."""
+    """Image files read lazily; a file that fails to load yields ``image=None`` (a counted
+    skip), or raises :class:`~lit.io.ImageLoadError` naming it when ``strict``."""
 
-    def __init__(self, paths: Sequence[str | Path], max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+    def __init__(self, paths: Sequence[str | Path], max_pixels: int = DEFAULT_MAX_PIXELS, strict: bool = False) -> None:
         self.paths = [str(p) for p in paths]
         self.max_pixels = max_pixels
+        self.strict = strict
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -124,7 +134,8 @@ class ImageFileDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         path = self.paths[index]
-        return {"image": load_image(path, max_pixels=self.max_pixels), "index": int(index), "path": path}
+        return {"image": load_image(path, strict=self.strict, max_pixels=self.max_pixels), "index": int(index),
+                "path": path}
 
 
 class DatasetLayoutError(ValueError):
@@ -136,6 +147,7 @@ def class_retrieval_set(
     labels: Sequence[Hashable],
     dataset: str,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    strict: bool = False,
 ) -> RetrievalSet:
     """Every image is in the gallery; every image of a class with >= 2 images is a query
     whose positives are the other images of its class (its own gallery row is excluded).
@@ -158,8 +170,8 @@ def class_retrieval_set(
     if not query_rows:
         raise DatasetLayoutError(f"{dataset}: no class has two or more images, so there are no queries")
     return RetrievalSet(
-        queries=ImageFileDataset([paths[r] for r in query_rows], max_pixels),
-        gallery=ImageFileDataset(paths, max_pixels),
+        queries=ImageFileDataset([paths[r] for r in query_rows], max_pixels, strict),
+        gallery=ImageFileDataset(paths, max_pixels, strict),
         positives=[[r for r in rows_of_class[labels[q]] if r != q] for q in query_rows],
         query_in_gallery=query_rows,
     )
@@ -171,9 +183,10 @@ class RetrievalDataModule(pl.LightningDataModule):
     Args:
         batch_size: images per batch for both loaders.
         num_workers: dataloader worker processes (0 = load in the main process).
+        strict: stop at the first image file that cannot be read (default: skip and count it).
     """
 
-    def __init__(self, batch_size: int = 32, num_workers: int = 0) -> None:
+    def __init__(self, batch_size: int = 32, num_workers: int = 0, strict: bool = False) -> None:
         super().__init__()
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -182,6 +195,7 @@ class RetrievalDataModule(pl.LightningDataModule):
         self.save_hyperparameters()
         self.batch_size = batch_size
         self.num_workers = num_workers
+        self.strict = strict
         self._retrieval_set: RetrievalSet | None = None
 
     @property
@@ -230,12 +244,14 @@ class FolderRetrievalDataModule(RetrievalDataModule):
     Args:
         root: folder holding one sub-folder per class.
         max_pixels: images larger than this are downscaled on load.
+        strict: stop at the first unreadable image (default: skip and count it).
     """
 
     def __init__(
-        self, root: str, batch_size: int = 32, num_workers: int = 0, max_pixels: int = DEFAULT_MAX_PIXELS
+        self, root: str, batch_size: int = 32, num_workers: int = 0, max_pixels: int = DEFAULT_MAX_PIXELS,
+        strict: bool = False,
     ) -> None:
-        super().__init__(batch_size=batch_size, num_workers=num_workers)
+        super().__init__(batch_size=batch_size, num_workers=num_workers, strict=strict)
         self.root = root
         self.max_pixels = max_pixels
         self.class_names: list[str] = []
@@ -256,7 +272,7 @@ class FolderRetrievalDataModule(RetrievalDataModule):
                 paths += images
         if not paths:
             raise ValueError(f"no images found in class folders under {root} (expected root/<class>/<images>)")
-        return class_retrieval_set(paths, labels, str(root), self.max_pixels)
+        return class_retrieval_set(paths, labels, str(root), self.max_pixels, self.strict)
 
 
 class ListRetrievalDataModule(RetrievalDataModule):
@@ -272,6 +288,7 @@ class ListRetrievalDataModule(RetrievalDataModule):
         ground_truth: path of the JSON file.
         root: folder the image paths are relative to (default: the JSON file's folder).
         max_pixels: images larger than this are downscaled on load.
+        strict: stop at the first unreadable image (default: skip and count it).
     """
 
     def __init__(
@@ -281,8 +298,9 @@ class ListRetrievalDataModule(RetrievalDataModule):
         batch_size: int = 32,
         num_workers: int = 0,
         max_pixels: int = DEFAULT_MAX_PIXELS,
+        strict: bool = False,
     ) -> None:
-        super().__init__(batch_size=batch_size, num_workers=num_workers)
+        super().__init__(batch_size=batch_size, num_workers=num_workers, strict=strict)
         self.ground_truth = ground_truth
         self.root = root
         self.max_pixels = max_pixels
@@ -297,8 +315,8 @@ class ListRetrievalDataModule(RetrievalDataModule):
         for row, name in enumerate(gallery):
             first_row.setdefault(os.path.normpath(name), row)
         return RetrievalSet(
-            queries=ImageFileDataset([root / p for p in queries], self.max_pixels),
-            gallery=ImageFileDataset([root / p for p in gallery], self.max_pixels),
+            queries=ImageFileDataset([root / p for p in queries], self.max_pixels, self.strict),
+            gallery=ImageFileDataset([root / p for p in gallery], self.max_pixels, self.strict),
             positives=data["positives"],
             junk=data.get("junk"),
             query_in_gallery=[first_row.get(os.path.normpath(p), -1) for p in queries],

@@ -156,6 +156,8 @@ class SegmixBuilder(SyntheticBuilder):
         augmentation: photometric augmentation strengths.
         output_size: side of the square synthetic images.
         max_pixels: pool / query images larger than this are downscaled on load.
+        strict: stop the build at the first unreadable query or pool image (default: skip the
+            query / redraw the pool image, both recorded in the manifest).
     """
 
     kind = "segmix"
@@ -164,8 +166,8 @@ class SegmixBuilder(SyntheticBuilder):
                  seed: int = 0, mixes_per_query: int = 2, object_probability: float = 0.5,
                  min_region_area: float = 0.02, object_scale: tuple[float, float] = (0.3, 0.8),
                  max_rotation: float = 15.0, augmentation: RegionAugmentation | None = None,
-                 output_size: int = 256, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
-        super().__init__(seed)
+                 output_size: int = 256, max_pixels: int = DEFAULT_MAX_PIXELS, strict: bool = False) -> None:
+        super().__init__(seed, strict=strict)
         if mixes_per_query < 1:
             raise ValueError(f"mixes_per_query must be >= 1, got {mixes_per_query}")
         if not 0.0 <= object_probability <= 1.0:
@@ -199,7 +201,7 @@ class SegmixBuilder(SyntheticBuilder):
             "mixes_per_query": self.mixes_per_query, "object_probability": self.object_probability,
             "min_region_area": self.min_region_area, "object_scale": self.object_scale,
             "max_rotation": self.max_rotation, "augmentation": asdict(self.augmentation),
-            "output_size": self.output_size, "max_pixels": self.max_pixels,
+            "output_size": self.output_size, "max_pixels": self.max_pixels, "bad_pool_image": "redraw",
         }
 
     def queries(self) -> list[SourceRef]:
@@ -214,7 +216,7 @@ class SegmixBuilder(SyntheticBuilder):
             try:
                 image = load_image(item.path, strict=True, max_pixels=self.max_pixels)
             except ImageLoadError as error:
-                return Skip(str(error))
+                return self.unreadable(error)
         assert image is not None
         if tuple(image.shape[-2:]) != item.size:
             return Skip(f"image {item.path} loads as {tuple(image.shape[-2:])} but its masks are {item.size} "
@@ -227,8 +229,8 @@ class SegmixBuilder(SyntheticBuilder):
         try:
             return [self._mix(item.id, mix, image, item.instances, item.background, objects, background_ok, timer)
                     for mix in range(self.mixes_per_query)]
-        except ImageLoadError as error:  # an unreadable pool image
-            return Skip(str(error))
+        except ImageLoadError as error:  # strict, or a pool with no readable image at all
+            return self.unreadable(error)
 
     def _mix(self, query_id: str, mix: int, image: Tensor, instances: list[Tensor], background: Tensor,
              objects: list[int], background_ok: bool, timer: StageTimer) -> RenderedItem:
@@ -239,12 +241,13 @@ class SegmixBuilder(SyntheticBuilder):
         pool_row = randint(generator, len(self._pool))
         params = self.augmentation.sample(generator)
         with timer("decode"):
-            pool_image = load_image(self._pool[pool_row].path, strict=True, max_pixels=self.max_pixels)
-        assert pool_image is not None
+            pool_image, pool_row, replaced = self.load_pool_image(pool_row, self.max_pixels, query_id, mix)
         with timer("resize"):
             canvas, pool_box = random_square_resized(pool_image, self.output_size, generator)
         provenance: dict[str, Any] = {"pool_id": self._pool[pool_row].id, "pool_box": pool_box,
                                       "augmentation": params}
+        if replaced:
+            provenance["replaced_pool"] = replaced
         if use_object:
             k = objects[pick]
             result, placement = self._paste_object(image, instances[k], canvas, params, generator, timer)
@@ -377,7 +380,7 @@ class SegmixDataModule(SyntheticRetrievalDataModule):
         seed: seed of the split and of every mix.
         mixes_per_query, object_probability, min_region_area, object_scale, max_rotation,
         augmentation, output_size: see :class:`SegmixBuilder`.
-        distractors, num_distractors, progress, build_workers, max_pixels, batch_size, num_workers:
+        distractors, num_distractors, progress, build_workers, max_pixels, batch_size, num_workers, strict:
             see :class:`~datamodules.synthetic.SyntheticRetrievalDataModule`.
     """
 
@@ -390,9 +393,9 @@ class SegmixDataModule(SyntheticRetrievalDataModule):
                  augmentation: RegionAugmentation = RegionAugmentation(),  # noqa: B008 - frozen dataclass
                  output_size: int = 256, distractors: str | None = None, num_distractors: int | None = None,
                  progress: bool = True, build_workers: int = 0, max_pixels: int = DEFAULT_MAX_PIXELS,
-                 batch_size: int = 32, num_workers: int = 0) -> None:
+                 batch_size: int = 32, num_workers: int = 0, strict: bool = False) -> None:
         super().__init__(output_dir, distractors, num_distractors, progress, build_workers, max_pixels,
-                         batch_size, num_workers)
+                         batch_size, num_workers, strict)
         self.root = root
         self.mask_format = mask_format
         self.paths = {"images": images, "masks": masks, "annotations": annotations, "image_set": image_set}
@@ -416,7 +419,7 @@ class SegmixDataModule(SyntheticRetrievalDataModule):
         query_rows, pool = split_sources(source_refs(source), self.seed, self.num_queries, self.pool_fraction,
                                          self.pool_dir)
         return SegmixBuilder(source, pool, query_rows, seed=self.seed, max_pixels=self.max_pixels,
-                             **self.builder_args)
+                             strict=self.strict, **self.builder_args)
 
 
 __all__ = ["MaskFormat", "RegionAugmentation", "SegmixBuilder", "SegmixDataModule", "mask_source"]

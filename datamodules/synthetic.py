@@ -22,6 +22,18 @@ or more synthetic images (Segmix, Cutmix, diffusion outpainting, ...).
   next build with the same header resumes after the last recorded query (re-rendered
   items are identical bytes anyway), and one with another header starts over.
   ``manifest.json`` is written last, atomically.
+- **Only its own files.** A build writes into, and deletes from, only an ``output_dir``
+  that is new, empty, or marked as the suite's own by a ``.lit-synthetic`` file (written
+  when the suite claims the folder; sets built before the mark existed are recognised by
+  their manifest). Anything else is refused with a :class:`~lit.errors.UserError`; and
+  even in its own folder a rebuild deletes only ``images/NNNNNN_NN.png`` files.
+- **Bad files.** An unreadable query skips that query (counted, with its reason, in the
+  manifest and in :attr:`RetrievalSet.skipped_queries`); an unreadable pool image is
+  replaced by a seeded redraw (:meth:`SyntheticBuilder.load_pool_image`). With
+  ``strict`` the build stops at the first unreadable file instead.
+- **Workers die with the build.** Build workers ask the kernel to kill them when their
+  parent dies (``PR_SET_PDEATHSIG``; a parent-pid watchdog elsewhere), so a ``kill -9``
+  of the build leaves no orphan renderers.
 - **Reading back.** :class:`SyntheticRetrievalDataModule` builds in ``prepare_data``
   (global rank 0 only under DDP) and turns the manifest into a
   :class:`~datamodules.retrieval.RetrievalSet`: queries = source images, gallery =
@@ -32,10 +44,16 @@ or more synthetic images (Segmix, Cutmix, diffusion outpainting, ...).
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import io
 import json
+import os
+import re
 import shutil
+import signal
 import sys
+import threading
 import time
 import warnings
 from abc import ABC, abstractmethod
@@ -58,13 +76,18 @@ from tqdm.auto import tqdm
 from datamodules.procedural import derive_seed
 from datamodules.retrieval import ImageFileDataset, RetrievalDataModule, RetrievalSet
 from lit.distributed import world_size
-from lit.io import DEFAULT_MAX_PIXELS, list_images, to_uint8
-from lit.report import write_bytes_atomic, write_json
+from lit.errors import UserError
+from lit.io import DEFAULT_MAX_PIXELS, ImageLoadError, list_images, load_image, to_uint8
+from lit.report import write_bytes_atomic, write_json, write_text_atomic
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 IMAGE_DIR = "images"
 _BUILD_DIR = ".build"
+OWNER_MARK = ".lit-synthetic"
+"""File that marks an output folder as the suite's own: only there does a build delete files."""
+_OWN_IMAGE = re.compile(r"\d{6}_\d{2}\.png")
+"""Names of the images a build writes (``images/<row>_<mix>.png``): the only ones it deletes."""
 PNG_COMPRESS_LEVEL = 1
 """zlib level of the written PNGs: 1 encodes ~3x faster than PIL's default 6 for ~9% more
 bytes on photos (measured in benchmarks/bench_synthetic_build.py); part of the header."""
@@ -93,9 +116,11 @@ class RenderedItem:
 
 @dataclass(frozen=True)
 class Skip:
-    """A query that gave no synthetic image, and why."""
+    """A query that gave no synthetic image, and why. ``fatal``: an unreadable file under
+    ``strict``, which stops the build (raised in the main process, one line)."""
 
     reason: str
+    fatal: bool = False
 
 
 QueryOutput = list[RenderedItem] | Skip
@@ -141,11 +166,13 @@ class SyntheticBuilder(ABC):
 
     kind: ClassVar[str]
 
-    def __init__(self, seed: int, batch_size: int = 1) -> None:
+    def __init__(self, seed: int, batch_size: int = 1, strict: bool = False) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.seed = int(seed)
         self.batch_size = batch_size
+        self.strict = strict
+        self._bad_pool: dict[int, str] = {}  # pool row -> why it cannot be read (per process)
 
     @abstractmethod
     def parameters(self) -> dict[str, Any]:
@@ -166,6 +193,41 @@ class SyntheticBuilder(ABC):
     def render(self, rows: Sequence[int], timer: StageTimer) -> list[QueryOutput]:
         """Outputs of several query rows (default: one :meth:`render_query` call each)."""
         return [self.render_query(row, timer) for row in rows]
+
+    def unreadable(self, error: ImageLoadError) -> Skip:
+        """The skip for an unreadable query / pool file: fatal (stops the build) under ``strict``."""
+        return Skip(str(error), fatal=self.strict)
+
+    def load_pool_image(self, first_row: int, max_pixels: int, *redraw_parts: int | str,
+                        ) -> tuple[Tensor, int, list[dict[str, str]]]:
+        """Pool image ``first_row``, or, when it cannot be read, a seeded redraw among the pool
+        rows not tried yet (generator ``(seed, kind, *redraw_parts, "pool-redraw")``, so a bad
+        file changes only the canvas of the items that drew it, the same way in any process).
+        Returns (image, the row used, [{"pool_id", "reason"}] of each unreadable draw).
+        Under ``strict`` the first unreadable pool file raises :class:`ImageLoadError`."""
+        pool = self.pool()
+        row, tried, replaced = first_row, {first_row}, []
+        redraw: torch.Generator | None = None
+        while True:
+            reason = self._bad_pool.get(row)
+            if reason is None:
+                try:
+                    image = load_image(pool[row].path, strict=True, max_pixels=max_pixels)
+                    assert image is not None
+                    return image, row, replaced
+                except ImageLoadError as error:
+                    if self.strict:
+                        raise
+                    reason = self._bad_pool[row] = str(error)
+            elif self.strict:
+                raise ImageLoadError(reason)
+            replaced.append({"pool_id": pool[row].id, "reason": reason})
+            left = [r for r in range(len(pool)) if r not in tried]
+            if not left:
+                raise ImageLoadError(f"none of the {len(pool)} pool images can be read (first: {replaced[0]['reason']})")
+            redraw = redraw or self.generator(*redraw_parts, "pool-redraw")
+            row = left[randint(redraw, len(left))]
+            tried.add(row)
 
     def generator(self, *parts: int | str) -> torch.Generator:
         """A CPU generator seeded from ``(seed, kind, *parts)``: e.g. ``(query id, mix)``."""
@@ -201,6 +263,7 @@ def build_synthetic(builder: SyntheticBuilder, root: str | Path, progress: bool 
     if manifest is not None and manifest_matches(manifest, header) and _files_intact(root, manifest):
         return BuildReport(root, True, len(manifest["items"]), len(manifest["skipped"]), 0,
                            time.perf_counter() - start, {}, manifest)
+    claim_output_dir(root)
     (root / MANIFEST).unlink(missing_ok=True)  # never leave a stale manifest beside new images
     done = _resume_or_reset(root, header)
     queries = builder.queries()
@@ -210,12 +273,17 @@ def build_synthetic(builder: SyntheticBuilder, root: str | Path, progress: bool 
                desc=f"building {builder.kind} in {root}", unit="query")
     batches = [pending[i: i + builder.batch_size] for i in range(0, len(pending), builder.batch_size)]
     loader = DataLoader(_RenderJobs(builder, batches), batch_size=None, num_workers=num_workers,
-                        collate_fn=_identity, multiprocessing_context=_worker_context(num_workers))
+                        collate_fn=_identity, multiprocessing_context=_worker_context(num_workers),
+                        worker_init_fn=functools.partial(die_with_parent, os.getpid()))
     with open(root / _BUILD_DIR / "progress.jsonl", "a", encoding="utf-8") as log:
         for rows, outputs, stage_seconds in loader:
             for stage, seconds in stage_seconds.items():
                 timer.seconds[stage] += seconds
             for row, output in zip(rows, outputs):
+                if isinstance(output, Skip) and output.fatal:
+                    bar.close()
+                    raise ImageLoadError(f"{output.reason} (strict: the build stops at the first unreadable "
+                                         "file; set strict: false to skip and count such files)")
                 record = _write_query(root, row, queries[row].id, output, timer)
                 log.write(json.dumps(record) + "\n")
                 log.flush()
@@ -257,6 +325,67 @@ def image_to_png(image: Tensor, compress_level: int = PNG_COMPRESS_LEVEL) -> byt
     buffer = io.BytesIO()
     Image.fromarray(array).save(buffer, format="PNG", compress_level=compress_level)
     return buffer.getvalue()
+
+
+def claim_output_dir(root: Path) -> None:
+    """Make ``root`` a folder this suite may write and delete in, or refuse.
+
+    New or empty folders are claimed (``OWNER_MARK`` written); a folder with the mark, or
+    with a manifest / interrupted build of this suite from before the mark existed, is
+    ours already. Any other non-empty folder raises :class:`UserError` naming it: a
+    user's files there must never be deleted or replaced."""
+    if root.exists() and not root.is_dir():
+        raise UserError(f"output_dir {root} is a file, not a folder; choose an empty or new folder for the "
+                        "synthetic set")
+    if (root / OWNER_MARK).is_file():
+        return
+    if root.is_dir() and any(root.iterdir()) and not _legacy_suite_folder(root):
+        raise UserError(f"output_dir {root} is not empty and was not created by lit (no {OWNER_MARK} file): "
+                        "its files are left alone; choose an empty or new folder for the synthetic set")
+    root.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(root / OWNER_MARK, "This folder holds a synthetic set written by lit-replication; lit "
+                      "rebuilds may replace its images/ and manifest.json.\n")
+
+
+def _legacy_suite_folder(root: Path) -> bool:
+    """A set (or interrupted build) this suite wrote before folders were marked: its manifest
+    or build header carries every header key, and nothing else is beside them."""
+    def signed(path: Path) -> bool:
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            return False
+        return isinstance(data, dict) and all(key in data for key in _HEADER_KEYS)
+
+    if not (signed(root / MANIFEST) or signed(root / _BUILD_DIR / "header.json")):
+        return False
+    return all(entry.name in (MANIFEST, IMAGE_DIR, _BUILD_DIR) for entry in root.iterdir())
+
+
+def die_with_parent(parent_pid: int, worker_id: int = 0) -> None:
+    """``worker_init_fn`` of build workers: end this worker when ``parent_pid`` dies (a
+    ``kill -9`` of the build must not leave renderers holding memory for minutes).
+
+    On Linux the kernel sends SIGKILL on the parent's death (``prctl(PR_SET_PDEATHSIG)``);
+    elsewhere, or if that call fails, a daemon thread checks the parent id every second.
+    Either way a parent that died before this ran is caught by the ``getppid`` check."""
+    armed = False
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            armed = libc.prctl(1, int(signal.SIGKILL), 0, 0, 0) == 0  # 1 = PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            armed = False
+    if os.getppid() != parent_pid:
+        os._exit(1)
+    if not armed:
+        threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True, name="die-with-parent").start()
+
+
+def _watch_parent(parent_pid: int, interval: float = 1.0) -> None:
+    while os.getppid() == parent_pid:
+        time.sleep(interval)
+    os._exit(1)
 
 
 def _worker_context(num_workers: int) -> str | None:
@@ -328,13 +457,14 @@ def _resume_or_reset(root: Path, header: dict[str, Any]) -> dict[int, dict[str, 
         previous = json.loads((build / "header.json").read_text(encoding="utf-8"))
     except (FileNotFoundError, json.JSONDecodeError):
         previous = None
-    for stray in images.glob(".*.tmp"):  # a killed write's leftovers (nothing when images/ is absent)
+    for stray in images.glob(".*.png.*.tmp"):  # a killed write's leftovers (nothing when images/ is absent)
         stray.unlink(missing_ok=True)
     if previous == header:
         return _read_progress(root, build / "progress.jsonl")
     shutil.rmtree(build, ignore_errors=True)
     for old in images.glob("*.png"):
-        old.unlink()
+        if _OWN_IMAGE.fullmatch(old.name):
+            old.unlink()
     build.mkdir(parents=True, exist_ok=True)
     images.mkdir(parents=True, exist_ok=True)
     write_json(build / "header.json", header)
@@ -493,12 +623,14 @@ class SyntheticRetrievalDataModule(RetrievalDataModule):
         max_pixels: query / distractor images larger than this are downscaled on load.
         batch_size: images per batch for both loaders.
         num_workers: dataloader worker processes.
+        strict: stop at the first unreadable file (query, pool image, distractor) with an error
+            naming it; default: skip it and count it (queries) or redraw (pool images).
     """
 
     def __init__(self, output_dir: str, distractors: str | None = None, num_distractors: int | None = None,
                  progress: bool = True, build_workers: int = 0, max_pixels: int = DEFAULT_MAX_PIXELS,
-                 batch_size: int = 32, num_workers: int = 0) -> None:
-        super().__init__(batch_size=batch_size, num_workers=num_workers)
+                 batch_size: int = 32, num_workers: int = 0, strict: bool = False) -> None:
+        super().__init__(batch_size=batch_size, num_workers=num_workers, strict=strict)
         if build_workers < 0:
             raise ValueError(f"build_workers must be >= 0, got {build_workers}")
         self.build_workers = build_workers
@@ -521,6 +653,7 @@ class SyntheticRetrievalDataModule(RetrievalDataModule):
     def builder(self) -> SyntheticBuilder:
         if self._builder is None:
             self._builder = self.make_builder()
+            self._builder.strict = self.strict
         return self._builder
 
     def prepare_data(self) -> None:
@@ -541,19 +674,21 @@ class SyntheticRetrievalDataModule(RetrievalDataModule):
                 assert self.build_report is not None
                 manifest = self.build_report.manifest
         return manifest_to_retrieval_set(manifest, self.builder.queries(), self.output_dir,
-                                         self._distractor_paths(), self.max_pixels)
+                                         self._distractor_paths(), self.max_pixels, self.strict)
 
     def _distractor_paths(self) -> list[Path]:
         if self.distractors is None:
             return []
-        paths = list_images(self.distractors)
+        paths = list_images(self.distractors)  # warns about entries that are not image files
         return paths if self.num_distractors is None else paths[: self.num_distractors]
 
 
 def manifest_to_retrieval_set(manifest: dict[str, Any], queries: Sequence[SourceRef], root: Path,
-                              distractors: Sequence[Path] = (), max_pixels: int = DEFAULT_MAX_PIXELS) -> RetrievalSet:
+                              distractors: Sequence[Path] = (), max_pixels: int = DEFAULT_MAX_PIXELS,
+                              strict: bool = False) -> RetrievalSet:
     """Queries = source images with at least one item; gallery = items (manifest order) then
-    ``distractors``; positives = the gallery rows of a query's items."""
+    ``distractors``; positives = the gallery rows of a query's items. The manifest's skipped
+    queries and replaced pool images become ``skipped_queries`` / ``skipped_sources``."""
     if [ref.id for ref in queries] != manifest["query_ids"]:
         raise ValueError(f"{root / MANIFEST} was built for other query images")
     rows_of_query: dict[int, list[int]] = defaultdict(list)
@@ -570,14 +705,18 @@ def manifest_to_retrieval_set(manifest: dict[str, Any], queries: Sequence[Source
         rank_zero_warn(f"{len(manifest['skipped'])} query image(s) of {root} have no synthetic item and are "
                        "not queries (see 'skipped' in its manifest)")
     gallery = [root / item["file"] for item in manifest["items"]] + [Path(p) for p in distractors]
+    replaced = {bad["pool_id"]: bad["reason"] for item in manifest["items"] for bad in item.get("replaced_pool", [])}
     return RetrievalSet(
-        queries=ImageFileDataset([queries[r].path for r in query_rows], max_pixels),
-        gallery=ImageFileDataset(gallery, max_pixels),
+        queries=ImageFileDataset([queries[r].path for r in query_rows], max_pixels, strict),
+        gallery=ImageFileDataset(gallery, max_pixels, strict),
         positives=[rows_of_query[r] for r in query_rows],
+        skipped_queries={str(queries[s["query"]].path): s["reason"] for s in manifest["skipped"]},
+        skipped_sources={f"pool image {pool_id}": reason for pool_id, reason in replaced.items()},
     )
 
 
 __all__ = [
+    "OWNER_MARK",
     "BuildReport",
     "RenderedItem",
     "Skip",
@@ -587,6 +726,8 @@ __all__ = [
     "SyntheticRetrievalDataModule",
     "SyntheticSkipWarning",
     "build_synthetic",
+    "claim_output_dir",
+    "die_with_parent",
     "folder_refs",
     "image_to_png",
     "manifest_matches",
