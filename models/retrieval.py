@@ -211,9 +211,12 @@ class RetrievalEvaluator(pl.LightningModule):
             "k": self.hparams.k,
             "num_queries": num_queries,
             "num_gallery": num_gallery,
-            "queries_skipped": expected_queries - num_queries,
+            # build-time skips (a synthetic set's unreadable sources) count with the load failures
+            "queries_skipped": expected_queries - num_queries + len(getattr(retrieval_set, "skipped_queries", {})),
             "gallery_skipped": len(retrieval_set.gallery) - num_gallery,
             "skipped_files": sorted(set(skipped)),
+            "skipped_queries": dict(getattr(retrieval_set, "skipped_queries", {})),
+            "skipped_sources": dict(getattr(retrieval_set, "skipped_sources", {})),
             "metrics": results,
         }
         write_json(log_dir / "metrics.json", payload)

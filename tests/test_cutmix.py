@@ -133,3 +133,94 @@ def test_ddp_build_and_scores_match_one_process(tmp_path: Path) -> None:
     assert double["dataset"] == single["dataset"] == "Cutmix"
     for metric, value in single["metrics"].items():
         assert double["metrics"][metric] == pytest.approx(value, abs=1e-6), metric
+
+
+def _copies(folder: Path, refs: list[SourceRef], broken: list[str]) -> Path:
+    """``folder`` holding copies of ``refs`` plus files named ``broken`` that are not images."""
+    folder.mkdir(parents=True)
+    for ref in refs:
+        (folder / ref.path.name).write_bytes(ref.path.read_bytes())
+    for name in broken:
+        (folder / name).write_bytes(b"this is not an image")
+    return folder
+
+
+def test_bad_pool_image_is_redrawn_deterministically_and_recorded(tmp_path: Path) -> None:
+    refs = folder_refs(BSDS)[:7]
+    broken = SourceRef("broken", _copies(tmp_path / "bad", [], ["broken.jpg"]) / "broken.jpg")
+    pool = [refs[4], broken, refs[5], refs[6]]
+
+    def builder() -> CutmixBuilder:
+        return CutmixBuilder(refs[:4], pool, seed=0, mixes_per_query=3, output_size=SIZE)
+
+    report = build_synthetic(builder(), tmp_path / "a", progress=False)
+    build_synthetic(builder(), tmp_path / "b", progress=False, num_workers=2)
+    assert report.num_skipped == 0 and report.num_items == 12  # no readable query lost
+    assert files(tmp_path / "a") == files(tmp_path / "b")  # the redraw is seeded, not process-dependent
+    items = read_manifest(tmp_path / "a")["items"]
+    assert items == read_manifest(tmp_path / "b")["items"]
+    redrawn = [item for item in items if "replaced_pool" in item]
+    assert redrawn, "seed 0 draws the broken pool image at least once (12 draws from 4)"
+    readable = {ref.id: ref.path for ref in pool if ref.id != "broken"}
+    for item in redrawn:
+        assert [bad["pool_id"] for bad in item["replaced_pool"]] == ["broken"]
+        assert "cannot load image" in item["replaced_pool"][0]["reason"]
+        assert item["pool_id"] in readable  # the canvas really is the recorded replacement
+        synthetic = load_image(tmp_path / "a" / item["file"]) * 255
+        canvas = _resized(load_image(readable[item["pool_id"]]), item["pool_box"], SIZE)
+        tx0, ty0, tx1, ty1 = item["placement"]["box"]
+        outside = torch.ones(SIZE, SIZE, dtype=torch.bool)
+        outside[ty0:ty1, tx0:tx1] = False
+        assert (synthetic[:, outside] - canvas[:, outside]).abs().max() <= 1.0
+    # items that drew a readable image are what they were: same query box, pool and paste
+    for item in items:
+        if "replaced_pool" not in item:
+            assert item["pool_id"] in readable
+
+
+def test_every_skip_is_counted_in_metrics_json_with_its_reason(tmp_path: Path) -> None:
+    import pytorch_lightning as pl
+    from pytorch_lightning.loggers import TensorBoardLogger
+
+    from models.retrieval import RetrievalEvaluator
+
+    refs = folder_refs(BSDS)[:7]
+    root = _copies(tmp_path / "queries", refs[:4], ["zz_broken_query.png"])
+    pool = _copies(tmp_path / "pool", refs[4:], ["broken_pool.jpg"])
+    data = CutmixDataModule(root=str(root), pool=str(pool), output_dir=str(tmp_path / "set"), output_size=SIZE,
+                            mixes_per_query=3, progress=False, batch_size=4)
+    trainer = pl.Trainer(accelerator="cpu", devices=1, logger=TensorBoardLogger(tmp_path, name="run"),
+                         enable_progress_bar=False, enable_model_summary=False)
+    with pytest.warns(UserWarning, match="1 of 5 queries skipped"):
+        trainer.test(RetrievalEvaluator(descriptor="pixel", grid_queries=0), datamodule=data)
+    metrics = json.loads(next((tmp_path / "run").rglob("metrics.json")).read_text())
+    assert metrics["num_queries"] == 4 and metrics["queries_skipped"] == 1
+    assert list(metrics["skipped_queries"]) == [str(root / "zz_broken_query.png")]
+    assert "cannot load image" in metrics["skipped_queries"][str(root / "zz_broken_query.png")]
+    replaced = [item for item in read_manifest(tmp_path / "set")["items"] if "replaced_pool" in item]
+    assert replaced, "seed 0 draws the broken pool image at least once (12 draws from 4)"
+    assert list(metrics["skipped_sources"]) == ["pool image broken_pool"]
+    assert "cannot load image" in metrics["skipped_sources"]["pool image broken_pool"]
+
+
+def test_strict_stops_at_the_first_bad_file_naming_it(tmp_path: Path) -> None:
+    from lit.cli import LitCLI
+    from lit.io import ImageLoadError
+
+    refs = folder_refs(BSDS)[:6]
+    root = _copies(tmp_path / "queries", refs[:3], ["zz_broken_query.png"])
+    pool = _copies(tmp_path / "pool", refs[3:], [])
+    cli = LitCLI(args=["-c", str(REPO / "configs" / "cutmix.yaml"), f"--data.init_args.root={root}",
+                       f"--data.init_args.pool={pool}", "--data.init_args.num_queries=null",
+                       f"--data.init_args.output_dir={tmp_path / 'set'}", f"--data.init_args.output_size={SIZE}",
+                       "--data.init_args.build_workers=2", "--data.init_args.progress=false",
+                       "--data.init_args.strict=true", "--model.init_args.descriptor=pixel"], run=False)
+    assert cli.datamodule.strict is True
+    with pytest.raises(ImageLoadError, match="zz_broken_query.png.*strict"):
+        cli.datamodule.setup("test")
+    assert read_manifest(tmp_path / "set") is None  # nothing half-built is read as a set
+    lenient = CutmixDataModule(root=str(root), pool=str(pool), output_dir=str(tmp_path / "set"), output_size=SIZE,
+                               progress=False)
+    with pytest.warns(UserWarning, match="1 of 4 queries skipped"):
+        lenient.setup("test")
+    assert len(lenient.retrieval_set.queries) == 3
