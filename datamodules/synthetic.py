@@ -306,7 +306,7 @@ def read_manifest(root: str | Path) -> dict[str, Any] | None:
     path = Path(root) / MANIFEST
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (FileNotFoundError, json.JSONDecodeError):
+    except (FileNotFoundError, NotADirectoryError, json.JSONDecodeError):
         return None
     return manifest if isinstance(manifest, dict) else None
 
