@@ -7,7 +7,12 @@ first-class, recorded choice here:
 - :class:`ImageFolderTrainData` lists the images under a folder, draws a
   permutation from ``subset_seed`` and keeps the first ``subset_size`` files that
   load (a file that fails is skipped with a warning and the next one in the
-  permutation takes its place, so N stays N);
+  permutation takes its place, so N stays N; with ``subset_size: null`` every
+  readable file is used). Skipped files are counted and named: a warning,
+  ``skipped_images.tsv`` (path, reason) beside ``training_subset.tsv``, the
+  ``skipped_images`` hyper-parameter and the checkpoint. Only ``strict: true``
+  (stop at the first bad file) or a ``subset_size`` larger than the readable files
+  ends the run;
 - :class:`ProceduralTrainData` renders ``num_images`` procedural scenes
   (``datamodules.procedural``), the offline default.
 
@@ -44,10 +49,12 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from datamodules.procedural import ProceduralScenes
-from lit.io import list_images, load_image, to_uint8
+from lit.errors import UserError
+from lit.io import ImageLoadError, load_image, scan_images, shorten, to_uint8
 from lit.report import write_text_atomic
 
 SUBSET_FILE = "training_subset.tsv"
+SKIPPED_FILE = "skipped_images.tsv"
 
 
 class SeedDataset(Dataset):
@@ -153,6 +160,7 @@ class TrainImagesDataModule(pl.LightningDataModule):
         self.seeds = SeedDataset(predict_num_samples, predict_first_seed)
         self.images: list[Tensor] | None = None
         self.names: list[str] = []
+        self.skipped: list[tuple[str, str]] = []  # (file, reason) of files that could not be used
 
     # subclasses -----------------------------------------------------------
     def load_subset(self) -> tuple[list[Tensor], list[str]]:
@@ -174,7 +182,17 @@ class TrainImagesDataModule(pl.LightningDataModule):
         if stage not in (None, "fit"):
             return  # predict needs seeds only
         self.prepare_images()
+        self._record_skipped_in_hparams()
         self._record_subset()
+
+    def _record_skipped_in_hparams(self) -> None:
+        """Count and name the skipped files in the hyper-parameters the logger records."""
+        if not self.skipped and "skipped_images" not in self.hparams:
+            return
+        record = {"skipped_images": len(self.skipped), "skipped_files": [name for name, _ in self.skipped]}
+        self.hparams.update(record)
+        if hasattr(self, "_hparams_initial"):  # what Lightning hands to the loggers after setup
+            self._hparams_initial.update(record)
 
     def _record_subset(self) -> None:
         """Write ``training_subset.tsv`` into the log dir (rank 0; log_dir is called on all ranks).
@@ -188,6 +206,10 @@ class TrainImagesDataModule(pl.LightningDataModule):
             lines = [f"# {len(self.names)} training images chosen by {type(self).__name__} {dict(self.hparams)}",
                      "index\tpath"] + [f"{i}\t{name}" for i, name in enumerate(self.names)]
             write_text_atomic(Path(log_dir) / SUBSET_FILE, "\n".join(lines) + "\n")
+            if self.skipped:
+                lines = [f"# {len(self.skipped)} image file(s) skipped by {type(self).__name__} (not in the subset)",
+                         "path\treason"] + [f"{name}\t{reason}" for name, reason in self.skipped]
+                write_text_atomic(Path(log_dir) / SKIPPED_FILE, "\n".join(lines) + "\n")
 
     # datasets and loaders ----------------------------------------------------
     def train_dataset(self) -> TrainingImages:
@@ -211,7 +233,7 @@ class TrainImagesDataModule(pl.LightningDataModule):
 
     # checkpoint ------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {"subset": list(self.names)}
+        return {"subset": list(self.names), "skipped": [list(entry) for entry in self.skipped]}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Refuse to resume a run on a different training subset than it was trained on."""
@@ -232,16 +254,19 @@ class ImageFolderTrainData(TrainImagesDataModule):
 
     Args:
         root: image folder (the only required argument of the paper configs).
-        subset_size: N, the number of training images (None: all of them).
+        subset_size: N, the number of training images (None: every readable one).
         subset_seed: seed of the permutation the subset is drawn from.
         recursive: also list images in sub-folders.
+        strict: stop at the first file that cannot be read (default: skip it, count it
+            and name it in a warning, ``skipped_images.tsv`` and the hyper-parameters).
         **kwargs: see :class:`TrainImagesDataModule`.
     """
 
     def __init__(self, root: str, subset_size: int | None = None, subset_seed: int = 0,
                  recursive: bool = True, resolution: int = 64, load_size: int | None = None,
                  random_flip: bool = True, random_crop: bool = True, batch_size: int = 16, num_workers: int = 0,
-                 repeats: int = 1, predict_num_samples: int = 64, predict_first_seed: int = 0) -> None:
+                 repeats: int = 1, predict_num_samples: int = 64, predict_first_seed: int = 0,
+                 strict: bool = False) -> None:
         super().__init__(resolution, load_size, random_flip, batch_size, num_workers, repeats,
                          predict_num_samples, predict_first_seed, random_crop)
         if subset_size is not None and subset_size < 1:
@@ -251,33 +276,49 @@ class ImageFolderTrainData(TrainImagesDataModule):
         self.subset_size = subset_size
         self.subset_seed = subset_seed
         self.recursive = recursive
+        self.strict = strict
 
     def load_subset(self) -> tuple[list[Tensor], list[str]]:
-        files = list_images(self.root, recursive=self.recursive)
+        listing = scan_images(self.root, recursive=self.recursive)
+        files = listing.paths
+        skipped: list[tuple[str, str]] = [(str(path), reason) for path, reason in listing.skipped]
+        if skipped and self.strict:
+            raise ImageLoadError(f"cannot load image {skipped[0][0]}: {skipped[0][1]} (strict)")
         if not files:
             raise ValueError(f"no images found under {self.root}")
+        if self.subset_size is not None and self.subset_size > len(files):
+            raise ValueError(f"subset_size {self.subset_size} is larger than the {len(files)} images under {self.root}")
         wanted = len(files) if self.subset_size is None else self.subset_size
-        if wanted > len(files):
-            raise ValueError(f"subset_size {wanted} is larger than the {len(files)} images under {self.root}")
         order = subset_order(len(files), self.subset_seed)
         chosen: dict[int, Tensor] = {}
-        skipped: list[str] = []
         progress = tqdm(total=wanted, desc=f"loading {wanted} training images", leave=False)
         for row in order:
             if len(chosen) == wanted:
                 break
-            image = load_image(files[row])
-            if image is None or min(image.shape[-2:]) < 1:
-                skipped.append(str(files[row]))
+            try:  # strict: the error names the file and ends the run; else a counted skip
+                image = load_image(files[row], strict=True)
+            except ImageLoadError as error:
+                if self.strict:
+                    raise
+                skipped.append((str(files[row]), str(error).removeprefix(f"cannot load image {files[row]}: ")))
                 continue
+            assert image is not None
             chosen[row] = image
             progress.update(1)
         progress.close()
+        self.skipped = skipped
         if skipped:
-            warnings.warn(f"{len(skipped)} unreadable image(s) skipped and replaced in the subset (first: {skipped[0]})",
-                          stacklevel=2)
-        if len(chosen) < wanted:
-            raise ValueError(f"only {len(chosen)} of the {wanted} requested images under {self.root} could be read")
+            names = [name for name, _ in skipped]
+            warnings.warn(f"{len(skipped)} unreadable image file(s) under {self.root} skipped"
+                          f"{' and replaced in the subset' if self.subset_size is not None else ''}: "
+                          f"{shorten(names)} (listed in {SKIPPED_FILE} in the log dir)", UserWarning, stacklevel=2)
+        if not chosen:
+            raise UserError(f"none of the {len(files)} images under {self.root} could be read "
+                            f"(e.g. {skipped[0][0]}: {skipped[0][1]})")
+        if len(chosen) < wanted and self.subset_size is not None:
+            raise UserError(f"subset_size {wanted} cannot be met: only {len(chosen)} of the {len(files)} images under "
+                            f"{self.root} could be read ({len(skipped)} skipped, e.g. {skipped[0][0]}); lower "
+                            "subset_size, or set it to null to train on every readable image")
         rows = sorted(chosen)
         return [chosen[r] for r in rows], [str(files[r]) for r in rows]
 

@@ -182,6 +182,63 @@ def test_unreadable_file_is_replaced(tmp_path: Path) -> None:
         ImageFolderTrainData(root=str(tmp_path), subset_size=9, resolution=16).prepare_images()
 
 
+def _folder_with_bad_files(root: Path) -> list[str]:
+    """5 readable images, 3 unreadable files and a dangling symlink; returns the readable names."""
+    root.mkdir()
+    for i in range(5):
+        Image.fromarray(np.full((20, 24, 3), 40 * i, dtype=np.uint8)).save(root / f"img{i}.png")
+    (root / "empty.png").write_bytes(b"")
+    (root / "text.jpg").write_bytes(b"not an image")
+    (root / "truncated.png").write_bytes((root / "img1.png").read_bytes()[:60])
+    (root / "gone.png").symlink_to(root / "deleted.png")
+    return [str(root / f"img{i}.png") for i in range(5)]
+
+
+def test_unreadable_files_are_skipped_counted_and_recorded(tmp_path: Path) -> None:
+    """subset_size: null trains on every readable file; the skips are named in a warning,
+    skipped_images.tsv beside training_subset.tsv, the logged hyper-parameters and the checkpoint."""
+    from pytorch_lightning.loggers import TensorBoardLogger
+
+    from datamodules.images import SKIPPED_FILE, SUBSET_FILE
+
+    good = _folder_with_bad_files(tmp_path / "data")
+    data = ImageFolderTrainData(root=str(tmp_path / "data"), subset_size=None, resolution=16, batch_size=2)
+    run = trainer(tmp_path, max_steps=2, logger=TensorBoardLogger(tmp_path / "logs", name="run"))
+    with pytest.warns(UserWarning, match=r"4 unreadable image file\(s\) .* skipped: .*empty.png"):
+        run.fit(tiny(), datamodule=data)
+    assert sorted(data.names) == good
+    log_dir = Path(run.log_dir)
+    assert len((log_dir / SUBSET_FILE).read_text().splitlines()) == 2 + 5
+    rows = [line.split("\t") for line in (log_dir / SKIPPED_FILE).read_text().splitlines()[2:]]
+    reasons = {Path(name).name: reason for name, reason in rows}
+    assert set(reasons) == {"empty.png", "text.jpg", "truncated.png", "gone.png"}
+    assert reasons["gone.png"] == "dangling symlink" and reasons["empty.png"].startswith("empty file")
+    hparams = (log_dir / "hparams.yaml").read_text()
+    assert "skipped_images: 4" in hparams and "truncated.png" in hparams
+    assert len(data.state_dict()["skipped"]) == 4
+
+
+def test_strict_and_unmeetable_subset_fail_with_a_clear_message(tmp_path: Path) -> None:
+    from lit.cli import LitCLI
+    from lit.errors import UserError
+    from lit.io import ImageLoadError
+
+    _folder_with_bad_files(tmp_path / "data")
+    with pytest.warns(UserWarning, match="skipped and replaced"), \
+            pytest.raises(UserError, match=r"subset_size 6 cannot be met: only 5 of the 8 images .*set it to null"):
+        ImageFolderTrainData(root=str(tmp_path / "data"), subset_size=6, resolution=16).prepare_images()
+    config = Path(__file__).resolve().parents[1] / "configs" / "ddpm_flowers_all.yaml"
+    cli = LitCLI(args=["-c", str(config), f"--data.init_args.root={tmp_path / 'data'}",
+                       "--data.init_args.strict=true"], run=False)
+    assert cli.datamodule.strict is True
+    with pytest.raises(ImageLoadError, match="gone.png: dangling symlink"):
+        cli.datamodule.prepare_images()
+    (tmp_path / "data" / "gone.png").unlink()
+    strict = ImageFolderTrainData(root=str(tmp_path / "data"), resolution=16, strict=True)
+    with pytest.raises(ImageLoadError, match="cannot load image .*(empty|text|truncated)"):
+        strict.prepare_images()
+
+
 def test_training_augmentation_crops_and_flips() -> None:
     data = ProceduralTrainData(num_images=2, resolution=16, load_size=20, batch_size=2, repeats=3)
     train = data.train_dataset()
