@@ -1,16 +1,22 @@
-"""The paper's Table 1 on sets built from BSDS300: VOC Segmix, Cutmix and Dif-Patch, for
-every descriptor usable without downloaded weights (``pixel``, and random-init networks
-as a floor).
+"""The paper's Table 1 on sets built from BSDS300 (or any image folder): Segmix, Cutmix and
+Dif-Patch, for every descriptor usable without downloaded weights (``pixel``, and
+random-init networks as a floor).
 
-Queries are the 100 val images of ``../shared/data/bsds300``; Segmix and Cutmix paste
-into the 200 train images (a pool disjoint from the queries). Each set is built once,
+``--data`` (default ``../shared/data/bsds300``) is any image folder (see
+``benchmarks/data_layout.py``): a BSDS300-like root (queries = the 100 val images,
+Segmix and Cutmix paste into the 200 train images, VOC masks), an ``images/`` +
+``masks/`` folder (Segmix with ``--mask-format``, default ``folder``), or a flat folder
+of images (no masks: Segmix is left out). Without a BSDS-like ``train/`` or ``--pool``,
+the paste pool is a seeded half of the images, disjoint from the queries. Each set is built once,
 through the same ``lit`` config parser that ``lit test`` uses (so the runs find a
 matching manifest and reuse it), into ``--work`` (outside the repository by default).
 Every (dataset, descriptor) pair is then one real ``lit test`` subprocess
 (``python -m lit.cli test -c configs/X.yaml ...``) with ``OMP_NUM_THREADS=--threads``;
 ``lit report`` pivots the metrics.json files into Table 1 (mAP, average rank) plus
 Recall@1/@10 and MRR tables, which are copied to ``--out`` with the build figures and
-the wall time and peak RSS of every run.
+the wall time and peak RSS of every run. ``--out`` defaults to a new timestamped folder
+under ``runs/table1/``; an existing non-empty ``--out`` (such as the committed
+``benchmarks/results/table1``) is refused unless ``--overwrite`` is given.
 
 Dif-Patch needs a DDPM. Offline there are no trained weights, so by default the script
 saves a small *random-init* diffusers ``UNet2DModel`` (``--resolution`` px) with a linear
@@ -20,6 +26,8 @@ patch only. Pass ``--unet`` (a diffusers UNet folder or a ``models.ddpm.DDPMModu
 checkpoint, with ``--resolution`` equal to its training resolution) to use a trained one.
 
     .venv/bin/python benchmarks/table1_bsds.py --fresh          # full run, ~24-28 min on 2 cores
+    .venv/bin/python benchmarks/table1_bsds.py --data /my/photos --datasets cutmix --descriptors pixel
+    .venv/bin/python benchmarks/table1_bsds.py --fresh --out benchmarks/results/table1 --overwrite  # update the committed table
     .venv/bin/python benchmarks/table1_bsds.py --resume         # re-render, keeping finished runs
     .venv/bin/python benchmarks/table1_bsds.py --descriptors pixel vit_s16_in1k   # a quick look
 """
@@ -45,8 +53,12 @@ from typing import TypeVar
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.data_layout import ImageLayout, detect_layout, output_dir  # noqa: E402
+
 BSDS = REPO.parent / "shared" / "data" / "bsds300"
-DEFAULT_OUT = REPO / "benchmarks" / "results" / "table1"
+DEFAULT_OUT_BASE = REPO / "runs" / "table1"
+WORK_MARK = ".table1-work"
+"""File that marks a --work folder as this script's own (``--fresh`` deletes only such a folder)."""
 DEFAULT_DESCRIPTORS = ("pixel", "sscd_resnet50", "dino_vit_b16", "clip_vit_b16", "vit_s16_in1k", "swin_b_in1k")
 DATASETS = ("segmix", "cutmix", "dif_patch")
 CONFIGS = {"segmix": "configs/segmix_voc.yaml", "cutmix": "configs/cutmix.yaml", "dif_patch": "configs/dif_patch.yaml"}
@@ -58,7 +70,7 @@ T = TypeVar("T")
 class Settings:
     """Everything that determines the sets and the runs (saved beside the results)."""
 
-    bsds: Path
+    data: ImageLayout
     work: Path
     input_size: int
     threads: int
@@ -85,19 +97,23 @@ class RunRecord:
 
 # ----------------------------------------------------------------------------- arguments
 def data_args(dataset: str, settings: Settings, unet: Path) -> list[str]:
-    """``--data.init_args.*`` overrides that point a config at BSDS300 and the work folder."""
-    val, train = settings.bsds / "val", settings.bsds / "train" / "images"
+    """``--data.init_args.*`` overrides that point a config at the image folders and the work folder."""
+    layout = settings.data
     out = settings.work / "sets" / dataset
     common = [f"--data.init_args.output_dir={out}", f"--data.init_args.seed={settings.seed}",
               "--data.init_args.num_queries=null", "--data.init_args.progress=false"]
+    pool = [f"--data.init_args.pool={layout.pool if layout.pool is not None else 'null'}"]
     if dataset == "segmix":
-        return common + [f"--data.init_args.root={val}", "--data.init_args.mask_format=voc",
-                         "--data.init_args.images=images", "--data.init_args.masks=masks",
-                         "--data.init_args.image_set=null", f"--data.init_args.pool={train}"]
+        if layout.segmix_root is None:
+            raise ValueError(f"Segmix needs masks: {layout.queries} has no masks/ folder beside it")
+        return common + pool + [f"--data.init_args.root={layout.segmix_root}",
+                                f"--data.init_args.mask_format={layout.mask_format}",
+                                "--data.init_args.images=images", "--data.init_args.masks=masks",
+                                "--data.init_args.image_set=null"]
     if dataset == "cutmix":
-        return common + [f"--data.init_args.root={val / 'images'}", f"--data.init_args.pool={train}"]
+        return common + pool + [f"--data.init_args.root={layout.queries}"]
     if dataset == "dif_patch":
-        return common + [f"--data.init_args.root={val / 'images'}", f"--data.init_args.unet={unet}",
+        return common + [f"--data.init_args.root={layout.queries}", f"--data.init_args.unet={unet}",
                          f"--data.init_args.resolution={settings.resolution}",
                          f"--data.init_args.num_inference_steps={settings.repaint_steps}",
                          f"--data.init_args.jump_length={settings.jump_length}",
@@ -270,10 +286,17 @@ def write_csv(path: Path, rows: list[dict[str, object]]) -> None:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options (see ``--help``)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--bsds", type=Path, default=BSDS, help="BSDS300 folder (train/, val/)")
+    parser.add_argument("--data", "--bsds", type=Path, default=BSDS, dest="data",
+                        help="image folder: BSDS300-like (train/, val/), images/ (+ masks/), or flat")
+    parser.add_argument("--pool", type=Path, default=None,
+                        help="paste targets for Segmix / Cutmix (default: BSDS train/images, else a seeded half)")
+    parser.add_argument("--mask-format", choices=("voc", "folder", "coco"), default=None,
+                        help="format of the masks/ folder (default: voc for BSDS300, folder otherwise)")
     parser.add_argument("--work", type=Path, default=Path("/tmp/table1_work"),
                         help="sets, the random UNet, run logs (outside the repository)")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="where the small result files go")
+    parser.add_argument("--out", type=Path, default=None,
+                        help=f"where the small result files go (default: a new folder under {DEFAULT_OUT_BASE})")
+    parser.add_argument("--overwrite", action="store_true", help="allow an --out that already holds files")
     parser.add_argument("--datasets", nargs="+", choices=DATASETS, default=list(DATASETS))
     parser.add_argument("--descriptors", nargs="+", default=list(DEFAULT_DESCRIPTORS))
     parser.add_argument("--input-size", type=int, default=128,
@@ -291,18 +314,43 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def prepare(args: argparse.Namespace) -> tuple[Settings, Path]:
+    """Settings from the options, with the data layout detected, ``--work`` claimed (or
+    emptied with ``--fresh``, only when this script made it) and the output folder made."""
+    layout = detect_layout(args.data.resolve(), args.pool.resolve() if args.pool else None, args.mask_format)
+    if "segmix" in args.datasets and layout.segmix_root is None:
+        print(f"[note] {args.data} has no masks/ folder: Segmix is left out", flush=True)
+        args.datasets = [d for d in args.datasets if d != "segmix"]
+    if not args.datasets:
+        raise SystemExit("no dataset left to run")
+    claim_work(args.work, args.fresh)
+    out = output_dir(args.out, DEFAULT_OUT_BASE, args.overwrite)
+    settings = Settings(layout, args.work.resolve(), args.input_size, args.threads,
+                        args.unet.resolve() if args.unet else None, args.resolution, args.repaint_steps,
+                        args.jump_length, args.jump_n_sample, args.seed)
+    return settings, out
+
+
+def claim_work(work: Path, fresh: bool) -> None:
+    """Create ``work`` with :data:`WORK_MARK`; ``fresh`` deletes it first, but only when the
+    mark shows this script made it (a user's folder given as ``--work`` is never deleted)."""
+    if work.exists() and not (work / WORK_MARK).is_file():
+        known = {"sets", "runs", "logs", "report", "builds.json", "timings.json"}  # what earlier versions wrote
+        if not work.is_dir() or not all(p.name in known or p.name.startswith("unet_random") for p in work.iterdir()):
+            raise SystemExit(f"--work {work} holds files this script did not write (no {WORK_MARK}); "
+                             "choose an empty or new folder")
+    if fresh and work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True, exist_ok=True)
+    (work / WORK_MARK).write_text("scratch folder of benchmarks/table1_bsds.py (--fresh deletes it)\n")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Build the sets, run every (dataset, descriptor) pair, write the report to ``--out``."""
     args = parse_args(argv)
-    if not (args.bsds / "val" / "images").is_dir() or not (args.bsds / "train" / "images").is_dir():
-        raise SystemExit(f"{args.bsds} is not the BSDS300 folder (expected train/images and val/images)")
-    if args.fresh:
-        shutil.rmtree(args.work, ignore_errors=True)
-    args.work.mkdir(parents=True, exist_ok=True)
-    args.out.mkdir(parents=True, exist_ok=True)
-    settings = Settings(args.bsds.resolve(), args.work.resolve(), args.input_size, args.threads,
-                        args.unet.resolve() if args.unet else None, args.resolution, args.repaint_steps,
-                        args.jump_length, args.jump_n_sample, args.seed)
+    settings, out = prepare(args)
+    args.out = out
+    print(f"[out] {out}", flush=True)
     os.environ["OMP_NUM_THREADS"] = str(args.threads)  # inherited by the build processes
     total_start = time.perf_counter()
     unet = settings.unet or settings.work / f"unet_random{settings.resolution}"
@@ -360,6 +408,7 @@ def main(argv: list[str] | None = None) -> None:
             "builds_plus_runs_s": round(full, 1),
             "command": " ".join([".venv/bin/python", "benchmarks/table1_bsds.py", *(argv or sys.argv[1:])]),
             "reproduce": ".venv/bin/python benchmarks/table1_bsds.py --fresh",
+            "data_layout": {k: str(v) for k, v in asdict(settings.data).items()},
             "failed": [asdict(r) for r in records if r.returncode != 0]}
     (args.out / "run_info.json").write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
     summary = ["# Table 1 on BSDS300-built sets\n", table, "\n## Set builds (figures of the call that built each set)\n", markdown(build_rows, list(build_rows[0])),
