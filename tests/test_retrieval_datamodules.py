@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import re
 import warnings
@@ -309,3 +310,46 @@ def test_image_file_dataset_items(tmp_path: Path) -> None:
     dataset = ImageFileDataset([tmp_path / "a.png"])
     item = dataset[0]
     assert item["index"] == 0 and item["path"] == str(tmp_path / "a.png") and item["image"].shape == (3, 10, 12)
+
+
+def test_folder_strict_stops_at_the_broken_file_naming_it(tmp_path: Path) -> None:
+    from lit.cli import LitCLI
+    from lit.io import ImageLoadError
+
+    _folder_tree(tmp_path)
+    cli = LitCLI(args=["--model=models.retrieval.RetrievalEvaluator",
+                       "--data=datamodules.retrieval.FolderRetrievalDataModule", f"--data.root={tmp_path}",
+                       "--data.strict=true", "--data.batch_size=4"], run=False)
+    dm = cli.datamodule
+    assert dm.strict is True
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dm.setup()
+    _, gallery_loader = dm.test_dataloader()
+    with pytest.raises(ImageLoadError, match=re.escape(str(tmp_path / "dogs" / "b.png"))):
+        _all_batches(gallery_loader)
+
+
+def _reads_images(cls: type) -> bool:
+    return "root" in inspect.signature(cls).parameters or "ground_truth" in inspect.signature(cls).parameters
+
+
+def test_every_datamodule_that_reads_images_has_a_strict_option() -> None:
+    import importlib
+    import pkgutil
+
+    import pytorch_lightning as pl
+
+    import datamodules
+
+    found = []
+    for module in pkgutil.iter_modules(datamodules.__path__):
+        loaded = importlib.import_module(f"datamodules.{module.name}")
+        for value in vars(loaded).values():
+            if (isinstance(value, type) and issubclass(value, pl.LightningDataModule) and value.__module__ == loaded.__name__
+                    and not inspect.isabstract(value) and _reads_images(value)):
+                found.append(value.__name__)
+                assert inspect.signature(value).parameters["strict"].default is False, value.__name__
+    assert {"FolderRetrievalDataModule", "ListRetrievalDataModule", "CUB200DataModule", "GPR1200DataModule",
+            "INSTREDataModule", "RevisitedOxfordParis", "CutmixDataModule", "SegmixDataModule",
+            "OutpaintingDataModule", "ImageFolderTrainData"} <= set(found)

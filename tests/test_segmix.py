@@ -234,3 +234,28 @@ def test_split_refuses_too_many_queries_with_the_fix() -> None:
     assert len(queries) == 5 and len(pool) == 5 and not set(queries) & set(pool)
     with pytest.raises(ValueError, match=r"num_queries 1000 exceeds the 5 images .*10 sources, 5 in the pool.*null"):
         split_queries_and_pool(10, 0, 1000, 0.5, has_pool=False)
+
+
+def test_bad_pool_image_is_redrawn_and_strict_stops_at_it(tmp_path: Path) -> None:
+    from lit.io import ImageLoadError
+
+    good = make_builder("voc", tmp_path)
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not an image")
+    pool = [SourceRef("broken", broken), *good.pool()]
+
+    def builder(strict: bool = False) -> SegmixBuilder:
+        return SegmixBuilder(good.source, pool, good.query_rows, seed=0, output_size=SIZE, mixes_per_query=2,
+                             strict=strict)
+
+    report = build_synthetic(builder(), tmp_path / "set", progress=False, num_workers=2)
+    assert report.num_skipped == 0 and report.num_items == 8  # every readable query kept
+    items = read_manifest(tmp_path / "set")["items"]
+    redrawn = [item for item in items if "replaced_pool" in item]
+    assert redrawn and all(item["pool_id"] != "broken" for item in items)
+    assert all([bad["pool_id"] for bad in item["replaced_pool"]] == ["broken"] for item in redrawn)
+    again = build_synthetic(builder(), tmp_path / "again", progress=False)
+    assert files(tmp_path / "again") == files(tmp_path / "set") and again.manifest["items"] == items
+    with pytest.raises(ImageLoadError, match="broken.jpg.*strict"):
+        build_synthetic(builder(strict=True), tmp_path / "strict", progress=False)
+    assert read_manifest(tmp_path / "strict") is None
