@@ -27,7 +27,7 @@ checkpoint, with ``--resolution`` equal to its training resolution) to use a tra
 
     .venv/bin/python benchmarks/table1_bsds.py --fresh          # full run, ~24-28 min on 2 cores
     .venv/bin/python benchmarks/table1_bsds.py --data /my/photos --datasets cutmix --descriptors pixel
-    .venv/bin/python benchmarks/table1_bsds.py --fresh --out benchmarks/results/table1 --overwrite  # update the committed table
+    .venv/bin/python benchmarks/table1_bsds.py --fresh --out benchmarks/results/table1 --overwrite  # the committed one
     .venv/bin/python benchmarks/table1_bsds.py --resume         # re-render, keeping finished runs
     .venv/bin/python benchmarks/table1_bsds.py --descriptors pixel vit_s16_in1k   # a quick look
 """

@@ -224,7 +224,8 @@ class SyntheticBuilder(ABC):
             replaced.append({"pool_id": pool[row].id, "reason": reason})
             left = [r for r in range(len(pool)) if r not in tried]
             if not left:
-                raise ImageLoadError(f"none of the {len(pool)} pool images can be read (first: {replaced[0]['reason']})")
+                raise ImageLoadError(f"none of the {len(pool)} pool images can be read "
+                                     f"(first: {replaced[0]['reason']})")
             redraw = redraw or self.generator(*redraw_parts, "pool-redraw")
             row = left[randint(redraw, len(left))]
             tried.add(row)

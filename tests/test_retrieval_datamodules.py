@@ -346,8 +346,8 @@ def test_every_datamodule_that_reads_images_has_a_strict_option() -> None:
     for module in pkgutil.iter_modules(datamodules.__path__):
         loaded = importlib.import_module(f"datamodules.{module.name}")
         for value in vars(loaded).values():
-            if (isinstance(value, type) and issubclass(value, pl.LightningDataModule) and value.__module__ == loaded.__name__
-                    and not inspect.isabstract(value) and _reads_images(value)):
+            if (isinstance(value, type) and issubclass(value, pl.LightningDataModule)
+                    and value.__module__ == loaded.__name__ and not inspect.isabstract(value) and _reads_images(value)):
                 found.append(value.__name__)
                 assert inspect.signature(value).parameters["strict"].default is False, value.__name__
     assert {"FolderRetrievalDataModule", "ListRetrievalDataModule", "CUB200DataModule", "GPR1200DataModule",

@@ -63,7 +63,7 @@ def _contents(root: Path) -> dict[str, bytes]:
 def test_a_users_folder_is_refused_and_left_untouched(tmp_path: Path) -> None:
     root = tmp_path / "project"
     before = _user_folder(root)
-    with pytest.raises(UserError, match=rf"output_dir {root} is not empty and was not created by lit.*empty or new folder"):
+    with pytest.raises(UserError, match=rf"output_dir {root} is not empty and was not created by lit.*empty or new"):
         build_synthetic(SolidBuilder(), root, progress=False)
     assert _contents(root) == before  # every png and the manifest survive, byte for byte
     (tmp_path / "file").write_text("x")
