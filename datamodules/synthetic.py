@@ -226,7 +226,8 @@ class SyntheticBuilder(ABC):
             if not left:
                 raise ImageLoadError(f"none of the {len(pool)} pool images can be read "
                                      f"(first: {replaced[0]['reason']})")
-            redraw = redraw or self.generator(*redraw_parts, "pool-redraw")
+            if redraw is None:
+                redraw = self.generator(*redraw_parts, "pool-redraw")
             row = left[randint(redraw, len(left))]
             tried.add(row)
 
