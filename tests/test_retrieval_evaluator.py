@@ -18,6 +18,7 @@ from sklearn.metrics import average_precision_score
 from datamodules.retrieval import FolderRetrievalDataModule, ProceduralRetrievalDataModule
 from models.extractors import build_descriptor
 from models.retrieval import RetrievalEvaluator
+from tests.reference_scores import cosine_scores
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -33,9 +34,7 @@ def _reference_metrics(datamodule: ProceduralRetrievalDataModule) -> dict[str, f
             return descriptor(torch.stack(images)).numpy().astype(np.float64)
 
     queries, gallery = embed(retrieval_set.queries), embed(retrieval_set.gallery)
-    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
-    gallery /= np.linalg.norm(gallery, axis=1, keepdims=True)
-    scores = queries @ gallery.T
+    scores = cosine_scores(queries, gallery)
     aps, recall1, mrr = [], [], []
     for q, positives in enumerate(retrieval_set.positives):
         truth = np.zeros(gallery.shape[0], dtype=bool)
