@@ -232,6 +232,9 @@ def _user_error_types() -> tuple[type[BaseException], ...]:
     return tuple(types)
 
 
+_PARSER_NOISE = ("Does not validate against", "Subtypes:", "Errors:", "Given value", "Expected a <class 'NoneType'>")
+
+
 def parser_message(text: str) -> str:
     """jsonargparse's multi-line error as one line that names the option and the value.
 
@@ -250,7 +253,7 @@ def parser_message(text: str) -> str:
         elif match := re.match(r"Problem with given class_path '([^']+)':\s*(.*)", line):
             keys.append("init_args")
             detail = match.group(2) or None
-        elif line.startswith(("Does not validate against", "Subtypes:", "Errors:", "Given value", "Expected a <class 'NoneType'>")):
+        elif line.startswith(_PARSER_NOISE):
             continue
         else:
             detail = line

@@ -67,7 +67,8 @@ def test_a_config_yaml_in_the_log_folder_is_not_overwritten(tmp_path: Path, caps
     folder = tmp_path / "runs" / "fixed" / "version_0"
     folder.mkdir(parents=True)
     (folder / "config.yaml").write_text("mine\n")
-    last = _fails(["test", "-c", str(_retrieval_config(tmp_path)), "--trainer.logger.class_path=pytorch_lightning.loggers.CSVLogger",
+    last = _fails(["test", "-c", str(_retrieval_config(tmp_path)),
+                   "--trainer.logger.class_path=pytorch_lightning.loggers.CSVLogger",
                    f"--trainer.logger.init_args.save_dir={tmp_path / 'runs'}", "--trainer.logger.init_args.name=fixed",
                    "--trainer.logger.init_args.version=0"], capsys)
     assert last.startswith(f"error: {folder / 'config.yaml'} already exists and this run did not write it")
@@ -77,7 +78,8 @@ def test_a_config_yaml_in_the_log_folder_is_not_overwritten(tmp_path: Path, caps
 @pytest.mark.parametrize(("overrides", "expected"), [
     (["--model.init_args.descriptor=sscd_resnet50", "--model.init_args.weights=/no/such/sscd.pt"],
      "error: weights file not found: /no/such/sscd.pt (expected the SSCD TorchScript file"),
-    (["--model.init_args.descriptor=nope"], "error: RetrievalEvaluator: unknown descriptor 'nope'; available: sscd_resnet50"),
+    (["--model.init_args.descriptor=nope"],
+     "error: RetrievalEvaluator: unknown descriptor 'nope'; available: sscd_resnet50"),
     (["--data.init_args.batch_size=0"], "error: ProceduralRetrievalDataModule: batch_size must be >= 1, got 0"),
     (["--data.class_path=datamodules.retrieval.FolderRetrievalDataModule", "--data.init_args.root=/no/such/folder"],
      "error: image folder not found: /no/such/folder"),

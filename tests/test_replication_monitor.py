@@ -196,7 +196,8 @@ def test_model_checkpoint_monitors_the_replication_rate(tmp_path: Path, cadence:
     replication/rate@0.5 and saves, whether the checks run per step or per epoch."""
     watch = monitor(**{cadence: 1 if cadence == "every_n_epochs" else 2}, thresholds=[0.25, 0.5])
     checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="replication/rate@0.5", mode="max",
-                                  save_top_k=1, filename="{step}-{replication/rate@0.5:.3f}", auto_insert_metric_name=False,
+                                  save_top_k=1, filename="{step}-{replication/rate@0.5:.3f}",
+                                  auto_insert_metric_name=False,
                                   **({"every_n_train_steps": 2} if cadence == "every_n_steps" else {}))
     trainer, _ = fit(tmp_path, [watch, checkpoints], max_steps=4)
     assert watch.checked_steps() == [0, 2, 4]
@@ -219,5 +220,6 @@ def test_descriptor_is_recorded_and_random_init_is_named(tmp_path: Path) -> None
     tensorboard = TensorBoardLogger(tmp_path, name="tb", version=0)
     trainer, _ = fit(tmp_path, [watch], max_steps=1, loggers=[tensorboard])
     recorded = json.loads((Path(tensorboard.log_dir) / "replication" / "descriptor.json").read_text())
-    assert recorded["descriptor"] == (config := DescriptorConfig("pixel", random_init=True, input_size=16)).record(config.build())
+    config = DescriptorConfig("pixel", random_init=True, input_size=16)
+    assert recorded["descriptor"] == config.record(config.build())
     assert "pixel (random init) descriptor" in watch.summary_text(trainer)

@@ -158,7 +158,8 @@ def test_trainer_test_returns_the_metrics_of_metrics_json(tmp_path: Path) -> Non
         assert set(per_loader) == set(report["metrics"])
         for name, value in report["metrics"].items():
             assert per_loader[name] == pytest.approx(value, rel=1e-6, abs=1e-7), name
-    assert report["descriptor_config"] == (config := DescriptorConfig("pixel", random_init=True, input_size=8)).record(config.build())
+    config = DescriptorConfig("pixel", random_init=True, input_size=8)
+    assert report["descriptor_config"] == config.record(config.build())
     assert report["run_name"] == "pixel (random init)"
     assert report["descriptor_config"]["input_size"] == 8 and report["similarity"] == "cosine"
 
