@@ -7,12 +7,23 @@ with fixed seeds (the same generations-to-be at every check, so checks are
 comparable), embeds the generations, searches the training set and records:
 
 - scalars ``replication/rate@t``, ``replication/top1_{mean,median,p95,max}`` and the
-  same for ``replication_baseline/``; time spent in ``replication_time/``;
+  same for ``replication_baseline/``; time spent in ``replication_time/``. They go to
+  the loggers at the step of the check, and the ``replication/`` and
+  ``replication_baseline/`` ones also through ``pl_module.log`` (``logger=False``, the
+  same values on every rank), so ``trainer.callback_metrics`` holds the latest check and
+  ``ModelCheckpoint(monitor="replication/rate@0.5")`` or ``EarlyStopping`` can act on it.
+  Lightning allows ``log`` only in some hooks: checks in ``on_train_batch_end``
+  (``every_n_steps``) log per step, checks in ``on_train_epoch_end`` (``every_n_epochs``)
+  per epoch; the check before training (``on_train_start``: an epoch-level value there
+  would surface only at the end of the first epoch, after newer checks) and the one at
+  the end (``on_train_end``, where ``log`` is forbidden) put their values straight into
+  ``trainer.callback_metrics``;
 - TensorBoard histograms of generation top-1 similarity and of the baseline;
 - the histogram overlay (paper Fig. 5) and a grid of the most similar
   generations beside their top-k training matches with scores (Fig. 3 / 4);
-- ``replication/scores_step_<step>.csv`` (seed, top-k scores and training matches) and
-  ``replication_history.csv`` in the log dir.
+- ``replication/scores_step_<step>.csv`` (seed, top-k scores and training matches),
+  ``replication_history.csv`` and ``replication/descriptor.json`` (what was measured:
+  :meth:`models.descriptor_config.DescriptorConfig.record`) in the log dir.
 
 With ``match_mirrors`` (default) a training image also matches through its
 horizontal mirror (``lit.replication.mirror_aware_search``): models trained with
@@ -45,9 +56,10 @@ import torch
 from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.loggers import TensorBoardLogger
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import Dataset
 
 from lit.distributed import gather_by_index
+from lit.embedding import embed_dataset
 from lit.plots import replication_summary, save_figure, similarity_histogram, top_copies_grid
 from lit.replication import (
     DUPLICATE_THRESHOLD,
@@ -60,9 +72,10 @@ from lit.replication import (
     stat_names,
     top_copies,
 )
-from lit.report import write_text_atomic
+from lit.report import write_json, write_text_atomic
 from lit.similarity import SimilarityKind, TokenNormalization
-from models.extractors import Descriptor, build_descriptor
+from models.descriptor_config import DescriptorConfig
+from models.extractors import Descriptor, get_spec
 
 HISTORY_FILE = "replication_history.csv"
 SUMMARY_FILE = "replication_summary.png"
@@ -143,6 +156,11 @@ class ReplicationMonitor(Callback):
             raise ValueError("thresholds must list at least one value")
         if seed < 0:
             raise ValueError(f"seed must be >= 0, got {seed}")
+        get_spec(descriptor)  # an unknown name fails here, with the list of names, not at fit start
+        self.descriptor_config = DescriptorConfig(
+            name=descriptor, weights=descriptor_weights, random_init=random_init, input_size=input_size,
+            similarity=similarity, token_normalization=token_normalization,
+        )
         self.descriptor_name = descriptor
         self.descriptor_weights = descriptor_weights
         self.random_init = random_init
@@ -201,10 +219,9 @@ class ReplicationMonitor(Callback):
         if not callable(getattr(pl_module, "sample", None)):
             raise TypeError(f"ReplicationMonitor needs a model with a sample(seeds, ...) method, got {type(pl_module).__name__}")
         if self.descriptor is None:
-            self.descriptor = build_descriptor(self.descriptor_name, weights=self.descriptor_weights,
-                                               random_init=self.random_init, input_size=self.input_size)
+            self.descriptor = self.descriptor_config.build()
             self.descriptor.requires_grad_(False)
-            self.similarity = self.descriptor.similarity_for(self.similarity_choice)
+            self.similarity = self.descriptor_config.resolved_similarity(self.descriptor)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Embed the training subset once (sharded across ranks) and compute the baseline."""
@@ -224,27 +241,31 @@ class ReplicationMonitor(Callback):
         self.baseline = replication_stats(self.baseline_scores, self.thresholds)
         self.duplicates = duplicate_pairs(result)
         self.log_dir = Path(trainer.log_dir) if trainer.log_dir is not None else None
+        if trainer.is_global_zero and self.log_dir is not None:
+            write_json(self.log_dir / "replication" / "descriptor.json",
+                       {"descriptor": self.descriptor_config.record(self.descriptor)})
         self.timings["reference"] += time.perf_counter() - started
 
     def _embed_reference(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[Tensor, Tensor | None]:
-        """Features of the training images (and of their mirrors), sharded over ranks, gathered."""
-        assert self.reference is not None
-        rows = list(range(trainer.global_rank, len(self.reference), trainer.world_size))
-        loader = DataLoader(Subset(self.reference, rows), batch_size=self.embed_batch_size, shuffle=False)
-        features, mirrors, indices = [], [], []
-        for batch in loader:
-            features.append(self._embed(batch["image"], pl_module.device))
-            if self.match_mirrors:
-                mirrors.append(self._embed(torch.flip(batch["image"], dims=[-1]), pl_module.device))
-            indices.append(torch.as_tensor(batch["index"], dtype=torch.long))
-        if not features:  # a rank with no rows still joins the gather
-            probe = self._embed(self.reference[0]["image"][None], pl_module.device)[:0]
-            features, mirrors, indices = [probe], [probe] if self.match_mirrors else [], [torch.empty(0, dtype=torch.long)]
-        index, *gathered = self._gather(trainer, torch.cat(indices), torch.cat(features),
-                                        *([torch.cat(mirrors)] if self.match_mirrors else []))
-        if index.numel() != len(self.reference) or not torch.equal(index, torch.arange(len(self.reference))):
-            raise ValueError(f"reference_dataset indices must be 0..{len(self.reference) - 1}, got {index.numel()} distinct values")
-        return gathered[0], (gathered[1] if self.match_mirrors else None)
+        """Features of the training images (and of their mirrors, in the same pass), sharded over
+        ranks and gathered by index (``lit.embedding.embed_dataset``)."""
+        assert self.reference is not None and self.descriptor is not None
+        descriptor = self.descriptor
+
+        def both(images: Tensor) -> Tensor:  # (B, 2, ...): as is, mirrored
+            return torch.stack([descriptor(images), descriptor(torch.flip(images, dims=[-1]))], dim=1)
+
+        embedded = embed_dataset(both if self.match_mirrors else descriptor, self.reference,
+                                 batch_size=self.embed_batch_size, device=pl_module.device,
+                                 rank=trainer.global_rank, world_size=trainer.world_size,
+                                 gather_device=trainer.strategy.root_device, desc="training images")
+        if embedded.index.numel() != len(self.reference) or not torch.equal(embedded.index,
+                                                                              torch.arange(len(self.reference))):
+            raise ValueError(f"reference_dataset indices must be 0..{len(self.reference) - 1}, got "
+                             f"{embedded.index.numel()} distinct values (unreadable: {embedded.skipped[:3]})")
+        if not self.match_mirrors:
+            return embedded.features, None
+        return embedded.features[:, 0].contiguous(), embedded.features[:, 1].contiguous()
 
     @torch.no_grad()
     def _embed(self, images: Tensor, device: torch.device) -> Tensor:
@@ -322,10 +343,26 @@ class ReplicationMonitor(Callback):
         self.history.append(row)
         self.latest = {"top1": top1, "scores": scores, "matches": matches, "mirrored": flipped.bool(),
                        "shown": shown, "copies": copies}
+        self._log_through_lightning(trainer, pl_module, stats)
         if trainer.is_global_zero:
             self._log(trainer, stats)
         self._tick("logging", clock)
         return row
+
+    def _log_through_lightning(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                               stats: ReplicationStats) -> None:
+        """The check's scalars into ``trainer.callback_metrics`` (every rank, identical values),
+        for ModelCheckpoint / EarlyStopping; the loggers get them from :meth:`_log` at the check's step."""
+        assert self.baseline is not None
+        values = {f"replication/{k}": float(v) for k, v in stats.as_dict().items()}
+        values.update({f"replication_baseline/{k}": float(v) for k, v in self.baseline.as_dict().items()})
+        hook = getattr(pl_module, "_current_fx_name", None)  # the hook Lightning is running now
+        if hook == "on_train_batch_end":
+            pl_module.log_dict(values, on_step=True, on_epoch=False, logger=False, sync_dist=False)
+        elif hook == "on_train_epoch_end":
+            pl_module.log_dict(values, on_step=False, on_epoch=True, logger=False, sync_dist=False, batch_size=1)
+        else:  # on_train_start, on_train_end (log is forbidden there) or a direct call
+            trainer.callback_metrics.update({k: torch.tensor(v) for k, v in values.items()})
 
     def _tick(self, phase: str, since: float) -> float:
         now = time.perf_counter()
@@ -355,7 +392,8 @@ class ReplicationMonitor(Callback):
         """The Fig. 5 overlay of the latest check."""
         assert self.baseline_scores is not None
         return similarity_histogram(self.latest["top1"], self.baseline_scores, self.thresholds,
-                                    bins=self.histogram_bins, title=f"top-1 similarity ({self.descriptor_name})")
+                                    bins=self.histogram_bins,
+                                    title=f"top-1 similarity ({self.descriptor_config.display_name})")
 
     def _copies(self) -> tuple[Tensor, Tensor, Tensor, list[str], list[list[str]]]:
         """Generations, their training matches, scores and labels for the top-copies grid
@@ -435,7 +473,7 @@ class ReplicationMonitor(Callback):
         figure = replication_summary(
             steps, rates, self.latest["top1"], self.baseline_scores, generations, images, scores,
             self.thresholds, labels, match_labels, base_rates,
-            title=f"replication of {len(self.seeds)} generations ({self.descriptor_name} descriptor)",
+            title=f"replication of {len(self.seeds)} generations ({self.descriptor_config.display_name} descriptor)",
         )
         png = save_figure(figure, self.log_dir / SUMMARY_FILE)
         if self.verbose:
@@ -446,7 +484,7 @@ class ReplicationMonitor(Callback):
         names = self._metric_names()[: len(self.thresholds) + 2]
         header = f"{'step':>8} {'epoch':>6} " + " ".join(f"{n:>11}" for n in names)
         lines = [f"Replication over training: {len(self.seeds)} generations (fixed seeds) vs "
-                 f"{len(self.reference or [])} training images, {self.descriptor_name} descriptor; "
+                 f"{len(self.reference or [])} training images, {self.descriptor_config.display_name} descriptor; "
                  f"rate@t = share of generations whose nearest training image scores > t", header]
         for row in self.history:
             lines.append(f"{int(row['step']):>8} {int(row['epoch']):>6} " + " ".join(f"{row[n]:>11.3f}" for n in names))

@@ -9,6 +9,17 @@ message that names the file or option and says what would be right.
 
 from __future__ import annotations
 
+import argparse
+from typing import NoReturn
+
 
 class UserError(Exception):
     """A mistake the user can fix; ``lit`` prints ``error: <message>`` and exits with status 2."""
+
+
+class UserArgumentParser(argparse.ArgumentParser):
+    """``argparse`` parser for ``lit`` commands: a command-line mistake raises :class:`UserError`
+    (printed by ``lit`` as one line, ``error: <prog>: <message>``) instead of printing usage and exiting."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UserError(f"{self.prog}: {message}")

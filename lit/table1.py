@@ -4,14 +4,18 @@ Rows are descriptors, columns datasets; cells are mAP (percent), the best value
 of each column is marked in bold, and the last column is the average rank of
 the descriptor over the datasets it was run on (1 = best; ties share the mean
 of their ranks, as ``scipy.stats.rankdata(method="average")``). Recall@k and
-MRR tables are written alongside, as Markdown and CSV.
+MRR tables are written alongside, as Markdown and CSV, and a last table says what
+each run measured (descriptor, weights file and SHA-256, random init, input
+size, similarity, normalisation, from the ``descriptor_config`` that ``lit test``
+records). A row is named by the run's ``run_name``, else the descriptor's
+display name: a random-init run shows as ``<name> (random init)``, never under
+the real descriptor's name.
 
 Use: ``lit report RUNS_DIR [RUNS_DIR ...] --out reports/table1``.
 """
 
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import json
@@ -20,7 +24,9 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+from lit.errors import UserArgumentParser, UserError
 from lit.report import format_value, markdown_table, write_text_atomic
 
 
@@ -32,6 +38,18 @@ class RunResult:
     dataset: str
     metrics: dict[str, float]
     path: Path
+    record: dict[str, Any] | None = None  # DescriptorConfig.record() of the run (None in old files)
+
+
+def row_name(payload: dict[str, Any]) -> str:
+    """The Table 1 row of a metrics.json: ``run_name``, else the descriptor's display name
+    (``<name> (random init)`` for random weights), else the descriptor name (old files)."""
+    record = payload.get("descriptor_config") or {}
+    if payload.get("run_name"):
+        return str(payload["run_name"])
+    if record.get("display_name"):
+        return str(record["display_name"])
+    return str(payload["descriptor"]) + (" (random init)" if record.get("random_init") else "")
 
 
 def load_runs(roots: Sequence[str | Path]) -> list[RunResult]:
@@ -43,16 +61,19 @@ def load_runs(roots: Sequence[str | Path]) -> list[RunResult]:
             raise FileNotFoundError(f"no such runs folder: {root}")
         files += [root] if root.is_file() else sorted(root.rglob("metrics.json"))
     for path in sorted(files, key=lambda p: p.stat().st_mtime):
-        payload = json.loads(path.read_text())
-        missing = {"metrics", "descriptor"} - payload.keys()
+        try:
+            payload = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise UserError(f"{path} is not a lit test metrics.json: invalid JSON ({error})") from error
+        missing = {"metrics", "descriptor"} - payload.keys() if isinstance(payload, dict) else {"metrics", "descriptor"}
         if missing:
-            raise ValueError(f"{path} is not a lit test metrics.json: missing {sorted(missing)}")
-        name = payload.get("run_name") or payload["descriptor"]
+            raise UserError(f"{path} is not a lit test metrics.json: missing {sorted(missing)}")
+        name = row_name(payload)
         dataset = payload.get("dataset") or path.parent.parent.name
         if (name, dataset) in found:
             warnings.warn(f"{path} replaces {found[(name, dataset)].path} for ({name}, {dataset}): "
                           "the newest metrics.json of a (descriptor, dataset) pair wins", stacklevel=2)
-        found[(name, dataset)] = RunResult(name, dataset, payload["metrics"], path)
+        found[(name, dataset)] = RunResult(name, dataset, payload["metrics"], path, payload.get("descriptor_config"))
     if not found:
         raise FileNotFoundError(f"no metrics.json under {', '.join(map(str, roots))}")
     return list(found.values())
@@ -115,8 +136,41 @@ def render(table: dict[str, dict[str, float]], with_rank: bool) -> tuple[str, st
     return markdown_table(header, rows), csv_buffer.getvalue()
 
 
+MEASURED_COLUMNS = ["run", "dataset", "descriptor", "weights", "sha256", "random init", "input size",
+                    "similarity", "normalisation"]
+
+
+def measured(runs: Sequence[RunResult]) -> tuple[str, str]:
+    """(Markdown, CSV) of what each run measured; warns when one row mixes descriptor setups."""
+    rows = []
+    for run in sorted(runs, key=lambda r: (r.descriptor, r.dataset)):
+        record = run.record or {}
+
+        def cell(key: str) -> str:
+            value = record.get(key)
+            return "–" if value is None else str(value)
+
+        weights = Path(record["weights"]).name if record.get("weights") else "–"
+        sha = str(record["weights_sha256"])[:12] if record.get("weights_sha256") else "–"
+        rows.append([run.descriptor, run.dataset, cell("name"), weights, sha, cell("random_init"),
+                     cell("input_size"), cell("similarity"), cell("token_normalization")])
+    by_row: dict[str, set[tuple[str, ...]]] = {}
+    for row in rows:
+        by_row.setdefault(row[0], set()).add(tuple(row[2:]))
+    for name, setups in by_row.items():
+        if len(setups) > 1:
+            warnings.warn(f"row {name!r} of the report mixes {len(setups)} descriptor setups (weights, input size "
+                          "or similarity differ between datasets): give the runs distinct run_name", stacklevel=2)
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(MEASURED_COLUMNS)
+    writer.writerows(rows)
+    return markdown_table(MEASURED_COLUMNS, rows), buffer.getvalue()
+
+
 def build_report(runs: Sequence[RunResult], out: Path, extra_metrics: Sequence[str]) -> Path:
-    """Write table1.md/.csv (mAP + avg. rank) and one table per extra metric; return the .md."""
+    """Write table1.md/.csv (mAP + avg. rank), one table per extra metric and what each run
+    measured (runs.csv); return the .md."""
     sections = []
     for metric in ["mAP", *extra_metrics]:
         table = pivot(runs, metric)
@@ -126,6 +180,9 @@ def build_report(runs: Sequence[RunResult], out: Path, extra_metrics: Sequence[s
         stem = "table1" if metric == "mAP" else f"table_{metric.replace('@', '_at_')}"
         write_text_atomic(out / f"{stem}.csv", csv_text)
         sections.append(f"## {metric} (%)\n\n{markdown}")
+    markdown, csv_text = measured(runs)
+    write_text_atomic(out / "runs.csv", csv_text)
+    sections.append(f"## What was measured\n\n{markdown}")
     report = out / "table1.md"
     write_text_atomic(report, "\n".join(sections))
     return report
@@ -133,7 +190,7 @@ def build_report(runs: Sequence[RunResult], out: Path, extra_metrics: Sequence[s
 
 def main(argv: Sequence[str] | None = None) -> None:
     """``lit report``: the Table 1 layout from the metrics.json files of ``lit test`` runs."""
-    parser = argparse.ArgumentParser(prog="lit report", description=__doc__.splitlines()[0])
+    parser = UserArgumentParser(prog="lit report", description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", help="folders searched for metrics.json (or the files)")
     parser.add_argument("--out", default="reports/table1", help="output folder")
     parser.add_argument(

@@ -6,6 +6,15 @@ Under DDP every rank embeds a (padded) shard of each; the gallery is gathered
 and deduplicated by index on every rank, each rank searches its own queries,
 and :class:`lit.metrics.RetrievalMetrics` gathers, deduplicates and scores, so
 1 and N processes report the same numbers.
+
+The metrics are logged with ``self.log`` (``mAP``, ``MRR``, ``recall@k``,
+``hit_rate@k``, ``precision@k``), so ``trainer.test()`` returns them and callbacks
+can read them; ``metrics.json`` records what was measured (the descriptor's
+:meth:`models.descriptor_config.DescriptorConfig.record`: name, weights file and
+SHA-256, random init, input size, similarity, normalisation). The grid of
+retrievals shows the first ``grid_queries`` kept queries (by index) for any
+number of processes. Report files already in the log folder that this module did
+not write are never overwritten (one-line :class:`lit.errors.UserError`).
 """
 
 from __future__ import annotations
@@ -20,14 +29,16 @@ from pytorch_lightning.utilities import rank_zero_info
 from torch import Tensor
 
 from lit.distributed import all_gather_objects, dedupe_by_index, gather_by_index
+from lit.errors import UserError
 from lit.grids import retrieval_grid, save_png
 from lit.metrics import RetrievalMetrics, ranking_relevance
 from lit.report import metrics_markdown, write_json, write_text_atomic
 from lit.search import search
 from lit.similarity import TokenNormalization
-from models.extractors import build_descriptor
+from models.descriptor_config import DescriptorConfig
 
 QUERIES, GALLERY = 0, 1
+REPORT_FILES = ("metrics.json", "metrics.md", "retrievals.png")
 
 
 class RetrievalEvaluator(pl.LightningModule):
@@ -45,7 +56,8 @@ class RetrievalEvaluator(pl.LightningModule):
             so use ``k`` >= gallery size for exact mAP (clipped to the gallery).
         ks: cut-offs for Recall@k, HitRate@k and P@k.
         ap: ``standard`` AP, or ``revisited`` (Oxford/Paris trapezoid with junk).
-        run_name: label of the row in the Markdown table (default: descriptor name).
+        run_name: label of the row in the Markdown table and in ``lit report`` (default: the
+            descriptor's name, ``<name> (random init)`` for random weights).
         grid_queries: queries shown in the TensorBoard / PNG grid of top results (0 = none).
         grid_top: retrieved items shown per query in that grid.
     """
@@ -69,15 +81,18 @@ class RetrievalEvaluator(pl.LightningModule):
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
         self.save_hyperparameters()
-        self.descriptor = build_descriptor(
-            descriptor, weights=weights, random_init=random_init, input_size=input_size
+        self.descriptor_config = DescriptorConfig(
+            name=descriptor, weights=weights, random_init=random_init, input_size=input_size,
+            similarity=similarity, token_normalization=token_normalization,
         )
-        self.similarity = self.descriptor.similarity_for(similarity)
+        self.descriptor = self.descriptor_config.build()
+        self.similarity = self.descriptor_config.resolved_similarity(self.descriptor)
         self.metrics = RetrievalMetrics(ks=tuple(ks), ap=ap)
         self._features: dict[int, list[Tensor]] = {}
         self._indices: dict[int, list[Tensor]] = {}
         self._skipped: list[str] = []
-        self._grid_rows: tuple[Tensor, Tensor, Tensor] | None = None
+        self._grid_rows: list[tuple[int, list[int], list[bool]]] = []
+        self._written: set[Path] = set()
         self.results: dict[str, float] = {}
 
     # ------------------------------------------------------------------ embedding
@@ -85,10 +100,23 @@ class RetrievalEvaluator(pl.LightningModule):
         """Features of a batch of [0, 1] images (global or token, per the descriptor)."""
         return self.descriptor(images)
 
+    def on_test_start(self) -> None:
+        """Refuse early, on every rank, to overwrite report files that this module did not write."""
+        log_dir = self._log_dir()
+        foreign = [str(log_dir / name) for name in REPORT_FILES
+                   if (log_dir / name).exists() and log_dir / name not in self._written]
+        foreign = self.trainer.strategy.broadcast(foreign if self.trainer.is_global_zero else [])
+        if foreign:
+            raise UserError(
+                f"{foreign[0]} already exists and this run did not write it: give the logger another "
+                "save_dir / name / version, or another default_root_dir, so that nothing is overwritten"
+            )
+
     def on_test_epoch_start(self) -> None:
         self._features = {QUERIES: [], GALLERY: []}
         self._indices = {QUERIES: [], GALLERY: []}
         self._skipped = []
+        self._grid_rows = []
         self.metrics.reset()
 
     def test_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
@@ -115,16 +143,22 @@ class RetrievalEvaluator(pl.LightningModule):
             ).to(query_ids.device)
         results = {name: float(value) for name, value in self.metrics.compute().items()}
         num_queries = int(gather_by_index(scored)[0].numel())
-        # straight to the logger: every rank holds the same values, and self.log would
-        # repeat them under each of the two test dataloaders
-        for logger in self.loggers:
-            logger.log_metrics({f"test/{name}": value for name, value in results.items()}, step=self.global_step)
+        # every rank holds the same (gathered) values: no reduction needed; logged outside a
+        # dataloader, so trainer.test() returns them (in the dict of each test dataloader)
+        self.log_dict(results, sync_dist=False, batch_size=1)
         self.results = results
         skipped = all_gather_objects(self._skipped)
-        # trainer.log_dir is a collective under DDP: every rank must ask for it
-        log_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)
+        # each rank's first kept queries -> the first by index over all ranks (DDP padding
+        # repeats a query on two ranks: one row per index), the same for any world size
+        grid_rows = {row[0]: row for row in all_gather_objects(self._grid_rows)}
+        self._grid_rows = [grid_rows[q] for q in sorted(grid_rows)[: self.hparams.grid_queries]]
+        log_dir = self._log_dir()
         if self.trainer.is_global_zero:
             self._write_reports(log_dir, results, num_queries, int(gallery_ids.numel()), skipped, retrieval_set)
+
+    def _log_dir(self) -> Path:
+        """The run's log folder (a collective under DDP: every rank must ask for it)."""
+        return Path(self.trainer.log_dir or self.trainer.default_root_dir)
 
     def _local(self, loader: int) -> tuple[Tensor, Tensor]:
         """This rank's (index, features) of one loader, padded duplicates removed."""
@@ -185,7 +219,8 @@ class RetrievalEvaluator(pl.LightningModule):
         num_positives = torch.tensor([len(p) for p in positives], dtype=torch.long)
         self.metrics.update(kept_ids, relevance, num_positives, junk)
         rows, top = self.hparams.grid_queries, self.hparams.grid_top
-        self._grid_rows = (kept_ids[:rows], ranked[:rows, :top], relevance[:rows, :top])
+        self._grid_rows = list(zip(kept_ids[:rows].tolist(), ranked[:rows, :top].tolist(),
+                                   relevance[:rows, :top].bool().tolist()))
         return kept_ids
 
     def _write_reports(
@@ -198,12 +233,13 @@ class RetrievalEvaluator(pl.LightningModule):
         retrieval_set: Any,
     ) -> None:
         """metrics.json and metrics.md in the log directory, and a short summary on stdout."""
-        name = self.hparams.run_name or self.hparams.descriptor
+        name = self.hparams.run_name or self.descriptor_config.display_name
         expected_queries = len(retrieval_set.positives)
         datamodule = self.trainer.datamodule
         payload = {
             "run_name": name,
             "descriptor": self.hparams.descriptor,
+            "descriptor_config": self.descriptor_config.record(self.descriptor),
             "dataset": getattr(datamodule, "name", None) or type(datamodule).__name__,
             "similarity": self.similarity,
             "token_normalization": self.hparams.token_normalization,
@@ -219,9 +255,9 @@ class RetrievalEvaluator(pl.LightningModule):
             "skipped_sources": dict(getattr(retrieval_set, "skipped_sources", {})),
             "metrics": results,
         }
-        write_json(log_dir / "metrics.json", payload)
+        self._written.add(write_json(log_dir / "metrics.json", payload))
         table = metrics_markdown(results, name)
-        write_text_atomic(log_dir / "metrics.md", table)
+        self._written.add(write_text_atomic(log_dir / "metrics.md", table))
         self._write_grid(log_dir, retrieval_set)
         rank_zero_info(
             f"\nRetrieval results ({num_queries} queries, {num_gallery} gallery images, "
@@ -230,9 +266,11 @@ class RetrievalEvaluator(pl.LightningModule):
 
     def _write_grid(self, log_dir: Path, retrieval_set: Any) -> None:
         """Queries beside their top results (green = positive, red = not) to TensorBoard and PNG."""
-        if self._grid_rows is None or self.hparams.grid_queries == 0:
+        if not self._grid_rows or self.hparams.grid_queries == 0:
             return
-        query_ids, ranked, relevance = self._grid_rows
+        query_ids = torch.tensor([row[0] for row in self._grid_rows])
+        ranked = torch.tensor([row[1] for row in self._grid_rows])
+        relevance = torch.tensor([row[2] for row in self._grid_rows])
 
         def image(dataset: Any, row: int) -> Tensor:
             loaded = dataset[row]["image"] if row >= 0 else None
@@ -243,7 +281,7 @@ class RetrievalEvaluator(pl.LightningModule):
             [[image(retrieval_set.gallery, g) for g in row if g >= 0] for row in ranked.tolist()],
             [[bool(ok) for ok, g in zip(flags, row) if g >= 0] for flags, row in zip(relevance.tolist(), ranked.tolist())],
         )
-        save_png(grid, log_dir / "retrievals.png")
+        self._written.add(save_png(grid, log_dir / "retrievals.png"))
         for logger in self.loggers:
             if isinstance(logger, TensorBoardLogger):
                 logger.experiment.add_image("test/retrievals", grid, self.global_step)

@@ -29,14 +29,18 @@ import torch
 from timm.models import swin_transformer, vision_transformer
 from torch import Tensor, nn
 
+from lit.errors import UserError
 from lit.io import shorten
 from models.pooling import PooledTrunk
 
 _MAX_KEYS_SHOWN = 3
 
 
-class WeightsError(ValueError):
-    """A weights file is missing, unreadable or does not fit the architecture (one-line message)."""
+class WeightsError(UserError, ValueError):
+    """A weights file is missing, unreadable or does not fit the architecture (one-line message).
+
+    A :class:`lit.errors.UserError` (``lit`` prints it as ``error: ...`` and exits 2); still a
+    ``ValueError`` for callers that catch that."""
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ from datamodules.oxford_paris import RevisitedOxfordParis, protocol_ground_truth
 from datamodules.real_sets import CroppedImageDataset, DatasetLayoutError, class_retrieval_set, crop_box
 from datamodules.retrieval import RetrievalSet
 from lit.io import load_image
+from tests.reference_scores import cosine_scores
 
 
 def _write_image(path: Path, seed: int, size: tuple[int, int] = (20, 24)) -> None:
@@ -232,9 +233,7 @@ def test_oxford_end_to_end_revisited_map(tmp_path: Path, protocol: str) -> None:
     with torch.no_grad():
         queries = torch.cat([descriptor([rs.queries[q]["image"]]) for q in range(len(rs.queries))])
         gallery = torch.cat([descriptor([rs.gallery[g]["image"]]) for g in range(len(rs.gallery))])
-    queries = queries.double() / queries.double().norm(dim=1, keepdim=True)
-    gallery = gallery.double() / gallery.double().norm(dim=1, keepdim=True)
-    scores = (queries @ gallery.T).numpy()
+    scores = cosine_scores(queries, gallery)
     aps = [
         _revisitop_ap(list(np.lexsort((np.arange(len(row)), -row))), rs.positives[q], rs.junk[q])  # type: ignore[index]
         for q, row in enumerate(scores)

@@ -18,6 +18,7 @@ from lit.replication import (
     self_similarity,
     top_copies,
 )
+from tests.reference_scores import cosine_scores
 
 
 def test_rates_are_strictly_above_threshold() -> None:
@@ -75,8 +76,7 @@ def test_self_similarity_matches_brute_force() -> None:
     features = torch.randn(12, 5, generator=generator)
     features[7] = features[3] * 2.0 + 1e-4  # a near duplicate pair (3, 7)
     result = self_similarity(features, k=3)
-    normed = torch.nn.functional.normalize(features.double(), dim=1)
-    sims = normed @ normed.T
+    sims = torch.from_numpy(cosine_scores(features, features))
     sims.fill_diagonal_(-float("inf"))
     assert torch.allclose(result.scores[:, 0].double(), sims.max(dim=1).values, atol=1e-5)
     assert result.indices[3, 0] == 7 and result.indices[7, 0] == 3
@@ -90,9 +90,7 @@ def test_self_similarity_matches_brute_force() -> None:
 def _brute_mirror(queries: torch.Tensor, gallery: torch.Tensor, mirrored: torch.Tensor,
                   own: list[int] | None) -> tuple[np.ndarray, np.ndarray]:
     """numpy reference: per gallery row the max of its and its mirror's cosine; own rows removed."""
-    unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)  # noqa: E731
-    q, g, m = (unit(x.double().numpy()) for x in (queries, gallery, mirrored))
-    direct, flipped = q @ g.T, q @ m.T
+    direct, flipped = cosine_scores(queries, gallery), cosine_scores(queries, mirrored)
     best = np.maximum(direct, flipped)
     if own is not None:
         best[np.arange(len(own)), own] = -np.inf

@@ -188,3 +188,38 @@ def test_ddp_two_processes_give_the_one_process_numbers(tmp_path: Path) -> None:
     first = {name: list(csv.DictReader((tmp_path / name / "version_0" / HISTORY_FILE).open()))[0] for name in ("one", "two")}
     for key in first["one"]:
         assert float(first["one"][key]) == pytest.approx(float(first["two"][key]), abs=1e-5), key
+
+
+@pytest.mark.parametrize("cadence", ["every_n_steps", "every_n_epochs"])
+def test_model_checkpoint_monitors_the_replication_rate(tmp_path: Path, cadence: str) -> None:
+    """The scalars reach trainer.callback_metrics through pl_module.log: ModelCheckpoint finds
+    replication/rate@0.5 and saves, whether the checks run per step or per epoch."""
+    watch = monitor(**{cadence: 1 if cadence == "every_n_epochs" else 2}, thresholds=[0.25, 0.5])
+    checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="replication/rate@0.5", mode="max",
+                                  save_top_k=1, filename="{step}-{replication/rate@0.5:.3f}",
+                                  auto_insert_metric_name=False,
+                                  **({"every_n_train_steps": 2} if cadence == "every_n_steps" else {}))
+    trainer, _ = fit(tmp_path, [watch, checkpoints], max_steps=4)
+    assert watch.checked_steps() == [0, 2, 4]
+    assert checkpoints.best_model_path and Path(checkpoints.best_model_path).is_file()
+    best = max(row["rate@0.5"] for row in watch.history if row["step"] > 0)  # no checkpoint at step 0
+    assert float(checkpoints.best_model_score) == pytest.approx(best)
+    last = watch.history[-1]
+    for name in ("rate@0.25", "rate@0.5", "top1_mean", "top1_max"):
+        assert float(trainer.callback_metrics[f"replication/{name}"]) == pytest.approx(last[name], abs=1e-6), name
+    assert float(trainer.callback_metrics["replication_baseline/top1_mean"]) == pytest.approx(
+        watch.baseline.as_dict()["top1_mean"], abs=1e-6)
+
+
+def test_descriptor_is_recorded_and_random_init_is_named(tmp_path: Path) -> None:
+    import json
+
+    from models.descriptor_config import DescriptorConfig
+
+    watch = monitor(every_n_steps=2, random_init=True, input_size=16)
+    tensorboard = TensorBoardLogger(tmp_path, name="tb", version=0)
+    trainer, _ = fit(tmp_path, [watch], max_steps=1, loggers=[tensorboard])
+    recorded = json.loads((Path(tensorboard.log_dir) / "replication" / "descriptor.json").read_text())
+    config = DescriptorConfig("pixel", random_init=True, input_size=16)
+    assert recorded["descriptor"] == config.record(config.build())
+    assert "pixel (random init) descriptor" in watch.summary_text(trainer)

@@ -16,8 +16,11 @@ from PIL import Image
 from sklearn.metrics import average_precision_score
 
 from datamodules.retrieval import FolderRetrievalDataModule, ProceduralRetrievalDataModule
+from lit.errors import UserError
+from models.descriptor_config import DescriptorConfig
 from models.extractors import build_descriptor
 from models.retrieval import RetrievalEvaluator
+from tests.reference_scores import cosine_scores
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -33,9 +36,7 @@ def _reference_metrics(datamodule: ProceduralRetrievalDataModule) -> dict[str, f
             return descriptor(torch.stack(images)).numpy().astype(np.float64)
 
     queries, gallery = embed(retrieval_set.queries), embed(retrieval_set.gallery)
-    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
-    gallery /= np.linalg.norm(gallery, axis=1, keepdims=True)
-    scores = queries @ gallery.T
+    scores = cosine_scores(queries, gallery)
     aps, recall1, mrr = [], [], []
     for q, positives in enumerate(retrieval_set.positives):
         truth = np.zeros(gallery.shape[0], dtype=bool)
@@ -116,15 +117,63 @@ def _run_cli(tmp_path: Path, name: str, extra: list[str]) -> dict:
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     done = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(next((tmp_path / name).rglob("metrics.json")).read_text())
+    report = json.loads(next((tmp_path / name).rglob("metrics.json")).read_text())
+    report["png"] = next((tmp_path / name).rglob("retrievals.png")).read_bytes()
+    return report
 
 
 def test_ddp_two_processes_match_one(tmp_path: Path) -> None:
-    """7 queries and 23 gallery items: DistributedSampler pads both; results must not change."""
-    single = _run_cli(tmp_path, "single", ["--trainer.devices=1"])
-    double = _run_cli(tmp_path, "ddp", ["--trainer.devices=2", "--trainer.strategy=ddp"])
+    """7 queries and 23 gallery items: DistributedSampler pads both; results must not change,
+    nor the retrievals.png grid (the first 5 queries by index, not rank 0's shard 0, 2, 4, 6)."""
+    single = _run_cli(tmp_path, "single", ["--trainer.devices=1", "--model.init_args.grid_queries=5"])
+    # no logger: both processes write into the one fresh lit_runs/version_0 that rank 0 made
+    double = _run_cli(tmp_path, "ddp", ["--trainer.devices=2", "--trainer.strategy=ddp",
+                                        "--model.init_args.grid_queries=5", "--trainer.logger=false",
+                                        f"--trainer.default_root_dir={tmp_path / 'ddp'}"])
+    assert [p.relative_to(tmp_path) for p in (tmp_path / "ddp").rglob("metrics.json")] == [
+        Path("ddp/lit_runs/version_0/metrics.json")]
+    assert sorted(p.name for p in (tmp_path / "ddp" / "lit_runs").iterdir()) == ["version_0"]
+    assert single["png"] == double["png"]
     assert double["num_queries"] == single["num_queries"] == 7
     assert double["num_gallery"] == single["num_gallery"] == 23
     for name, value in single["metrics"].items():
         assert double["metrics"][name] == pytest.approx(value, abs=1e-6), name
     assert 0.0 < single["metrics"]["mAP"] <= 1.0
+
+
+def _small(seed: int = 3) -> ProceduralRetrievalDataModule:
+    return ProceduralRetrievalDataModule(num_queries=5, copies_per_query=1, num_distractors=4, image_size=16,
+                                         seed=seed, batch_size=4)
+
+
+def test_trainer_test_returns_the_metrics_of_metrics_json(tmp_path: Path) -> None:
+    """Logged through Lightning: trainer.test() returns mAP, MRR, recall@k ... as in metrics.json;
+    metrics.json records the descriptor (random init, input size, similarity, normalisation)."""
+    model = RetrievalEvaluator(descriptor="pixel", random_init=True, input_size=8, ks=[1, 3])
+    returned = _trainer(tmp_path).test(model, datamodule=_small(), verbose=False)
+    report = json.loads(next(tmp_path.rglob("metrics.json")).read_text())
+    assert set(report["metrics"]) == {"mAP", "MRR", "recall@1", "recall@3", "hit_rate@1", "hit_rate@3",
+                                      "precision@1", "precision@3"}
+    for per_loader in returned:  # one dict per test dataloader (queries, gallery): the same values
+        assert set(per_loader) == set(report["metrics"])
+        for name, value in report["metrics"].items():
+            assert per_loader[name] == pytest.approx(value, rel=1e-6, abs=1e-7), name
+    config = DescriptorConfig("pixel", random_init=True, input_size=8)
+    assert report["descriptor_config"] == config.record(config.build())
+    assert report["run_name"] == "pixel (random init)"
+    assert report["descriptor_config"]["input_size"] == 8 and report["similarity"] == "cosine"
+
+
+def test_report_files_it_did_not_write_are_not_overwritten(tmp_path: Path) -> None:
+    (tmp_path / "metrics.json").write_text('{"mine": 1}')
+    trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, default_root_dir=tmp_path)
+    model = RetrievalEvaluator(descriptor="pixel", input_size=8)
+    with pytest.raises(UserError, match=f"{tmp_path / 'metrics.json'} already exists and this run did not write it"):
+        trainer.test(model, datamodule=_small(), verbose=False)
+    assert (tmp_path / "metrics.json").read_text() == '{"mine": 1}'
+    assert not (tmp_path / "metrics.md").exists()
+    (tmp_path / "metrics.json").unlink()
+    trainer.test(model, datamodule=_small(), verbose=False)
+    trainer.test(model, datamodule=_small(seed=4), verbose=False)  # its own files: rewritten
+    assert json.loads((tmp_path / "metrics.json").read_text())["num_queries"] == 5

@@ -3,7 +3,10 @@
 The reference is a float64 numpy brute force: the full similarity matrix,
 excluded entries removed, every row ranked with a stable sort on
 (-score, gallery row). Ties come from exactly duplicated gallery vectors,
-whose reference scores are equal by construction.
+whose reference scores are equal by construction: the scores are computed
+once per unique vector with an explicit product and sum
+(``tests/reference_scores.py``), never by a BLAS matrix product, whose
+kernels may score identical columns an ulp apart (OpenBLAS on AVX-512).
 """
 
 from __future__ import annotations
@@ -13,27 +16,17 @@ import pytest
 import torch
 
 from lit.search import SearchResult, search, self_search
+from tests.reference_scores import cosine_scores, split_product_scores
 
 MODES = ["token", "global", "none"]
 
 
 def cosine_matrix(q: torch.Tensor, g: torch.Tensor) -> np.ndarray:
-    qn = q.double().numpy()
-    gn = g.double().numpy()
-    qn = qn / np.linalg.norm(qn, axis=1, keepdims=True)
-    gn = gn / np.linalg.norm(gn, axis=1, keepdims=True)
-    return qn @ gn.T
+    return cosine_scores(q, g)
 
 
 def split_product_matrix(q: torch.Tensor, g: torch.Tensor, mode: str) -> np.ndarray:
-    qn, gn = q.double().numpy(), g.double().numpy()
-    if mode == "token":
-        qn = qn / np.linalg.norm(qn, axis=-1, keepdims=True)
-        gn = gn / np.linalg.norm(gn, axis=-1, keepdims=True)
-    elif mode == "global":
-        qn = qn / np.linalg.norm(qn.reshape(len(qn), -1), axis=1)[:, None, None]
-        gn = gn / np.linalg.norm(gn.reshape(len(gn), -1), axis=1)[:, None, None]
-    return np.einsum("qtd,gtd->qgt", qn, gn).max(-1)
+    return split_product_scores(q, g, mode)
 
 
 def reference_topk(
@@ -229,3 +222,21 @@ def test_non_finite_features_are_rejected() -> None:
     tok[0, 1, 1] = float("nan")
     with pytest.raises(ValueError, match="NaN or inf"):
         search(tok, tok, 2, similarity="split_product")
+
+
+def test_reference_scores_do_not_depend_on_row_position() -> None:
+    """The reference itself: copies of one vector score bitwise-equal wherever they sit in the gallery
+    (a BLAS product may not: OpenBLAS's AVX-512 kernel sums the last columns of a 300-wide row in
+    another order), and every score is the correctly rounded dot product to float64 precision."""
+    import math
+
+    q = torch.randn(64, 300, generator=gen(24))
+    g, group = duplicated(torch.randn(5, 300, generator=gen(25)), 300, seed=26)
+    scores = cosine_matrix(q, g)
+    for k in range(5):
+        copies = scores[:, group == k]
+        assert (copies == copies[:, :1]).all()
+    qn = q.double().numpy() / np.linalg.norm(q.double().numpy(), axis=1, keepdims=True)
+    gn = g.double().numpy() / np.linalg.norm(g.double().numpy(), axis=1, keepdims=True)
+    for r, c in [(0, 0), (5, 296), (63, 299)]:
+        assert scores[r, c] == pytest.approx(math.fsum(qn[r] * gn[c]), abs=1e-14)

@@ -27,21 +27,16 @@ from lit.similarity import (
     normalize_tokens,
     split_product,
 )
+from tests.reference_scores import dot_scores, split_product_scores
 
 REPO = Path(__file__).resolve().parents[1]
 MODES = ["token", "global", "none"]
 
 
 def numpy_split_product(q: np.ndarray, g: np.ndarray, mode: str) -> np.ndarray:
-    """float64 brute force: normalise, all (Q, G, T) token products, max over T."""
-    q, g = q.astype(np.float64), g.astype(np.float64)
-    if mode == "token":
-        q = q / np.maximum(np.linalg.norm(q, axis=-1, keepdims=True), 1e-12)
-        g = g / np.maximum(np.linalg.norm(g, axis=-1, keepdims=True), 1e-12)
-    elif mode == "global":
-        q = q / np.maximum(np.linalg.norm(q.reshape(len(q), -1), axis=1), 1e-12)[:, None, None]
-        g = g / np.maximum(np.linalg.norm(g.reshape(len(g), -1), axis=1), 1e-12)[:, None, None]
-    return np.einsum("qtd,gtd->qgt", q, g).max(axis=-1)
+    """float64 brute force: normalise, all (Q, G, T) token products, max over T (explicit products,
+    no einsum/BLAS kernel whose summation order depends on alignment or CPU)."""
+    return split_product_scores(q, g, mode)
 
 
 def test_l2_normalize_unit_norm_and_zero_vector() -> None:
@@ -80,7 +75,7 @@ def test_cosine_similarity_matches_sklearn() -> None:
     np.testing.assert_allclose(out.numpy(), sk_cosine(q.numpy(), g.numpy()), atol=1e-6)
     raw = cosine_similarity(q.double(), g.double(), normalize=False)
     assert raw.dtype == torch.float32
-    np.testing.assert_allclose(raw.numpy(), q.numpy() @ g.numpy().T, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(raw.numpy(), dot_scores(q, g), rtol=1e-5, atol=1e-5)
 
 
 def test_cosine_similarity_errors() -> None:

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from scipy.stats import rankdata
 
+from lit.errors import UserError
 from lit.table1 import average_ranks, build_report, load_runs, main
 
 
@@ -66,7 +67,10 @@ def test_bad_inputs_have_clear_errors(tmp_path: Path) -> None:
         load_runs([tmp_path / "empty"])
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "metrics.json").write_text("{}")
-    with pytest.raises(ValueError, match="missing"):
+    with pytest.raises(UserError, match="missing"):
+        load_runs([tmp_path / "bad"])
+    (tmp_path / "bad" / "metrics.json").write_text("{not json")
+    with pytest.raises(UserError, match=r"metrics.json is not a lit test metrics.json: invalid JSON"):
         load_runs([tmp_path / "bad"])
 
 
@@ -86,3 +90,24 @@ def test_segmix_columns_name_their_mask_source(tmp_path: Path) -> None:
 
     names = {fmt: SegmixDataModule(str(tmp_path), mask_format=fmt).name for fmt in ("coco", "voc", "folder")}
     assert names == {"coco": "COCO Segmix", "voc": "VOC Segmix", "folder": "Segmix"}
+
+
+def test_report_names_random_init_runs_and_records_what_was_measured(tmp_path: Path) -> None:
+    """A random-init run gets its own row, and the report lists weights file, SHA-256, input size..."""
+    from models.descriptor_config import DescriptorConfig, file_sha256
+
+    weights = tmp_path / "w.pt"
+    weights.write_bytes(b"not really weights")
+    real = DescriptorConfig("pixel").record() | {"weights": str(weights), "weights_sha256": file_sha256(weights)}
+    runs = {"real": ("pixel", real, 0.5), "random": ("pixel", DescriptorConfig("pixel", random_init=True).record(), 0.1)}
+    for folder, (descriptor, record, value) in runs.items():
+        (tmp_path / "runs" / folder).mkdir(parents=True)
+        payload = {"descriptor": descriptor, "descriptor_config": record, "dataset": "Cutmix", "metrics": {"mAP": value}}
+        (tmp_path / "runs" / folder / "metrics.json").write_text(json.dumps(payload))
+    loaded = load_runs([tmp_path / "runs"])
+    assert sorted(r.descriptor for r in loaded) == ["pixel", "pixel (random init)"]
+    text = build_report(loaded, tmp_path / "out", []).read_text()
+    assert "| pixel | **50.00** | 1.00 |" in text and "| pixel (random init) | 10.00 | 2.00 |" in text
+    assert f"| pixel | Cutmix | pixel | w.pt | {file_sha256(weights)[:12]} | False | 32 | cosine | token |" in text
+    assert "| pixel (random init) | Cutmix | pixel | – | – | True |" in text
+    assert (tmp_path / "out" / "runs.csv").read_text().splitlines()[0].startswith("run,dataset,descriptor,weights")
