@@ -226,8 +226,11 @@ class ShardStream(IterableDataset):
         self.strict = strict
 
     def __len__(self) -> int:
-        """Batches in all (exact for folders / lists; for tars one per tar as a lower bound)."""
-        return sum(math.ceil(len(s.items) / self.batch_size) or 1 for s in self.shards) + len(self.tars)
+        """Batches in all, for the progress bar: exact for folders / lists; unknown for tars (TypeError,
+        which Lightning reads as "no length": a lower bound would end the loop early)."""
+        if self.tars:
+            raise TypeError("the number of batches of tar shards is known only after reading them")
+        return sum(math.ceil(len(s.items) / self.batch_size) or 1 for s in self.shards)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
@@ -330,7 +333,26 @@ def _tar_samples(path: str, problems: list[str]) -> Iterator[dict[str, Any]]:
         problems.append(f"{path}: unreadable after this point ({type(error).__name__}: {error})")
         return False  # stop reading this tar
 
+    damage = _tar_damage(path)
+    if damage:  # a header cut short reads as a clean end of the archive: say so
+        problems.append(f"{path}: {damage}")
     yield from wds.tarfile_samples([{"url": path}], handler=handler)
+
+
+def _tar_damage(path: str) -> str | None:
+    """Why a local tar is visibly truncated (size not whole 512-byte blocks, or no end-of-archive
+    zero blocks), or None."""
+    file = Path(path)
+    if not file.is_file():
+        return None
+    size = file.stat().st_size
+    if size % 512:
+        return f"truncated ({size} bytes is not a whole number of 512-byte tar blocks)"
+    with open(file, "rb") as handle:
+        handle.seek(max(0, size - 1024))
+        if handle.read().strip(b"\0"):
+            return "truncated (no end-of-archive marker)"
+    return None
 
 
 def _with_last(items: Iterator[Any]) -> Iterator[tuple[int, Any, bool]]:
@@ -413,5 +435,6 @@ class ExtractionDataModule(pl.LightningDataModule):
         # the stream's length is exact per rank and worker, and it batches itself (no sampler to read indices from)
         warnings.filterwarnings("ignore", message=r".*`IterableDataset` has `__len__` defined.*")
         warnings.filterwarnings("ignore", message=r".*Couldn't infer the batch indices.*")
+        warnings.filterwarnings("ignore", message=r".*Total length of `DataLoader` across ranks is zero.*")
         return DataLoader(self._stream, batch_size=None, num_workers=self.num_workers,
                           collate_fn=_collate_identity, persistent_workers=False)

@@ -359,13 +359,14 @@ class FeatureStore:
         return self._meta[i]
 
     def _column(self, field: str) -> list[Any] | None:
+        """A row column over all shards; rows of shards without it are None; None when no shard has it."""
         values: list[Any] = []
-        for i in range(len(self.shards)):
+        known = False
+        for i, shard in enumerate(self.shards):
             column = self._shard_meta(i).get(field)
-            if column is None:
-                return None
-            values.extend(column)
-        return values
+            known = known or column is not None
+            values.extend([None] * shard.rows if column is None else column)
+        return values if known or field == "keys" else None
 
     @property
     def keys(self) -> list[str]:
@@ -374,12 +375,12 @@ class FeatureStore:
 
     @property
     def captions(self) -> list[str | None] | None:
-        """Every row's caption, or None when some shard has none."""
+        """Every row's caption (None for rows without one), or None when the store has none."""
         return self._column("captions")
 
     @property
     def labels(self) -> list[Any] | None:
-        """Every row's class label, or None when some shard has none."""
+        """Every row's class label (None for rows without one), or None when the store has none."""
         return self._column("labels")
 
     def keys_at(self, indices: Sequence[int] | np.ndarray) -> list[str]:
@@ -389,10 +390,10 @@ class FeatureStore:
     def captions_at(self, indices: Sequence[int] | np.ndarray) -> list[str | None] | None:
         """Captions of the given rows (None when the store has none)."""
         located = list(zip(*self._locate(np.asarray(indices, dtype=np.int64))))
-        columns = [self._shard_meta(s).get("captions") for s, _ in located]
-        if any(c is None for c in columns):
+        if all(self._shard_meta(i).get("captions") is None for i in range(len(self.shards))):
             return None
-        return [column[r] for column, (_, r) in zip(columns, located)]  # type: ignore[index]
+        columns = [self._shard_meta(s).get("captions") for s, _ in located]
+        return [None if column is None else column[r] for column, (_, r) in zip(columns, located)]
 
     # ------------------------------------------------------------------ features
 
