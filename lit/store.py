@@ -303,7 +303,6 @@ class FeatureStore:
         self.manifest = manifest
         self.shards = [_shard_info(s) for s in manifest["shards"]]
         self.offsets = np.concatenate([[0], np.cumsum([s.rows for s in self.shards], dtype=np.int64)])
-        self._maps: dict[int, np.ndarray] = {}
         self._meta: dict[int, dict[str, Any]] = {}
 
     @classmethod
@@ -398,14 +397,15 @@ class FeatureStore:
     # ------------------------------------------------------------------ features
 
     def shard_array(self, i: int) -> np.ndarray:
-        """Shard ``i``'s features as a read-only memory map."""
-        if i not in self._maps:
-            array = np.load(self.root / self.shards[i].file, mmap_mode="r", allow_pickle=False)
-            if array.shape != (self.shards[i].rows, *self.feature_shape):
-                raise UserError(f"{self.root / self.shards[i].file} has shape {array.shape}, the manifest says "
-                                f"({self.shards[i].rows}, *{self.feature_shape}); the store is damaged")
-            self._maps[i] = array
-        return self._maps[i]
+        """Shard ``i``'s features as a read-only memory map.
+
+        Not cached: the pages a scan touches count in the process's resident memory for as long
+        as the map lives, so every read maps, copies what it needs and lets the map go."""
+        array = np.load(self.root / self.shards[i].file, mmap_mode="r", allow_pickle=False)
+        if array.shape != (self.shards[i].rows, *self.feature_shape) or array.dtype != self.dtype:
+            raise UserError(f"{self.root / self.shards[i].file} holds {array.dtype} {array.shape}, the manifest says "
+                            f"{self.dtype} ({self.shards[i].rows}, *{self.feature_shape}); the store is damaged")
+        return array
 
     def _locate(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         if indices.size and (indices.min() < 0 or indices.max() >= self.num_rows):
@@ -437,7 +437,9 @@ class FeatureStore:
             take = min(stop, end) - position
             if take <= 0:
                 continue
-            out[position - start: position - start + take] = self.shard_array(i)[position - begin: position - begin + take]
+            shard = self.shard_array(i)
+            out[position - start: position - start + take] = shard[position - begin: position - begin + take]
+            del shard
             position += take
         return out
 
