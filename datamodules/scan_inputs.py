@@ -84,6 +84,7 @@ class TarUnit:
     number: int
     path: str
     done: frozenset[str] = field(default_factory=frozenset)
+    prefix: str = ""
 
 
 @dataclass(frozen=True)
@@ -98,7 +99,7 @@ class ImageSource:
     @classmethod
     def resolve(cls, source: str, labels_from_folders: bool = False) -> ImageSource:
         """Find out what ``source`` is (a one-line ``UserError`` when it is nothing readable)."""
-        path = Path(source).expanduser()
+        path = Path(source).expanduser().absolute()
         if path.is_dir():
             tars = sorted(str(p) for p in path.glob("*.tar"))
             images = list_images(path)
@@ -119,33 +120,39 @@ class ImageSource:
             return cls("list", str(path), items=tuple(read_file_list(path)))
         if path.is_file():
             raise UserError(f"{path}: expected an image folder, a .txt / .tsv file list or a .tar shard")
-        tars = expand_tar_pattern(source)
+        tars = expand_tar_pattern(str(path))
         if tars:
-            return cls("tars", source, tars=tuple(tars))
+            return cls("tars", str(path), tars=tuple(tars))
         raise UserError(f"input {source} not found (an image folder, a .txt / .tsv file list, a .tar shard, "
                         "or a pattern such as shards/{00000..00009}.tar)")
 
     def plan(
-        self, shard_size: int, done: Mapping[str, Mapping[str, Any] | None] | None = None
+        self,
+        shard_size: int,
+        done: Mapping[str, Mapping[str, Any] | None] | None = None,
+        prefix: str = "",
+        base: int = 0,
     ) -> tuple[list[ShardPlan], list[TarUnit]]:
         """The shards still to write (folder / list) or the tars still to read (each with its done shards).
 
-        ``done`` maps the names of the shards already in the store to their ``info`` (a tar whose
-        ``final`` chunk is there is finished)."""
+        ``done`` maps the names of this input's shards already in the store to their ``info`` (a
+        tar whose ``final`` chunk is there is finished). ``prefix`` starts every shard name and
+        ``base`` is added to the shards' order keys (an input appended to a store comes after)."""
         done = done or {}
         if shard_size < 1:
             raise UserError(f"shard_size must be >= 1, got {shard_size}")
         if self.kind != "tars":
             shards = [
-                ShardPlan(f"{j:06d}", j * shard_size, self.items[j * shard_size:(j + 1) * shard_size], j * shard_size)
+                ShardPlan(f"{prefix}{j:06d}", base + j * shard_size, self.items[j * shard_size:(j + 1) * shard_size],
+                          j * shard_size)
                 for j in range(math.ceil(len(self.items) / shard_size))
             ]
             return [s for s in shards if s.name not in done], []
         units = []
         for number, tar in enumerate(self.tars):
-            mine = {name: info for name, info in done.items() if name.startswith(f"{number:06d}-")}
+            mine = {name: info for name, info in done.items() if name.startswith(f"{prefix}{number:06d}-")}
             if not any((info or {}).get("final") for info in mine.values()):
-                units.append(TarUnit(number, tar, frozenset(mine)))
+                units.append(TarUnit(number, tar, frozenset(mine), prefix))
         return [], units
 
 
@@ -217,7 +224,9 @@ class ShardStream(IterableDataset):
         batch_size: int,
         preprocessing: Preprocessing | None,
         strict: bool = False,
+        input_id: str = "",
     ) -> None:
+        self.input_id = input_id
         self.shards = list(shards)
         self.tars = list(tars)
         self.shard_size = shard_size
@@ -263,7 +272,7 @@ class ShardStream(IterableDataset):
         """Chunks of ``shard_size`` samples of one tar; its last chunk is marked ``final`` (a damaged
         tar's problem is listed there, and an empty tar gives one empty final chunk)."""
         def name(chunk: int) -> str:
-            return f"{unit.number:06d}-{chunk:06d}"
+            return f"{unit.prefix}{unit.number:06d}-{chunk:06d}"
 
         rows: list[tuple[int, dict[str, Any], Tensor]] = []
         skipped: list[str] = []
@@ -281,11 +290,10 @@ class ShardStream(IterableDataset):
             if end_of_chunk or len(rows) + len(skipped) >= self.batch_size:
                 if is_last:
                     skipped += problems
-                yield self._batch(name(chunk), None, unit.path, rows, skipped, last=end_of_chunk,
-                                  info={"final": True} if is_last else None)
+                yield self._batch(name(chunk), None, unit.path, rows, skipped, last=end_of_chunk, final=is_last)
                 rows, skipped = [], []
         if count == 0 and name(0) not in unit.done:  # an empty or unreadable tar: one empty final shard
-            yield self._batch(name(0), None, unit.path, [], problems, last=True, info={"final": True})
+            yield self._batch(name(0), None, unit.path, [], problems, last=True, final=True)
 
     def _tar_row(self, unit: TarUnit, sample: dict[str, Any], skipped: list[str]) -> tuple[dict, Tensor] | None:
         key = str(sample.get("__key__", "?"))
@@ -306,7 +314,7 @@ class ShardStream(IterableDataset):
 
     def _batch(self, shard: str, start: int | None, source: str | None,
                rows: Sequence[tuple[int, dict[str, Any], Tensor]], skipped: Sequence[str], last: bool,
-               info: dict[str, Any] | None = None) -> dict[str, Any]:
+               final: bool = False) -> dict[str, Any]:
         images: Tensor | list[Tensor]
         if self.preprocessing is not None:
             size = self.preprocessing.input_size
@@ -320,7 +328,8 @@ class ShardStream(IterableDataset):
             "captions": [r[1]["caption"] for r in rows],
             "labels": [r[1]["label"] for r in rows],
             "shard": shard, "start": start, "source": source,
-            "skipped": list(skipped), "last": last, "info": info,
+            "skipped": list(skipped), "last": last,
+            "info": {"input": self.input_id, **({"final": True} if final else {})},
         }
 
 
@@ -386,6 +395,8 @@ class ExtractionDataModule(pl.LightningDataModule):
         num_workers: data-loader processes decoding and cropping images.
         labels_from_folders: use each image's sub-folder as its class label (folder inputs).
         strict: stop at the first unreadable image instead of skipping it.
+        shard_prefix: starts the names of this input's shards; needed to add a second input to
+            an existing store (its shards are ordered after those already there).
     """
 
     def __init__(
@@ -395,6 +406,7 @@ class ExtractionDataModule(pl.LightningDataModule):
         num_workers: int = 0,
         labels_from_folders: bool = False,
         strict: bool = False,
+        shard_prefix: str = "",
     ) -> None:
         super().__init__()
         if batch_size < 1:
@@ -404,6 +416,9 @@ class ExtractionDataModule(pl.LightningDataModule):
         self.num_workers = num_workers
         self.labels_from_folders = labels_from_folders
         self.strict = strict
+        if shard_prefix and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", shard_prefix):
+            raise UserError(f"shard_prefix must be letters, digits, '_', '-', '.', got {shard_prefix!r}")
+        self.shard_prefix = shard_prefix
         self._input: ImageSource | None = None
         self._stream: ShardStream | None = None
 
@@ -421,11 +436,12 @@ class ExtractionDataModule(pl.LightningDataModule):
         done: Mapping[str, Mapping[str, Any] | None] | None = None,
         rank: int = 0,
         world_size: int = 1,
+        base: int = 0,
     ) -> ShardStream:
         """Set this rank's share of the work (called by the store writer before predicting)."""
-        shards, tars = self.input.plan(shard_size, done)
+        shards, tars = self.input.plan(shard_size, done, self.shard_prefix, base)
         self._stream = ShardStream(shards[rank::world_size], tars[rank::world_size], shard_size,
-                                   self.batch_size, preprocessing, self.strict)
+                                   self.batch_size, preprocessing, self.strict, self.input.location)
         return self._stream
 
     def predict_dataloader(self) -> DataLoader:

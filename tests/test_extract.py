@@ -98,6 +98,27 @@ def test_rerun_writes_nothing_and_other_descriptors_are_refused(tmp_path: Path) 
     assert [p.name for p in foreign.iterdir()] == ["notes.txt"]
 
 
+def test_a_second_input_is_appended_after_the_first_with_a_prefix(tmp_path: Path) -> None:
+    first, second = _folder(tmp_path / "a", good=4), _folder(tmp_path / "b", good=2)
+    with pytest.warns(UserWarning):
+        _extract(first, tmp_path / "store")
+    with pytest.raises(UserError, match=r"already holds shard 000000 of input .*/a; to add .*/b to it, set "
+                                        r"--data.init_args.shard_prefix"):
+        _extract(second, tmp_path / "store")
+    with pytest.warns(UserWarning):
+        store = _extract(second, tmp_path / "store", shard_prefix="b-")
+    bad = ("cats/img99_empty.jpg", "dogs/img05_bad.png")
+    keys = [[i.key for i in ImageSource.resolve(str(f)).items if i.key not in bad] for f in (first, second)]
+    assert store.keys == keys[0] + keys[1] and len(keys[1]) == 2
+    assert [(s["name"], s["start"]) for s in store.manifest["shards"]] == [
+        ("000000", 0), ("000001", 3), ("b-000000", 6), ("b-000001", 9)]
+    files = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "store").glob("shard-*")}
+    _extract(first, tmp_path / "store")  # reruns of either input: nothing new
+    _extract(second, tmp_path / "store", shard_prefix="b-")
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "store").glob("shard-*")} == files
+    assert FeatureStore.open(tmp_path / "store").keys == store.keys
+
+
 def test_bf16_mixed_stores_float32_cast_features(tmp_path: Path) -> None:
     root = _folder(tmp_path / "images", good=4)
     with pytest.warns(UserWarning):
@@ -168,10 +189,11 @@ def test_webdataset_tars_round_trip_keys_and_captions(tmp_path: Path) -> None:
     shards = store.manifest["shards"]
     assert [s["name"] for s in shards][:4] == ["000000-000000", "000000-000001", "000000-000002", "000001-000000"]
     assert shards[1]["skipped"] == ["000000002", "000000003"] and shards[0]["source"].endswith("00000.tar")
-    assert [s.get("info") for s in shards[:4]] == [None, None, {"final": True}, {"final": True}]
+    assert [s["info"].get("final") for s in shards[:4]] == [None, None, True, True]
+    assert {s["info"]["input"] for s in shards} == {str(tmp_path / "shards")}
     truncated = [s for s in shards if s["name"].startswith("000002-")]
     assert any("truncated (3000 bytes is not a whole number" in k for s in truncated for k in s["skipped"])
-    assert truncated[-1]["info"] == {"final": True}
+    assert truncated[-1]["info"]["final"] is True
     with torch.no_grad():  # the PNG sample, decoded independently of the suite's loader
         expected = DescriptorConfig("pixel").build()(torch.from_numpy(np.asarray(images[1])).permute(2, 0, 1)[None] / 255.0)
     np.testing.assert_allclose(store.rows([1], np.float32), expected.numpy(), atol=2e-3)
