@@ -81,6 +81,20 @@ def test_folder_rows_are_the_descriptor_features_and_bad_images_are_counted(tmp_
     assert store.manifest["extra"]["shard_size"] == 3 and store.manifest["extra"]["precision"] == "32-true"
 
 
+def test_token_features_make_a_token_store(tmp_path: Path) -> None:
+    root = _folder(tmp_path / "images", good=3)
+    torch.manual_seed(0)
+    module = DescriptorExtractor("dino_vit_b16", random_init=True, input_size=32)
+    with pytest.warns(UserWarning):
+        store = _extract(root, tmp_path / "store", descriptor=module, shard_size=2)
+    assert store.feature_shape == (5, 768) and len(store) == 3  # CLS + 2 x 2 patches
+    assert store.descriptor["similarity"] == "split_product"
+    with torch.no_grad():
+        expected = module.descriptor([load_image(root / k) for k in store.keys]).numpy()  # type: ignore[list-item]
+    assert expected.shape == (3, 5, 768)
+    np.testing.assert_allclose(store.rows([2, 0, 1], np.float32), expected[[2, 0, 1]], atol=1e-2, rtol=1e-2)
+
+
 def test_rerun_writes_nothing_and_other_descriptors_are_refused(tmp_path: Path) -> None:
     root = _folder(tmp_path / "images", good=4)
     with pytest.warns(UserWarning):
