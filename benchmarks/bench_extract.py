@@ -7,7 +7,7 @@ Three rates on the same images, in one run:
   ``StoreWriterCallback`` (shards, checksums, manifest), ``--workers`` loader processes;
 - reference: a plain loop in one process (load, crop, stack, descriptor, ``np.save``).
 
-    .venv/bin/python benchmarks/bench_extract.py --source /work/shared/data/bsds300
+    .venv/bin/python benchmarks/bench_extract.py --source /work/shared/data/bsds300/train/images
     .venv/bin/python benchmarks/bench_extract.py --descriptor sscd_resnet50 --random-init --limit 64
 """
 
@@ -32,7 +32,7 @@ from models.extract import DescriptorExtractor
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--source", default="/work/shared/data/bsds300")
+    parser.add_argument("--source", default="/work/shared/data/bsds300/train/images")
     parser.add_argument("--descriptor", default="pixel")
     parser.add_argument("--random-init", action="store_true")
     parser.add_argument("--limit", type=int, default=None, help="first N images only")
@@ -50,6 +50,8 @@ def main() -> None:
     print(f"{len(images)} images from {args.source}; descriptor {args.descriptor} "
           f"({pre.describe()}), batch {args.batch_size}, torch threads {torch.get_num_threads()}")
 
+    for path in images:  # warm-up: every phase reads the files from the page cache
+        Path(path).read_bytes()
     started = time.perf_counter()
     for path in images:
         crop_image(load_image(path), pre)  # type: ignore[arg-type]

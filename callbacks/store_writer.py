@@ -124,8 +124,8 @@ class StoreWriterCallback(BasePredictionWriter):
         error, (done, base) = strategy.broadcast((error, plan), src=0)
         if error is not None:
             raise UserError(error)
-        if not trainer.is_global_zero:
-            self.writer = StoreWriter(self.output_dir, record, shape, self.dtype)
+        if not trainer.is_global_zero:  # rank 0 made and cleaned the store; the others only add shards
+            self.writer = StoreWriter(self.output_dir, record, shape, self.dtype, clean=False)
         self._done_before = len(done)
         self._shard_size = shard_size
         self._precision = pl_module.effective_precision()

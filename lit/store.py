@@ -125,6 +125,8 @@ class StoreWriter:
         descriptor_record: ``DescriptorConfig.record()`` of the descriptor that made the features.
         feature_shape: ``(D,)`` for global features, ``(T, D)`` for tokens.
         dtype: ``float16`` (default, half the disk) or ``float32``.
+        clean: remove the temporary files a killed writer left (only one process of a
+            multi-process run may do this, before any of them writes).
     """
 
     def __init__(
@@ -133,8 +135,10 @@ class StoreWriter:
         descriptor_record: Mapping[str, Any],
         feature_shape: Sequence[int],
         dtype: str = "float16",
+        clean: bool = True,
     ) -> None:
         self.root = Path(root)
+        self.clean = clean
         self.descriptor = dict(descriptor_record)
         self.feature_shape = tuple(int(s) for s in feature_shape)
         if not self.feature_shape or any(s < 1 for s in self.feature_shape):
@@ -155,7 +159,8 @@ class StoreWriter:
         if _is_store(self.root):
             marker = json.loads((self.root / MARKER).read_text())
             self._check_same(marker)
-            self._remove_temporaries()
+            if self.clean:
+                self._remove_temporaries()
             return
         self.root.mkdir(parents=True, exist_ok=True)
         write_json(self.root / MARKER, {
