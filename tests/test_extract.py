@@ -209,11 +209,17 @@ def test_webdataset_tars_round_trip_keys_and_captions(tmp_path: Path) -> None:
     assert any("truncated (3000 bytes is not a whole number" in k for s in truncated for k in s["skipped"])
     assert truncated[-1]["info"]["final"] is True
     with torch.no_grad():  # the PNG sample, decoded independently of the suite's loader
-        expected = DescriptorConfig("pixel").build()(torch.from_numpy(np.asarray(images[1])).permute(2, 0, 1)[None] / 255.0)
+        expected = DescriptorConfig("pixel").build()(torch.from_numpy(np.array(images[1])).permute(2, 0, 1)[None] / 255.0)
     np.testing.assert_allclose(store.rows([1], np.float32), expected.numpy(), atol=2e-3)
     before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "store").glob("shard-*")}
     _extract(tmp_path / "shards", tmp_path / "store", shard_size=2)  # finished tars are not read again
     assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "store").glob("shard-*")} == before
+    complete = _store_files(tmp_path / "store")
+    for name in ("shard-000000-000002.json", "shard-000000-000002.npy", "manifest.json"):  # killed in tar 0
+        (tmp_path / "store" / name).unlink()
+    _extract(tmp_path / "shards", tmp_path / "store", shard_size=2)  # only tar 0's last chunk is decoded again
+    assert _store_files(tmp_path / "store") == complete
+    assert (tmp_path / "store" / "shard-000000-000001.npy").stat().st_mtime_ns == before["shard-000000-000001.npy"]
     assert expand_tar_pattern(str(tmp_path / "shards" / "{00000..00001}.tar")) == [
         str(tmp_path / "shards" / "00000.tar"), str(tmp_path / "shards" / "00001.tar")]
 
