@@ -211,3 +211,15 @@ def test_bytes_on_disk_per_row(tmp_path: Path, shape: tuple[int, ...], per_row: 
     assert manifest["bytes_per_row"] == per_row
     assert per_row * rows < on_disk <= per_row * rows + 128  # the .npy header is the only overhead
     assert json.loads((tmp_path / "s" / MANIFEST).read_text())["num_rows"] == rows
+
+
+def test_a_descriptor_is_compatible_with_the_store_it_made_built_or_not(tmp_path: Path) -> None:
+    """``lit scan`` checks an unbuilt ``DescriptorConfig.record()`` against stores written with the built
+    descriptor's record: both must describe the same preprocessing (here at a non-default input size)."""
+    config = DescriptorConfig("pixel", input_size=16)
+    StoreWriter(tmp_path / "s", config.record(config.build()), (768,)).finalize()
+    store = FeatureStore.open(tmp_path / "s")
+    assert store.descriptor["preprocessing"] == "resize 16 bilinear, crop 16, mean/std none"
+    store.check_compatible(config.record())
+    with pytest.raises(UserError, match="input_size 16 vs 32"):
+        store.check_compatible(DescriptorConfig("pixel").record())
