@@ -30,7 +30,7 @@ def test_round_trip_in_global_order(tmp_path: Path, dtype: str, shape: tuple[int
     writer = StoreWriter(tmp_path / "store", RECORD, shape, dtype=dtype)
     # written out of order (as ranks would), with a torch tensor for one of them
     writer.write_shard("c", torch.from_numpy(parts[2]), keys[2], captions=[f"cap {k}" for k in keys[2]],
-                       labels=list(range(7)), start=12)
+                       labels=list(np.arange(7)), start=12)  # numpy integers are stored as JSON numbers
     writer.write_shard("a", parts[0], keys[0], captions=[f"cap {k}" for k in keys[0]], labels=[9] * 5,
                        start=0, skipped=["broken.png"])
     writer.write_shard("b", parts[1], keys[1], captions=[], labels=[], start=5, skipped=["x.jpg", "y.jpg"])
