@@ -41,6 +41,7 @@ put back in the mode it had (a frozen part stays in eval mode).
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, Literal
@@ -187,9 +188,11 @@ class RetrievalMetricsCallback(Callback):
             ) from error
         finally:
             self.metrics.reset()
-        for name, value in results.items():
-            pl_module.log(f"{PREFIX}/{name}", value, on_step=False, on_epoch=True, sync_dist=False,
-                          prog_bar=name == "mAP")
+        with warnings.catch_warnings():  # "use sync_dist=True": every rank already holds the same values
+            warnings.filterwarnings("ignore", message=r".*sync_dist=True.*")
+            for name, value in results.items():
+                pl_module.log(f"{PREFIX}/{name}", value, on_step=False, on_epoch=True, sync_dist=False,
+                              prog_bar=name == "mAP")
         self.last = results
         seconds = time.perf_counter() - started
         self.history.append({"epoch": trainer.current_epoch, "step": trainer.global_step, "seconds": seconds,
