@@ -277,6 +277,11 @@ def _build_exported(spec: DescriptorSpec, input_size: int, init: bool) -> nn.Mod
     if "img_size" in kwargs or input_size != spec.preprocessing.input_size:
         kwargs["img_size"] = input_size
     try:
+        if not init:  # weights follow: skip random initialisation where the architecture allows it (ViTs)
+            try:
+                return timm.create_model(spec.arch, pretrained=False, weight_init="skip", **kwargs)
+            except TypeError:
+                pass
         return timm.create_model(spec.arch, pretrained=False, **kwargs)
     except Exception as error:  # a timm without this architecture, or kwargs it does not take
         raise ValueError(f"{spec.name}: cannot build timm model {spec.arch!r} with {kwargs} "
