@@ -53,7 +53,7 @@ from torch import Tensor, nn
 
 from lit.contrastive import contrastive_loss, cosine_momentum, mixed_contrastive_loss, momentum_update_
 from lit.errors import UserError
-from models.augment import TwoViews, cutmix_views, step_seed
+from models.augment import CutMixBatch, TwoViews, cutmix_views, step_seed
 from models.extractors import Descriptor, Preprocessing
 from models.weights import (
     TimmViTState,
@@ -89,6 +89,15 @@ def build_mlp(num_layers: int, input_dim: int, hidden_dim: int, output_dim: int,
         elif last_bn:
             layers.append(nn.BatchNorm1d(dim_out, affine=False))
     return nn.Sequential(*layers)
+
+
+def mix_labels(mixed: CutMixBatch) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
+    """Targets of the label-mixing form, for a mixed view 1 (image ``perm[i]`` + box of image ``i``):
+    ``((a1, b1), (a2, b2))`` such that ``ctr(q1_mix, k2)`` puts weight ``area`` on ``a1`` and ``1 - area``
+    on ``b1``, and ``ctr(q2, k1_mix)`` weight ``area`` on ``a2`` (the mixed key holding image i's box) and
+    ``1 - area`` on ``b2`` (the mixed key whose background is image i)."""
+    own = torch.arange(mixed.perm.shape[0], device=mixed.perm.device)
+    return (own, mixed.perm), (own, mixed.inverse_perm)
 
 
 class MoCoV3Module(pl.LightningModule):
@@ -274,7 +283,7 @@ class MoCoV3Module(pl.LightningModule):
         trainer = getattr(self, "_trainer", None)
         return int(trainer.estimated_stepping_batches) if trainer is not None else 0
 
-    def make_views(self, images: Tensor, step: int) -> tuple[Tensor, Tensor, Any]:
+    def make_views(self, images: Tensor, step: int) -> tuple[Tensor, Tensor, CutMixBatch | None]:
         """The step's two views in [0, 1] (view 1 possibly CutMix'd) and the CutMixBatch or None."""
         hp = self.hparams
         rank = self.global_rank if getattr(self, "_trainer", None) is not None else 0
@@ -288,7 +297,7 @@ class MoCoV3Module(pl.LightningModule):
                 x1 = mixed.images
         return x1, x2, mixed
 
-    def compute_loss(self, x1: Tensor, x2: Tensor, mixed: Any, momentum: float) -> Tensor:
+    def compute_loss(self, x1: Tensor, x2: Tensor, mixed: CutMixBatch | None, momentum: float) -> Tensor:
         """Queries, momentum update (before the keys, as the official code does), keys, loss."""
         tau = self.hparams.temperature
         n1, n2 = (x1 - self.mean) / self.std, (x2 - self.mean) / self.std
@@ -297,9 +306,9 @@ class MoCoV3Module(pl.LightningModule):
         k1, k2 = self._key(n1), self._key(n2)
         if mixed is None or self.hparams.cutmix == "copy":
             return contrastive_loss(q1, k2, tau) + contrastive_loss(q2, k1, tau)
-        own = torch.arange(q1.shape[0], device=q1.device)
-        return mixed_contrastive_loss(q1, k2, own, mixed.perm, mixed.area, tau) + mixed_contrastive_loss(
-            q2, k1, own, mixed.inverse_perm, mixed.area, tau
+        (a1, b1), (a2, b2) = mix_labels(mixed)
+        return mixed_contrastive_loss(q1, k2, a1, b1, mixed.area, tau) + mixed_contrastive_loss(
+            q2, k1, a2, b2, mixed.area, tau
         )
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
