@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 import pickle
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -111,14 +112,20 @@ def load_module(ckpt_path: Path, summary: CheckpointSummary, class_path: str | N
 
     ``weights_only=False`` only for a checkpoint that pickled more than tensors and
     containers: it is the user's own training run, which ``lit export`` is asked to read.
+    A ``weights`` init argument (initial weights, e.g. MoCo v3's official checkpoint) is
+    set to None: the checkpoint's own state dict follows.
     """
     class_path = class_path or summary.hparams.get("_class_path")
     if not class_path:
         raise UserError(f"{ckpt_path} does not record its module class (not saved by lit fit); "
                         "pass --class_path package.module.Class")
     cls = module_class(str(class_path), ckpt_path)
+    # the checkpoint's state dict replaces whatever the module would load at init (MoCoV3Module's
+    # official ``weights``): do not read, or require, that file again
+    overrides = {"weights": None} if "weights" in inspect.signature(cls.__init__).parameters else {}
     try:
-        module = cls.load_from_checkpoint(ckpt_path, map_location="cpu", weights_only=summary.weights_only)
+        module = cls.load_from_checkpoint(ckpt_path, map_location="cpu", weights_only=summary.weights_only,
+                                          **overrides)
     except (TypeError, ValueError, KeyError, RuntimeError) as error:
         raise UserError(f"cannot rebuild {class_path} from {ckpt_path} "
                         f"({type(error).__name__}: {' '.join(str(error).split())[:300]})") from error

@@ -224,3 +224,31 @@ def test_vit_b16_export_loads_as_mocov3_vit_b16_cutmix(tmp_path: Path) -> None:
             assert descriptor.name == name and descriptor.input_size == 32
             assert descriptor.preprocessing.mean == (0.5, 0.5, 0.5)
             torch.testing.assert_close(descriptor(images), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.filterwarnings("ignore:.*(predictor|projector).*random init")
+def test_mocov3_module_exports_without_its_initial_weights(tmp_path: Path) -> None:
+    """models.mocov3.MoCoV3Module started from an official-layout file, trained a step, exported after
+    that file is gone; the export gives the module's descriptor features."""
+    from models.mocov3 import MoCoV3Module
+
+    tiny = dict(arch="vit_tiny_patch16_224", img_size=32, patch_size=8, depth=1, embed_dim=48, num_heads=2,
+                proj_hidden_dim=32, proj_dim=16, warmup_epochs=0.0)
+    torch.manual_seed(0)
+    source = MoCoV3Module(**tiny)
+    official = tmp_path / "vit-b-300ep.pth.tar"
+    torch.save({"state_dict": {f"module.base_encoder.{k}": v for k, v in source.backbone.state_dict().items()}},
+               official)
+    module = MoCoV3Module(**tiny, weights=str(official))
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=1, logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path)
+    trainer.fit(module, datamodule=ProceduralTrainData(num_images=4, resolution=32, batch_size=4))
+    trainer.save_checkpoint(tmp_path / "mocov3.ckpt")
+    official.unlink()
+    out = export_descriptor(tmp_path / "mocov3.ckpt", tmp_path / "mocov3.safetensors",
+                            class_path="models.mocov3.MoCoV3Module")
+    module.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(build_descriptor("mocov3", weights=out)(_images()), module.descriptor(_images()),
+                                   atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(module.backbone.pos_embed, source.backbone.pos_embed)  # it did train
