@@ -11,6 +11,11 @@ local files only (see :mod:`models.weights`). ``build_descriptor(name)``
 without weights raises :class:`WeightsError` unless ``random_init=True`` is
 asked for explicitly, so an experiment can never run on random features by
 accident.
+
+``mocov3`` is the suite's own descriptor: a backbone trained here (``models.mocov3``)
+and written by ``lit export`` as safetensors whose metadata names the timm
+architecture, preprocessing and output kind, all read from the file
+(:func:`resolve_spec`); ``mocov3_vit_b16_cutmix`` takes such a file of a ViT-B/16 too.
 """
 
 from __future__ import annotations

@@ -79,6 +79,10 @@ def test_export_round_trip(trained: dict[str, Any]) -> None:
     with torch.no_grad():
         torch.testing.assert_close(loaded(_images()), module.descriptor(_images()), atol=1e-5, rtol=1e-5)
     assert loaded.name == "mocov3" and loaded.preprocessing == module.preprocessing and loaded.output == "global"
+    larger = build_descriptor("mocov3", weights=trained["file"], input_size=48)  # pos_embed resampled by timm
+    assert larger.input_size == 48 and larger(_images()).shape == (2, 32)
+    with pytest.raises(ValueError, match="divisible by 8"):  # the file's patch size
+        build_descriptor("mocov3", weights=trained["file"], input_size=36)
     with safe_open(str(trained["file"]), framework="pt") as handle:
         meta = ExportMetadata.from_strings(handle.metadata())
         assert handle.metadata()["format"] == EXPORT_FORMAT
