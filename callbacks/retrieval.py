@@ -51,6 +51,7 @@ import torch
 from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.loggers import TensorBoardLogger
 from torch import Tensor, nn
+from torch.utils.data import Dataset
 
 from datamodules.retrieval import RetrievalDataModule
 from lit.embedding import embed_dataset
@@ -79,6 +80,8 @@ class RetrievalMetricsCallback(Callback):
         similarity: ``auto`` takes the descriptor's default (cosine for global features).
         token_normalization: normalisation for split-product (token descriptors).
         batch_size: images per embedding batch.
+        cache_mb: loaded images kept in memory between checks, per process (each rank keeps its
+            own share), so later checks skip decoding / rendering; 0 = load every time.
         grid_every_n_checks: log the query / top results grid every n checks (first check included);
             0 = never.
         grid_queries: queries (rows) in the grid.
@@ -95,6 +98,7 @@ class RetrievalMetricsCallback(Callback):
         similarity: Literal["auto", "cosine", "split_product"] = "auto",
         token_normalization: TokenNormalization = "token",
         batch_size: int = 64,
+        cache_mb: int = 512,
         grid_every_n_checks: int = 5,
         grid_queries: int = 8,
         grid_top: int = 5,
@@ -110,7 +114,8 @@ class RetrievalMetricsCallback(Callback):
                             "grid_top": grid_top}.items():
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
-        for name, value in {"grid_every_n_checks": grid_every_n_checks, "grid_queries": grid_queries}.items():
+        for name, value in {"grid_every_n_checks": grid_every_n_checks, "grid_queries": grid_queries,
+                            "cache_mb": cache_mb}.items():
             if value < 0:
                 raise ValueError(f"{name} must be >= 0, got {value}")
         self.datamodule = datamodule
@@ -119,6 +124,8 @@ class RetrievalMetricsCallback(Callback):
         self.similarity_choice = similarity
         self.token_normalization: TokenNormalization = token_normalization
         self.batch_size = batch_size
+        self.cache_bytes = cache_mb * 2**20
+        self._cached: dict[str, ItemCache] = {}
         self.grid_every_n_checks = grid_every_n_checks
         self.grid_queries = grid_queries
         self.grid_top = grid_top
@@ -157,16 +164,39 @@ class RetrievalMetricsCallback(Callback):
 
     # ------------------------------------------------------------------ the check
     def check(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
-        """Embed, search, score and log; returns the metrics (identical on every rank)."""
+        """Evaluate and log (from a hook where ``pl_module.log`` is allowed); returns the metrics."""
         started = time.perf_counter()
+        results, scored = self.evaluate(trainer, pl_module)
+        with warnings.catch_warnings():  # "use sync_dist=True": every rank already holds the same values
+            warnings.filterwarnings("ignore", message=r".*sync_dist=True.*")
+            for name, value in results.items():
+                pl_module.log(f"{PREFIX}/{name}", value, on_step=False, on_epoch=True, sync_dist=False,
+                              prog_bar=name == "mAP")
+        self.last = results
+        seconds = time.perf_counter() - started
+        self.history.append({"epoch": trainer.current_epoch, "step": trainer.global_step, "seconds": seconds,
+                             **results})
+        if trainer.is_global_zero:
+            if self.grid_every_n_checks and (len(self.history) - 1) % self.grid_every_n_checks == 0 and len(scored):
+                self._log_grid(trainer, scored, self.datamodule.retrieval_set)
+            if self.verbose:
+                print(self.describe(self.history[-1]), flush=True)
+        return results
+
+    def evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[dict[str, float], ScoredQueries]:
+        """Embed, search and score (every rank joins): the metrics, identical on every rank, and this
+        rank's ranked lists. Logs nothing."""
         retrieval_set = self.datamodule.retrieval_set
         descriptor = descriptor_of(pl_module)
         similarity: SimilarityKind = descriptor.similarity_for(self.similarity_choice)
         options = dict(batch_size=self.batch_size, device=pl_module.device, rank=trainer.global_rank,
                        world_size=trainer.world_size, gather_device=trainer.strategy.root_device)
+        if not self._cached:  # queries first: they get the cache before the gallery
+            self._cached = {"queries": ItemCache(retrieval_set.queries, self.cache_bytes)}
+            self._cached["gallery"] = ItemCache(retrieval_set.gallery, self.cache_bytes, self._cached["queries"])
         with eval_mode(descriptor):
-            queries = embed_dataset(descriptor, retrieval_set.queries, desc="retrieval queries", **options)
-            gallery = embed_dataset(descriptor, retrieval_set.gallery, desc="retrieval gallery", **options)
+            queries = embed_dataset(descriptor, self._cached["queries"], desc="retrieval queries", **options)
+            gallery = embed_dataset(descriptor, self._cached["gallery"], desc="retrieval gallery", **options)
         if gallery.index.numel() == 0:
             raise RuntimeError("RetrievalMetricsCallback: no gallery image could be loaded: nothing to search")
         mine = slice(trainer.global_rank, None, trainer.world_size)  # this rank's share of the queries
@@ -188,21 +218,7 @@ class RetrievalMetricsCallback(Callback):
             ) from error
         finally:
             self.metrics.reset()
-        with warnings.catch_warnings():  # "use sync_dist=True": every rank already holds the same values
-            warnings.filterwarnings("ignore", message=r".*sync_dist=True.*")
-            for name, value in results.items():
-                pl_module.log(f"{PREFIX}/{name}", value, on_step=False, on_epoch=True, sync_dist=False,
-                              prog_bar=name == "mAP")
-        self.last = results
-        seconds = time.perf_counter() - started
-        self.history.append({"epoch": trainer.current_epoch, "step": trainer.global_step, "seconds": seconds,
-                             **results})
-        if trainer.is_global_zero:
-            if self.grid_every_n_checks and (len(self.history) - 1) % self.grid_every_n_checks == 0 and len(scored):
-                self._log_grid(trainer, scored, retrieval_set)
-            if self.verbose:
-                print(self.describe(self.history[-1]), flush=True)
-        return results
+        return results, scored
 
     def describe(self, row: dict[str, float]) -> str:
         """One line for a check: epoch, step, mAP, Recall@k, HitRate@k, MRR, time."""
@@ -231,6 +247,31 @@ class RetrievalMetricsCallback(Callback):
         )
         for logger in boards:
             logger.experiment.add_image(GRID_TAG, grid, trainer.global_step)
+
+
+class ItemCache(Dataset):
+    """A fixed dataset whose items are kept in memory after their first load, while the total image
+    bytes (shared with ``budget_of``, another cache) stay within ``max_bytes``; the rest load each time."""
+
+    def __init__(self, dataset: Dataset, max_bytes: int, budget_of: ItemCache | None = None) -> None:
+        self.dataset = dataset
+        self.max_bytes = max_bytes
+        self.items: dict[int, dict[str, Any]] = {}
+        self.shared = budget_of.shared if budget_of is not None else [0]  # bytes held by all caches
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        if index in self.items:
+            return self.items[index]
+        item = self.dataset[index]
+        image = item["image"]
+        size = image.numel() * image.element_size() if image is not None else 0
+        if self.shared[0] + size <= self.max_bytes:
+            self.items[index] = {key: item[key] for key in ("image", "index", "path") if key in item}
+            self.shared[0] += size
+        return item
 
 
 def descriptor_of(pl_module: pl.LightningModule) -> Descriptor:

@@ -21,7 +21,7 @@ from pytorch_lightning.loggers import TensorBoardLogger
 from sklearn.metrics import average_precision_score
 from torch import nn
 
-from callbacks.retrieval import GRID_TAG, RetrievalMetricsCallback, eval_mode
+from callbacks.retrieval import GRID_TAG, ItemCache, RetrievalMetricsCallback, eval_mode
 from datamodules.images import ProceduralTrainData
 from datamodules.retrieval import FolderRetrievalDataModule, ProceduralRetrievalDataModule
 from lit.cli import LitCLI
@@ -147,6 +147,32 @@ def test_eval_mode_restores_each_submodule() -> None:
     with eval_mode(net):
         assert not any(m.training for m in net.modules())
     assert net.training and net[1].training and net[2].training and not net[2][0].training
+
+
+class CountingImages(torch.utils.data.Dataset):
+    """Four 2x2 images (48 bytes each); item 3 fails to load; counts loads per index."""
+
+    def __init__(self) -> None:
+        self.loads = [0] * 4
+
+    def __len__(self) -> int:
+        return 4
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        self.loads[index] += 1
+        return {"image": None if index == 3 else torch.full((3, 2, 2), float(index)), "index": index, "mask": 0}
+
+
+def test_item_cache_keeps_images_within_its_budget() -> None:
+    first, second = CountingImages(), CountingImages()
+    cache = ItemCache(first, max_bytes=2 * 48)
+    other = ItemCache(second, max_bytes=2 * 48, budget_of=cache)  # shares the 96 bytes
+    for _ in range(3):
+        assert [float(cache[i]["image"][0, 0, 0]) for i in range(3)] == [0.0, 1.0, 2.0] and cache[3]["image"] is None
+        assert other[0]["index"] == 0
+    assert first.loads == [1, 1, 3, 1]  # 0 and 1 cached; 2 over budget; the failed item 3 costs nothing to keep
+    assert second.loads == [3, 0, 0, 0]  # the shared budget was spent by the first cache
+    assert set(cache[0]) == {"image", "index"}  # only what embedding needs is kept
 
 
 def test_grid_every_n_checks_to_tensorboard(tmp_path: Path) -> None:
