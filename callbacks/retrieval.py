@@ -35,7 +35,10 @@ therefore computes the same values, identical for 1 and N processes, and logs
 them with ``sync_dist=False``. Prints and images come from rank 0 only.
 
 The descriptor is switched to eval mode for the check and every submodule is
-put back in the mode it had (a frozen part stays in eval mode).
+put back in the mode it had (a frozen part stays in eval mode). The set's
+loaded images are kept in memory between checks up to ``cache_mb`` per process
+(:class:`ItemCache`): the set is fixed, so later checks cost only the forward
+passes and the search, not decoding or rendering again.
 """
 
 from __future__ import annotations

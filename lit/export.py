@@ -212,9 +212,15 @@ def _check_round_trip(path: Path, probe: Tensor, expected: Tensor) -> None:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """``lit export``: write a checkpoint's trained backbone as a descriptor file."""
-    parser = argparse.ArgumentParser(prog="lit export", description=__doc__.splitlines()[0], allow_abbrev=False)
-    parser.add_argument("--ckpt_path", required=True, help="Lightning checkpoint of a module with a descriptor")
-    parser.add_argument("--out", required=True, help=f"descriptor file to write ({SUFFIX})")
+    parser = argparse.ArgumentParser(
+        prog="lit export", allow_abbrev=False,
+        description="Write a checkpoint's trained backbone (e.g. MoCo v3's query encoder) as a descriptor file: "
+                    f"safetensors + metadata, loaded as --model.init_args.descriptor {DESCRIPTOR_NAME} "
+                    "--model.init_args.weights FILE.",
+    )
+    parser.add_argument("--ckpt_path", required=True, metavar="CKPT",
+                        help="Lightning checkpoint of a module with a descriptor")
+    parser.add_argument("--out", required=True, metavar="FILE", help=f"descriptor file to write ({SUFFIX})")
     parser.add_argument("--overwrite", action="store_true", help="replace FILE if an earlier lit export wrote it")
     parser.add_argument("--class_path", default=None,
                         help="module class (package.module.Class) when the checkpoint does not record it")
