@@ -44,6 +44,7 @@ def _quiet_known_warnings() -> None:
 #: name -> (module, function taking the remaining argv, one-line help).
 EXTRA_COMMANDS: dict[str, tuple[str, str, str]] = {
     "report": ("lit.table1", "main", "collect the metrics.json of lit test runs into the paper's Table 1"),
+    "export": ("lit.export", "main", "write a checkpoint's trained backbone as a descriptor file (safetensors)"),
 }
 
 
