@@ -46,6 +46,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         "seed_everything": 0,
         "trainer": {
             "accelerator": "cpu", "devices": 1, "max_epochs": 1, "logger": False,
+            "default_root_dir": str(root),  # where LightningCLI saves config.yaml
             "enable_progress_bar": False, "enable_model_summary": False,
             "callbacks": [
                 {"class_path": "callbacks.retrieval.RetrievalMetricsCallback",

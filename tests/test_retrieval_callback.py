@@ -203,6 +203,7 @@ def _config(tmp_path: Path, name: str) -> Path:
         "seed_everything": 0,
         "trainer": {
             "accelerator": "cpu", "devices": 1, "max_epochs": 1, "logger": False,
+            "default_root_dir": str(tmp_path / name),  # where LightningCLI saves config.yaml
             "enable_progress_bar": False, "enable_model_summary": False,
             "callbacks": [
                 {"class_path": "callbacks.retrieval.RetrievalMetricsCallback",
