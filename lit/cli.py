@@ -42,6 +42,7 @@ from lit.errors import UserError
 #: name -> (module, function taking the remaining argv, one-line help).
 EXTRA_COMMANDS: dict[str, tuple[str, str, str]] = {
     "report": ("lit.table1", "main", "collect the metrics.json of lit test runs into the paper's Table 1"),
+    "export": ("lit.export", "main", "write a checkpoint's trained backbone as a descriptor file (safetensors)"),
 }
 
 #: Where a run without a logger writes (under the trainer's ``default_root_dir``).

@@ -33,10 +33,12 @@ class Embedded:
 
 
 def _collate(batch: list[dict[str, Any]]) -> dict[str, Any]:
-    """Stack loaded images (all the same size), list the names of the items that failed."""
+    """Stack loaded images (a list when their sizes differ: files), list the names of the items that failed."""
     kept = [item for item in batch if item["image"] is not None]
+    images = [item["image"] for item in kept]
+    same_size = len({tuple(image.shape) for image in images}) == 1
     return {
-        "image": torch.stack([item["image"] for item in kept]) if kept else None,
+        "image": (torch.stack(images) if same_size else images) if kept else None,
         "index": torch.tensor([int(item["index"]) for item in kept], dtype=torch.long),
         "skipped": [str(item.get("path", f"index {item['index']}")) for item in batch if item["image"] is None],
     }
@@ -75,9 +77,12 @@ def embed_dataset(
         skipped.extend(batch["skipped"])
         if batch["image"] is None:
             continue
-        images = batch["image"].to(device)
-        if transform is not None:
-            images = transform(images)
+        images = batch["image"]
+        if isinstance(images, Tensor):
+            images = images.to(device) if transform is None else transform(images.to(device))
+        else:  # differently sized files: the model takes a list (e.g. a Descriptor)
+            images = [image.to(device) if transform is None else transform(image[None].to(device))[0]
+                      for image in images]
         features.append(model(images).float().cpu())
         indices.append(batch["index"])
     if not features:  # a rank with nothing to embed still joins the gather, with the right width

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from lit.similarity import SimilarityKind, TokenNormalization
-from models.extractors import Descriptor, build_descriptor, get_spec
+from models.extractors import Descriptor, build_descriptor, resolve_spec
 
 SimilarityChoice = Literal["auto", "cosine", "split_product"]
 
@@ -56,7 +56,7 @@ class DescriptorConfig:
             return descriptor.similarity_for(self.similarity)
         if self.similarity != "auto":
             return self.similarity  # type: ignore[return-value]
-        return get_spec(self.name).default_similarity
+        return resolve_spec(self.name, self.weights).default_similarity
 
     @property
     def display_name(self) -> str:
@@ -66,7 +66,10 @@ class DescriptorConfig:
     def record(self, descriptor: Descriptor | None = None) -> dict[str, Any]:
         """What was measured, for metrics.json, manifests and reports (JSON-serialisable)."""
         built = descriptor
-        preprocessing = built.preprocessing if built is not None else get_spec(self.name).preprocessing
+        if built is not None:
+            preprocessing = built.preprocessing
+        else:  # mocov3: read from the weights file's metadata
+            preprocessing = resolve_spec(self.name, self.weights).preprocessing
         size = self.input_size if self.input_size is not None else preprocessing.input_size
         return {
             "name": self.name,

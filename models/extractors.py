@@ -11,6 +11,11 @@ local files only (see :mod:`models.weights`). ``build_descriptor(name)``
 without weights raises :class:`WeightsError` unless ``random_init=True`` is
 asked for explicitly, so an experiment can never run on random features by
 accident.
+
+``mocov3`` is the suite's own descriptor: a backbone trained here (``models.mocov3``)
+and written by ``lit export`` as safetensors whose metadata names the timm
+architecture, preprocessing and output kind, all read from the file
+(:func:`resolve_spec`); ``mocov3_vit_b16_cutmix`` takes such a file of a ViT-B/16 too.
 """
 
 from __future__ import annotations
@@ -32,6 +37,8 @@ from torchvision.transforms.v2 import functional as TF
 
 from models.pooling import AvgPool, GeM, PixelEmbedding, PooledTrunk
 from models.weights import (
+    ExportedState,
+    ExportMetadata,
     ResNetTrunkState,
     SwinState,
     TimmViTState,
@@ -39,6 +46,8 @@ from models.weights import (
     WeightsError,
     WeightsFormat,
     WeightsLayout,
+    export_metadata_strings,
+    read_export_metadata,
     weights_error,
 )
 
@@ -57,6 +66,7 @@ __all__ = [
     "get_spec",
     "registry_table",
     "resize_short_side",
+    "resolve_spec",
 ]
 
 OutputKind = Literal["global", "tokens"]
@@ -231,7 +241,9 @@ class DescriptorSpec:
     ``build(spec, input_size, init)`` makes the backbone (``init=False`` skips
     random initialisation because weights follow); ``layout`` reads a weights
     file (before the model is built, so bad files fail fast) and loads it into
-    the backbone.
+    the backbone. ``from_weights(spec, path)``, when set, returns the spec a
+    given weights file describes (architecture and preprocessing read from a
+    ``lit export`` file's metadata).
     """
 
     name: str
@@ -246,6 +258,7 @@ class DescriptorSpec:
     min_size: int = 1
     num_classes: int = 0
     arch_kwargs: Mapping[str, Any] = field(default_factory=dict)
+    from_weights: Callable[[DescriptorSpec, Path], DescriptorSpec] | None = None
 
     @property
     def default_similarity(self) -> SimilarityKind:
@@ -273,6 +286,78 @@ def _build_pixel(spec: DescriptorSpec, input_size: int, init: bool) -> nn.Module
     return PixelEmbedding()
 
 
+def _build_exported(spec: DescriptorSpec, input_size: int, init: bool) -> nn.Module:
+    """``timm.create_model(arch, **arch_kwargs)`` as a ``lit export`` file records it (``img_size`` = input size)."""
+    kwargs: dict[str, Any] = dict(spec.arch_kwargs)
+    if "img_size" in kwargs or input_size != spec.preprocessing.input_size:
+        kwargs["img_size"] = input_size
+    try:
+        if not init:  # weights follow: skip random initialisation where the architecture allows it (ViTs)
+            try:
+                return timm.create_model(spec.arch, pretrained=False, weight_init="skip", **kwargs)
+            except TypeError:
+                pass
+        return timm.create_model(spec.arch, pretrained=False, **kwargs)
+    except Exception as error:  # a timm without this architecture, or kwargs it does not take
+        raise ValueError(f"{spec.name}: cannot build timm model {spec.arch!r} with {kwargs} "
+                         f"recorded in the weights file ({type(error).__name__}: {error})") from error
+
+
+# --------------------------------------------------------------------------- descriptors read from `lit export` files
+
+
+def _exported_spec(spec: DescriptorSpec, path: Path, meta: ExportMetadata) -> DescriptorSpec:
+    """``spec`` with the architecture, output and preprocessing a ``lit export`` file records."""
+    kwargs = dict(meta.arch_kwargs)
+    return replace(
+        spec,
+        arch=meta.arch,
+        output=meta.output,  # type: ignore[arg-type]
+        feature_dim=meta.feature_dim,
+        preprocessing=_pre(meta.input_size, meta.crop_pct, meta.interpolation, meta.mean, meta.std),  # type: ignore[arg-type]
+        build=_build_exported,
+        layout=ExportedState(),
+        size_multiple=_patch_size(path),
+        min_size=1,
+        num_classes=int(kwargs.get("num_classes", 0)),
+        arch_kwargs=kwargs,
+        from_weights=None,
+    )
+
+
+def _patch_size(path: Path) -> int:
+    """A ViT's patch size from the file's ``patch_embed.proj.weight`` shape (header only); 1 otherwise."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        if "patch_embed.proj.weight" not in handle.keys():
+            return 1
+        return int(handle.get_slice("patch_embed.proj.weight").get_shape()[-1])
+
+
+def _spec_from_export(spec: DescriptorSpec, path: Path) -> DescriptorSpec:
+    """``mocov3``: everything (timm architecture, preprocessing, output) from the file's metadata."""
+    assert spec.weights is not None
+    return _exported_spec(spec, path, read_export_metadata(path, spec.weights))
+
+
+_VIT_B16 = {"patch_size": 16, "embed_dim": 768, "depth": 12, "num_heads": 12}
+
+
+def _spec_from_export_or_official(spec: DescriptorSpec, path: Path) -> DescriptorSpec:
+    """``mocov3_vit_b16_cutmix``: a ``lit export`` file of a ViT-B/16, or the official MoCo v3 layout."""
+    assert spec.weights is not None
+    if export_metadata_strings(path) is None:
+        return spec  # the official checkpoint layout (TimmViTState reads and checks it)
+    meta = read_export_metadata(path, spec.weights)
+    changed = {k: meta.arch_kwargs[k] for k, v in _VIT_B16.items() if meta.arch_kwargs.get(k, v) != v}
+    if meta.arch != spec.arch or changed or meta.output != spec.output:
+        problem = (f"lit export of {meta.arch} {changed or ''} ({meta.output} features), not a ViT-B/16 "
+                   f"({spec.arch}, global); load it as descriptor 'mocov3'")
+        raise weights_error(path, spec.weights, problem)
+    return _exported_spec(spec, path, meta)
+
+
 # --------------------------------------------------------------------------- the registry
 
 
@@ -285,6 +370,14 @@ _TIMM_VIT_INCEPTION = _pre(224, 0.9, "bicubic", INCEPTION_MEAN, INCEPTION_STD)
 _MOCOV3_FORMAT = (
     "a MoCo v3 checkpoint: dict with 'state_dict' holding 'module.base_encoder.*' ViT-B/16 keys "
     "(head/predictor/momentum encoder ignored)"
+)
+_EXPORT_FORMAT = (
+    "a safetensors file written by 'lit export' (timm backbone weights; metadata: timm architecture and kwargs, "
+    "input size, crop_pct, interpolation, mean/std, output kind)"
+)
+_EXPORT_SOURCE = (
+    "not downloadable: 'lit export --ckpt_path CKPT --out FILE' writes it from a checkpoint of this suite's "
+    "MoCo v3 training (models.mocov3)"
 )
 
 _MOCOV3 = DescriptorSpec(
@@ -400,14 +493,23 @@ _SPECS: tuple[DescriptorSpec, ...] = (
         size_multiple=32,
     ),
     _MOCOV3,
-    replace(  # same network and checkpoint format; only the weights' origin differs
+    replace(  # same network; the official layout (another fine-tuning) or this suite's lit export
         _MOCOV3,
         name="mocov3_vit_b16_cutmix",
         weights=WeightsFormat(
-            _MOCOV3_FORMAT,
-            "no public release: produced by this suite's MoCo v3 + CutMix fine-tuning of "
+            f"{_MOCOV3_FORMAT}, or a ViT-B/16 safetensors file written by 'lit export'",
+            "the paper's CutMix weights were not released; 'lit export --ckpt_path CKPT --out FILE' writes them "
+            "from this suite's MoCo v3 + CutMix fine-tuning (models.mocov3, cutmix on) of "
             "https://dl.fbaipublicfiles.com/moco-v3/vit-b-300ep/vit-b-300ep.pth.tar",
         ),
+        from_weights=_spec_from_export_or_official,
+    ),
+    replace(  # any architecture: read from the file; random_init builds a ViT-B/16 (the floor)
+        _MOCOV3,
+        name="mocov3",
+        weights=WeightsFormat(_EXPORT_FORMAT, _EXPORT_SOURCE),
+        layout=ExportedState(),
+        from_weights=_spec_from_export,
     ),
     DescriptorSpec(
         name="vicregl_resnet50",
@@ -463,6 +565,15 @@ def get_spec(name: str) -> DescriptorSpec:
     return _REGISTRY[name]
 
 
+def resolve_spec(name: str, weights: str | Path | None = None) -> DescriptorSpec:
+    """The registry entry of ``name`` as ``weights`` describes it (``mocov3``: architecture and
+    preprocessing from the file's metadata, read without building anything)."""
+    spec = get_spec(name)
+    if weights is not None and spec.from_weights is not None:
+        spec = spec.from_weights(spec, Path(weights).expanduser())
+    return spec
+
+
 def build_descriptor(
     name: str, weights: str | Path | None = None, random_init: bool = False, input_size: int | None = None
 ) -> Descriptor:
@@ -481,6 +592,8 @@ def build_from_spec(
     """:func:`build_descriptor` for an explicit (possibly modified) :class:`DescriptorSpec`."""
     if weights is not None and random_init:
         raise ValueError(f"{spec.name}: pass either weights or random_init=True, not both")
+    if weights is not None and spec.from_weights is not None:
+        spec = spec.from_weights(spec, Path(weights).expanduser())
     if spec.weights is None:
         if weights is not None:
             raise ValueError(f"{spec.name} takes no weights, got {weights}")
@@ -521,10 +634,15 @@ def registry_table() -> str:
             out = f"tokens ({grid + 1}, {spec.feature_dim})"
         else:
             out = f"global {spec.feature_dim}"
+        if spec.from_weights is _spec_from_export:
+            out = "global or tokens, from the file"
+            arch = "from the file (random init: vit_base_patch16_224)"
+        else:
+            arch = spec.arch
         fmt = spec.weights.description if spec.weights else "none"
         src = spec.weights.source if spec.weights else "-"
         rows.append(
-            f"| {spec.name} | {spec.arch} | {out} | {spec.default_similarity} | "
+            f"| {spec.name} | {arch} | {out} | {spec.default_similarity} | "
             f"{spec.preprocessing.describe()} | {fmt} | {src} |"
         )
     return "\n".join(rows)

@@ -31,9 +31,9 @@ from torch import Tensor
 from lit.distributed import all_gather_objects, dedupe_by_index, gather_by_index
 from lit.errors import UserError
 from lit.grids import retrieval_grid, save_png
-from lit.metrics import RetrievalMetrics, ranking_relevance
+from lit.metrics import RetrievalMetrics
 from lit.report import metrics_markdown, write_json, write_text_atomic
-from lit.search import search
+from lit.retrieval_scoring import score_queries
 from lit.similarity import TokenNormalization
 from models.descriptor_config import DescriptorConfig
 
@@ -187,41 +187,23 @@ class RetrievalEvaluator(pl.LightningModule):
         retrieval_set: Any,
     ) -> Tensor:
         """Search this rank's queries, feed their relevance to the accumulator, return their ids."""
-        exclude = None
-        if retrieval_set.query_in_gallery is not None:
-            own = retrieval_set.exclude[query_ids.cpu()]
-            exclude = _rows_of(own, gallery_ids.cpu())
-        k = min(self.hparams.k, int(gallery_ids.numel()))
-        result = search(
-            query_features.cpu(),
-            gallery_features.cpu(),
-            k,
+        scored = score_queries(
+            query_ids,
+            query_features,
+            gallery_ids,
+            gallery_features,
+            retrieval_set,
+            k=self.hparams.k,
             similarity=self.similarity,
             normalization=self.hparams.token_normalization,
-            exclude=exclude,
         )
-        # gallery rows -> the dataset's gallery ids (rows shift when an image was skipped)
-        valid = result.indices >= 0
-        ranked = torch.where(valid, gallery_ids.cpu()[result.indices.clamp(min=0)], -1)
-        # a positive that failed to load cannot be found: drop it from the ground
-        # truth (counted in the report) rather than charge it to the descriptor
-        loaded = set(gallery_ids.tolist())
-        positives = [[g for g in retrieval_set.positives[q] if g in loaded] for q in query_ids.tolist()]
-        keep = torch.tensor([len(p) > 0 for p in positives], dtype=torch.bool)
-        positives = [p for p in positives if p]
-        if not positives:
+        if not len(scored):
             return torch.zeros(0, dtype=torch.long)
-        ranked, kept_ids = ranked[keep], query_ids.cpu()[keep]
-        relevance = ranking_relevance(ranked, positives)
-        junk = None
-        if retrieval_set.junk is not None:
-            junk = ranking_relevance(ranked, [retrieval_set.junk[q] for q in kept_ids.tolist()])
-        num_positives = torch.tensor([len(p) for p in positives], dtype=torch.long)
-        self.metrics.update(kept_ids, relevance, num_positives, junk)
+        self.metrics.update(scored.query_ids, scored.relevance, scored.num_positives, scored.junk)
         rows, top = self.hparams.grid_queries, self.hparams.grid_top
-        self._grid_rows = list(zip(kept_ids[:rows].tolist(), ranked[:rows, :top].tolist(),
-                                   relevance[:rows, :top].bool().tolist()))
-        return kept_ids
+        self._grid_rows = list(zip(scored.query_ids[:rows].tolist(), scored.ranked[:rows, :top].tolist(),
+                                   scored.relevance[:rows, :top].bool().tolist()))
+        return scored.query_ids
 
     def _write_reports(
         self,
@@ -285,11 +267,3 @@ class RetrievalEvaluator(pl.LightningModule):
         for logger in self.loggers:
             if isinstance(logger, TensorBoardLogger):
                 logger.experiment.add_image("test/retrievals", grid, self.global_step)
-
-
-def _rows_of(ids: Tensor, sorted_ids: Tensor) -> Tensor:
-    """Row of each id in ``sorted_ids`` (ascending), or -1 where it is absent."""
-    rows = torch.searchsorted(sorted_ids, ids.clamp(min=0))
-    rows = rows.clamp(max=max(sorted_ids.numel() - 1, 0))
-    found = (ids >= 0) & (sorted_ids[rows] == ids)
-    return torch.where(found, rows, torch.full_like(rows, -1))

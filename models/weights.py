@@ -15,13 +15,14 @@ onto timm modules with a strict ``load_state_dict``.
 from __future__ import annotations
 
 import collections
+import json
 import pickle
 import types
 import warnings
 import zipfile
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -373,3 +374,133 @@ def _convert(
         return filter_fn(dict(state), model)
     except Exception as error:
         raise weights_error(path, fmt, f"cannot convert the state dict ({_brief(error)})") from error
+
+
+# --------------------------------------------------------------------------- files written by `lit export`
+
+#: safetensors metadata marker of a descriptor written by ``lit export`` (key ``format``).
+EXPORT_FORMAT = "lit-replication descriptor"
+EXPORT_FORMAT_VERSION = "1"
+_EXPORT_FIELDS = ("arch", "arch_kwargs", "input_size", "crop_pct", "interpolation", "mean", "std", "output",
+                  "feature_dim")
+
+
+@dataclass(frozen=True)
+class ExportMetadata:
+    """What rebuilds an exported backbone: ``timm.create_model(arch, **arch_kwargs)`` + preprocessing + output.
+
+    ``provenance`` holds free-form strings (source checkpoint and its SHA-256, suite
+    version, module class, epoch / step). Stored as safetensors metadata (string
+    values; structured fields JSON-encoded) next to the weights.
+    """
+
+    arch: str
+    arch_kwargs: dict[str, Any]
+    input_size: int
+    crop_pct: float
+    interpolation: str
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    output: str
+    feature_dim: int
+    provenance: dict[str, str] = field(default_factory=dict)
+
+    def to_strings(self) -> dict[str, str]:
+        """The safetensors metadata (all values strings), marker included."""
+        values = {name: json.dumps(getattr(self, name)) for name in _EXPORT_FIELDS}
+        values.update(arch=self.arch, interpolation=self.interpolation, output=self.output)  # plain strings
+        return {"format": EXPORT_FORMAT, "format_version": EXPORT_FORMAT_VERSION, **values,
+                **{f"provenance.{k}": str(v) for k, v in self.provenance.items()}}
+
+    @classmethod
+    def from_strings(cls, metadata: Mapping[str, str]) -> ExportMetadata:
+        """Parse :meth:`to_strings` output; ValueError names the missing or malformed field."""
+        missing = [name for name in _EXPORT_FIELDS if name not in metadata]
+        if missing:
+            raise ValueError(f"metadata lacks {', '.join(missing)}")
+        try:
+            kwargs = json.loads(metadata["arch_kwargs"])
+            mean, std = json.loads(metadata["mean"]), json.loads(metadata["std"])
+            parsed = cls(
+                arch=metadata["arch"],
+                arch_kwargs=kwargs,
+                input_size=int(json.loads(metadata["input_size"])),
+                crop_pct=float(json.loads(metadata["crop_pct"])),
+                interpolation=metadata["interpolation"],
+                mean=tuple(float(v) for v in mean),  # type: ignore[arg-type]
+                std=tuple(float(v) for v in std),  # type: ignore[arg-type]
+                output=metadata["output"],
+                feature_dim=int(json.loads(metadata["feature_dim"])),
+                provenance={k.removeprefix("provenance."): v for k, v in metadata.items()
+                            if k.startswith("provenance.")},
+            )
+        except (ValueError, TypeError) as error:
+            raise ValueError(f"malformed metadata ({_brief(error)})") from error
+        if not isinstance(kwargs, dict) or len(parsed.mean) != 3 or len(parsed.std) != 3:
+            raise ValueError("malformed metadata (arch_kwargs must be a mapping, mean and std three values)")
+        if parsed.output not in ("global", "tokens") or parsed.interpolation not in ("bilinear", "bicubic"):
+            raise ValueError(f"malformed metadata (output {parsed.output!r}, interpolation {parsed.interpolation!r})")
+        return parsed
+
+
+def export_metadata_strings(path: str | Path) -> dict[str, str] | None:
+    """The safetensors metadata of ``path`` when ``lit export`` wrote it (marker present), else None.
+
+    Reads the header only; a missing, non-safetensors or unmarked file gives None.
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        return None
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+    except Exception:  # not a safetensors file at all
+        return None
+    return dict(metadata) if metadata.get("format") == EXPORT_FORMAT else None
+
+
+def read_export_metadata(path: str | Path, fmt: WeightsFormat) -> ExportMetadata:
+    """The :class:`ExportMetadata` of a ``lit export`` file; one-line WeightsError otherwise."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise weights_error(path, fmt, "weights file not found")
+    strings = export_metadata_strings(path)
+    if strings is None:
+        raise weights_error(path, fmt, "not a file written by lit export (a safetensors file whose metadata "
+                                       f"has format={EXPORT_FORMAT!r})")
+    version = strings.get("format_version")
+    if version != EXPORT_FORMAT_VERSION:
+        raise weights_error(path, fmt, f"lit export format version {version!r}, this suite reads "
+                                       f"{EXPORT_FORMAT_VERSION!r}")
+    try:
+        return ExportMetadata.from_strings(strings)
+    except ValueError as error:
+        raise weights_error(path, fmt, f"lit export file with {error}") from error
+
+
+@dataclass(frozen=True)
+class ExportedState(WeightsLayout):
+    """The backbone state of a ``lit export`` file into the timm model built from its metadata.
+
+    Strict load; a ViT's position embeddings are resampled by timm when the
+    descriptor is built for another input size.
+    """
+
+    def read(self, path: Path, fmt: WeightsFormat) -> Any:
+        read_export_metadata(path, fmt)
+        try:  # safetensors whatever the file is called
+            from safetensors.torch import load_file
+
+            state = load_file(str(path), device="cpu")
+        except Exception as error:
+            raise weights_error(path, fmt, f"unreadable weights file ({_brief(error)})") from error
+        return as_state_dict(state, path, fmt)
+
+    def apply(self, backbone: nn.Module, content: Any, path: Path, fmt: WeightsFormat) -> nn.Module:
+        state = content
+        if isinstance(backbone, vision_transformer.VisionTransformer):
+            state = _convert(vision_transformer.checkpoint_filter_fn, content, backbone, path, fmt)
+        load_strict(backbone, state, path, fmt)
+        return backbone

@@ -45,6 +45,7 @@ NAMES = [
     "swin_b_in1k",
     "mocov3_vit_b16",
     "mocov3_vit_b16_cutmix",
+    "mocov3",
     "vicregl_resnet50",
     "dino_vit_b16",
     "pixel",
@@ -62,12 +63,14 @@ DIMS = {
     "swin_b_in1k": 1024,
     "mocov3_vit_b16": 768,
     "mocov3_vit_b16_cutmix": 768,
+    "mocov3": 768,  # random init: ViT-B/16 (an exported file brings its own architecture)
     "vicregl_resnet50": 2048,
     "dino_vit_b16": 768,
     "pixel": 3 * 32 * 32,
 }
 # output widths of the depth-reduced specs (the CLIP projection stays 512-d)
-SMALL_DIMS = {name: 64 for name in ("vit_b16_in21k", "mocov3_vit_b16", "mocov3_vit_b16_cutmix", "dino_vit_b16")}
+SMALL_DIMS = {name: 64 for name in ("vit_b16_in21k", "mocov3_vit_b16", "mocov3_vit_b16_cutmix", "mocov3",
+                                    "dino_vit_b16")}
 SMALL_DIMS |= {"clip_vit_b16": 512, "swin_b_in1k": 256} | {name: 512 for name in RESNETS}
 # tests that build TorchScript files themselves (the library only reads them)
 building_torchscript = pytest.mark.filterwarnings(

@@ -1,0 +1,232 @@
+"""``lit export --ckpt_path CKPT --out FILE``: a trained backbone as a descriptor file the whole suite reads.
+
+The checkpoint's LightningModule is rebuilt from its saved hyper-parameters
+(``LightningModule.load_from_checkpoint`` with the class path ``lit fit`` stores
+in them, or ``--class_path``); the module must expose ``descriptor`` (a
+:class:`models.extractors.Descriptor`: preprocessing + the backbone being
+trained, e.g. :class:`models.mocov3.MoCoV3Module`'s query encoder) and
+``descriptor_arch`` (a dict with the timm ``arch`` name and its kwargs under
+``timm_kwargs`` or ``arch_kwargs``; preprocessing fields, when present, must
+agree with the descriptor's).
+
+``FILE`` (``.safetensors``) holds the backbone's state dict and, as metadata
+(:class:`models.weights.ExportMetadata`), the timm architecture and kwargs, input
+size, crop_pct, interpolation, mean/std and output kind, plus the source
+checkpoint, its SHA-256, the suite version, module class, epoch and step. It
+loads as ``--model.init_args.descriptor mocov3 --model.init_args.weights FILE``
+(a ViT-B/16 also as ``mocov3_vit_b16_cutmix``) wherever a descriptor is named.
+Before the file is moved into place, it is loaded back as descriptor ``mocov3``
+and its features are compared with the module's on random images.
+
+An existing ``FILE`` is replaced only when ``lit export`` wrote it and
+``--overwrite`` is given; anything else is refused (:class:`lit.errors.UserError`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import inspect
+import pickle
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from pytorch_lightning import LightningModule
+from torch import Tensor
+
+import lit
+from lit.errors import UserError
+from lit.report import atomic_path
+from models.descriptor_config import file_sha256
+from models.extractors import Descriptor, build_descriptor
+from models.weights import ExportMetadata, WeightsError, export_metadata_strings, lenient_torch_load
+
+SUFFIX = ".safetensors"
+DESCRIPTOR_NAME = "mocov3"
+_CHECKED_FIELDS = ("input_size", "crop_pct", "interpolation", "mean", "std", "output")
+_PROBE_TOLERANCE = 1e-4
+
+
+def check_destination(out: Path, overwrite: bool) -> None:
+    """Refuse a destination ``lit export`` may not write (UserError naming the file)."""
+    if out.suffix != SUFFIX:
+        raise UserError(f"--out {out}: the descriptor file must end in {SUFFIX}")
+    if out.is_dir():
+        raise UserError(f"--out {out} is a folder; give a file name ending in {SUFFIX}")
+    if not out.exists() and not out.is_symlink():
+        return
+    if not out.is_file() or export_metadata_strings(out) is None:
+        raise UserError(f"{out} exists and was not written by lit export; refusing to overwrite it "
+                        "(choose another --out)")
+    if not overwrite:
+        raise UserError(f"{out} exists (written by an earlier lit export); pass --overwrite to replace it")
+
+
+@dataclass(frozen=True)
+class CheckpointSummary:
+    """What ``lit export`` reads from a checkpoint before rebuilding its module."""
+
+    hparams: dict[str, Any]
+    epoch: int | None
+    global_step: int | None
+    weights_only: bool  # loadable with torch.load(weights_only=True)
+
+
+def read_summary(ckpt_path: Path) -> CheckpointSummary:
+    """Hyper-parameters, epoch and step of a Lightning checkpoint, read without running code from the file
+    (``weights_only``; checkpoints that pickled other objects are read with inert stand-ins)."""
+    weights_only = True
+    try:
+        try:
+            checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
+        except (pickle.UnpicklingError, RuntimeError):
+            checkpoint, weights_only = lenient_torch_load(ckpt_path), False
+    except Exception as error:
+        raise UserError(f"--ckpt_path {ckpt_path}: cannot read it as a Lightning checkpoint "
+                        f"({type(error).__name__}: {' '.join(str(error).split())[:200]})") from error
+    if not isinstance(checkpoint, Mapping) or "state_dict" not in checkpoint:
+        raise UserError(f"--ckpt_path {ckpt_path} is not a Lightning checkpoint (no 'state_dict')")
+    hparams = checkpoint.get("hyper_parameters", {})
+    number = lambda key: int(checkpoint[key]) if isinstance(checkpoint.get(key), int) else None  # noqa: E731
+    return CheckpointSummary(dict(hparams) if isinstance(hparams, Mapping) else {}, number("epoch"),
+                             number("global_step"), weights_only)
+
+
+def module_class(class_path: str, ckpt_path: Path) -> type[LightningModule]:
+    """Import ``package.module.Class`` and check it is a LightningModule."""
+    module_name, _, name = class_path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module_name), name) if module_name else None
+    except (ImportError, AttributeError) as error:
+        raise UserError(f"cannot import the module class {class_path!r} of {ckpt_path} ({error})") from error
+    if not isinstance(cls, type) or not issubclass(cls, LightningModule):
+        raise UserError(f"{class_path!r} (the module class of {ckpt_path}) is not a LightningModule")
+    return cls
+
+
+def load_module(ckpt_path: Path, summary: CheckpointSummary, class_path: str | None = None) -> LightningModule:
+    """The checkpoint's LightningModule, rebuilt from its hyper-parameters, in eval mode on the CPU.
+
+    ``weights_only=False`` only for a checkpoint that pickled more than tensors and
+    containers: it is the user's own training run, which ``lit export`` is asked to read.
+    A ``weights`` init argument (initial weights, e.g. MoCo v3's official checkpoint) is
+    set to None: the checkpoint's own state dict follows.
+    """
+    class_path = class_path or summary.hparams.get("_class_path")
+    if not class_path:
+        raise UserError(f"{ckpt_path} does not record its module class (not saved by lit fit); "
+                        "pass --class_path package.module.Class")
+    cls = module_class(str(class_path), ckpt_path)
+    # the checkpoint's state dict replaces whatever the module would load at init (MoCoV3Module's
+    # official ``weights``): do not read, or require, that file again
+    overrides = {"weights": None} if "weights" in inspect.signature(cls.__init__).parameters else {}
+    try:
+        module = cls.load_from_checkpoint(ckpt_path, map_location="cpu", weights_only=summary.weights_only,
+                                          **overrides)
+    except (TypeError, ValueError, KeyError, RuntimeError) as error:
+        raise UserError(f"cannot rebuild {class_path} from {ckpt_path} "
+                        f"({type(error).__name__}: {' '.join(str(error).split())[:300]})") from error
+    return module.eval()
+
+
+def export_metadata(module: LightningModule, descriptor: Descriptor, feature_dim: int,
+                    provenance: dict[str, str]) -> ExportMetadata:
+    """The file's metadata from ``module.descriptor_arch`` and the descriptor's own preprocessing."""
+    arch = getattr(module, "descriptor_arch", None)
+    if not isinstance(arch, Mapping) or not isinstance(arch.get("arch"), str):
+        raise UserError(f"{type(module).__name__} has no descriptor_arch dict with a timm 'arch' name; "
+                        "lit export needs a module like models.mocov3.MoCoV3Module")
+    kwargs = arch.get("timm_kwargs", arch.get("arch_kwargs", {}))
+    pre = descriptor.preprocessing
+    own = {"input_size": pre.input_size, "crop_pct": pre.crop_pct, "interpolation": pre.interpolation,
+           "mean": list(pre.mean), "std": list(pre.std), "output": descriptor.output}
+    for name in _CHECKED_FIELDS:
+        if name in arch and _plain(arch[name]) != _plain(own[name]):
+            raise RuntimeError(f"{type(module).__name__}.descriptor_arch[{name!r}] = {arch[name]!r} disagrees with "
+                               f"its descriptor's {own[name]!r}")
+    return ExportMetadata(
+        arch=arch["arch"], arch_kwargs=_plain(dict(kwargs)), input_size=pre.input_size, crop_pct=pre.crop_pct,
+        interpolation=pre.interpolation, mean=pre.mean, std=pre.std, output=descriptor.output,
+        feature_dim=feature_dim, provenance=provenance,
+    )
+
+
+def _plain(value: Any) -> Any:
+    """JSON-like copy (tuples -> lists, floats kept) for comparison and storage."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+@torch.no_grad()
+def export_descriptor(ckpt_path: str | Path, out: str | Path, *, overwrite: bool = False,
+                      class_path: str | None = None) -> Path:
+    """Write the backbone of ``ckpt_path``'s module to ``out`` (safetensors + metadata); returns ``out``."""
+    ckpt_path, out = Path(ckpt_path).expanduser(), Path(out).expanduser()
+    check_destination(out, overwrite)
+    if not ckpt_path.is_file():
+        raise UserError(f"--ckpt_path {ckpt_path}: no such checkpoint file")
+    summary = read_summary(ckpt_path)
+    module = load_module(ckpt_path, summary, class_path)
+    descriptor = getattr(module, "descriptor", None)
+    if not isinstance(descriptor, Descriptor):
+        raise UserError(f"{type(module).__name__} has no 'descriptor' (a models.extractors.Descriptor); "
+                        "lit export needs a module like models.mocov3.MoCoV3Module")
+    descriptor = descriptor.to("cpu").eval()
+    probe = torch.rand(2, 3, descriptor.input_size, descriptor.input_size, generator=torch.Generator().manual_seed(0))
+    expected = descriptor(probe)
+    provenance = {
+        "exported_by": "lit export",
+        "source_checkpoint": str(ckpt_path.resolve()),
+        "source_checkpoint_sha256": file_sha256(ckpt_path),
+        "suite_version": lit.__version__,
+        "module_class": f"{type(module).__module__}.{type(module).__qualname__}",
+        "epoch": "" if summary.epoch is None else str(summary.epoch),
+        "global_step": "" if summary.global_step is None else str(summary.global_step),
+    }
+    metadata = export_metadata(module, descriptor, int(expected.shape[-1]), provenance)
+    state = {name: tensor.detach().cpu().contiguous().clone() for name, tensor in descriptor.backbone.state_dict().items()}
+    from safetensors.torch import save_file
+
+    with atomic_path(out, suffix=SUFFIX) as tmp:
+        save_file(state, str(tmp), metadata=metadata.to_strings())
+        _check_round_trip(tmp, probe, expected)
+    return out
+
+
+def _check_round_trip(path: Path, probe: Tensor, expected: Tensor) -> None:
+    """The written file, loaded as descriptor ``mocov3``, must reproduce the module's features."""
+    try:
+        loaded = build_descriptor(DESCRIPTOR_NAME, weights=path)(probe)
+    except WeightsError as error:
+        raise RuntimeError(f"the exported file does not load back as descriptor {DESCRIPTOR_NAME!r}: {error}") from error
+    if loaded.shape != expected.shape or not torch.allclose(loaded, expected, atol=_PROBE_TOLERANCE, rtol=_PROBE_TOLERANCE):
+        raise RuntimeError("the exported file, loaded as descriptor 'mocov3', gives other features than the module's "
+                           "descriptor: descriptor_arch does not describe the backbone (timm kwargs missing?)")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """``lit export``: write a checkpoint's trained backbone as a descriptor file."""
+    parser = argparse.ArgumentParser(
+        prog="lit export", allow_abbrev=False,
+        description="Write a checkpoint's trained backbone (e.g. MoCo v3's query encoder) as a descriptor file: "
+                    f"safetensors + metadata, loaded as --model.init_args.descriptor {DESCRIPTOR_NAME} "
+                    "--model.init_args.weights FILE.",
+    )
+    parser.add_argument("--ckpt_path", required=True, metavar="CKPT",
+                        help="Lightning checkpoint of a module with a descriptor")
+    parser.add_argument("--out", required=True, metavar="FILE", help=f"descriptor file to write ({SUFFIX})")
+    parser.add_argument("--overwrite", action="store_true", help="replace FILE if an earlier lit export wrote it")
+    parser.add_argument("--class_path", default=None,
+                        help="module class (package.module.Class) when the checkpoint does not record it")
+    args = parser.parse_args(argv)
+    out = export_descriptor(args.ckpt_path, args.out, overwrite=args.overwrite, class_path=args.class_path)
+    meta = ExportMetadata.from_strings(export_metadata_strings(out) or {})
+    print(f"Wrote {out}: {meta.arch} {meta.arch_kwargs}, {meta.output} features of width {meta.feature_dim}, "
+          f"input {meta.input_size} px.\nUse it with --model.init_args.descriptor {DESCRIPTOR_NAME} "
+          f"--model.init_args.weights {out}", flush=True)
