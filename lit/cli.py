@@ -44,6 +44,7 @@ def _quiet_known_warnings() -> None:
 #: name -> (module, function taking the remaining argv, one-line help).
 EXTRA_COMMANDS: dict[str, tuple[str, str, str]] = {
     "report": ("lit.table1", "main", "collect the metrics.json of lit test runs into the paper's Table 1"),
+    "scan": ("lit.scan", "main", "search generated images against a training set and report what was copied"),
 }
 
 
