@@ -24,7 +24,7 @@ import csv
 import io
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,7 +50,8 @@ from lit.scan_analysis import (
     score_summary,
     within_class_top1,
 )
-from lit.scan_sources import FeatureSource, embed_folder
+from lit.scan_sources import FeatureSource, StoreSource, extract_folder
+from lit.store import DTYPES, FeatureStore, is_store
 from lit.search import SearchResult, search
 from lit.similarity import SimilarityKind, TokenNormalization, cosine_similarity, split_product
 from models.descriptor_config import DescriptorConfig
@@ -350,15 +351,24 @@ def write_outputs(out: Path, result: ScanResult, generations: FeatureSource, tra
 # ----------------------------------------------------------------------------- sources and the command
 
 
-def open_source(role: str, spec: str, descriptor_config: DescriptorConfig, descriptor: Any, record: dict[str, Any],
-                *, device: torch.device, batch_size: int, num_workers: int) -> FeatureSource:
-    """The features of one input: an image folder, embedded here."""
+def open_source(role: str, spec: str, record: dict[str, Any], descriptor: Callable[[], Any], *, store_dir: Path,
+                device: torch.device, batch_size: int, num_workers: int, dtype: str) -> FeatureSource:
+    """The features of one input: a feature store as it is, or an image folder extracted to a store
+    under ``store_dir`` (reused when the folder and the descriptor are unchanged)."""
     path = Path(spec).expanduser()
     if not path.exists():
         raise UserError(f"--{role} {spec} does not exist (give an image folder or a feature store)")
+    if is_store(path):
+        store = FeatureStore.open(path)
+        store.check_compatible(record, what=f"the descriptor of this scan ({record.get('display_name')})")
+        print(f"{role}: feature store {path} ({store.num_rows} rows)")
+        return StoreSource(role, store)
     if path.is_dir():
-        return embed_folder(role, path, descriptor, record, device=device, batch_size=batch_size,
-                            num_workers=num_workers)
+        store, reused = extract_folder(role, path, store_dir, descriptor(), record, device=device,
+                                       batch_size=batch_size, num_workers=num_workers, dtype=dtype)
+        print(f"{role}: {'reused' if reused else 'extracted'} feature store {store.root} ({store.num_rows} rows, "
+              f"{len(store.skipped)} unreadable images skipped)")
+        return StoreSource(role, store)
     raise UserError(f"--{role} {spec}: not an image folder or a feature store")
 
 
@@ -395,6 +405,7 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--batch_size", type=int, default=64, help="images per embedding batch")
     parser.add_argument("--num_workers", type=int, default=0, help="image loading workers")
     parser.add_argument("--store_dir", type=str | None, default=None, help="where folders are extracted (default OUT/stores)")
+    parser.add_argument("--dtype", type=str, default="float16", help="dtype of extracted stores: float16 or float32")
     parser.add_argument("--progress", type=bool, default=True, help="progress bars")
     return parser
 
@@ -413,6 +424,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         raise UserError(f"--report_rows must be >= 0, got {args.report_rows}")
     if args.baseline_sample is not None and args.baseline_sample < 1:
         raise UserError(f"--baseline_sample must be >= 1 or null, got {args.baseline_sample}")
+    if args.dtype not in DTYPES:
+        raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, got {args.dtype!r}")
     if args.similarity not in ("auto", "cosine", "split_product"):
         raise UserError(f"--similarity must be auto, cosine or split_product, got {args.similarity!r}")
     if args.token_normalization not in ("token", "global", "none"):
@@ -441,18 +454,29 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
     config = DescriptorConfig(name=args.descriptor, weights=args.weights, random_init=args.random_init,
                               input_size=args.input_size, similarity=args.similarity,
                               token_normalization=args.token_normalization)
+    device = _device(args.device)
+    built: list[Any] = []
+
+    def descriptor() -> Any:
+        """The descriptor, built once and only when a folder needs extracting."""
+        if not built:
+            try:
+                built.append(config.build().to(device).eval())
+            except (KeyError, ValueError, FileNotFoundError, OSError) as error:
+                raise UserError(f"--descriptor {args.descriptor}: {error}") from None
+        return built[0]
+
     try:
-        descriptor = config.build()
+        record = config.record()
     except (KeyError, ValueError, FileNotFoundError, OSError) as error:
         raise UserError(f"--descriptor {args.descriptor}: {error}") from None
-    device = _device(args.device)
-    descriptor = descriptor.to(device).eval()
-    record = config.record(descriptor)
-    common = {"device": device, "batch_size": args.batch_size, "num_workers": args.num_workers}
-    generations = open_source("generations", args.generations, config, descriptor, record, **common)
-    training = open_source("training", args.training, config, descriptor, record, **common)
-    background = None if args.background is None else open_source("background", args.background, config,
-                                                                   descriptor, record, **common)
+    store_dir = Path(args.store_dir).expanduser() if args.store_dir else out / "stores"
+    common = {"store_dir": store_dir, "device": device, "batch_size": args.batch_size,
+              "num_workers": args.num_workers, "dtype": args.dtype}
+    generations = open_source("generations", args.generations, record, descriptor, **common)
+    training = open_source("training", args.training, record, descriptor, **common)
+    background = None if args.background is None else open_source("background", args.background, record,
+                                                                   descriptor, **common)
     options = ScanOptions(k=args.k, thresholds=tuple(args.thresholds), similarity=record["similarity"],
                           token_normalization=args.token_normalization, baseline_sample=args.baseline_sample,
                           random_sample=args.random_sample, class_sample=args.class_sample,
