@@ -352,7 +352,8 @@ def write_outputs(out: Path, result: ScanResult, generations: FeatureSource, tra
 
 
 def open_source(role: str, spec: str, record: dict[str, Any], descriptor: Callable[[], Any], *, store_dir: Path,
-                device: torch.device, batch_size: int, num_workers: int, dtype: str) -> FeatureSource:
+                device: torch.device, batch_size: int, num_workers: int, dtype: str,
+                progress: bool = True) -> FeatureSource:
     """The features of one input: a feature store as it is, or an image folder extracted to a store
     under ``store_dir`` (reused when the folder and the descriptor are unchanged)."""
     path = Path(spec).expanduser()
@@ -365,7 +366,8 @@ def open_source(role: str, spec: str, record: dict[str, Any], descriptor: Callab
         return StoreSource(role, store)
     if path.is_dir():
         store, reused = extract_folder(role, path, store_dir, descriptor(), record, device=device,
-                                       batch_size=batch_size, num_workers=num_workers, dtype=dtype)
+                                       batch_size=batch_size, num_workers=num_workers, dtype=dtype,
+                                       progress=progress)
         print(f"{role}: {'reused' if reused else 'extracted'} feature store {store.root} ({store.num_rows} rows, "
               f"{len(store.skipped)} unreadable images skipped)")
         return StoreSource(role, store)
@@ -472,7 +474,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
         raise UserError(f"--descriptor {args.descriptor}: {error}") from None
     store_dir = Path(args.store_dir).expanduser() if args.store_dir else out / "stores"
     common = {"store_dir": store_dir, "device": device, "batch_size": args.batch_size,
-              "num_workers": args.num_workers, "dtype": args.dtype}
+              "num_workers": args.num_workers, "dtype": args.dtype, "progress": args.progress}
     generations = open_source("generations", args.generations, record, descriptor, **common)
     training = open_source("training", args.training, record, descriptor, **common)
     background = None if args.background is None else open_source("background", args.background, record,

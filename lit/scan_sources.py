@@ -195,7 +195,7 @@ def store_folder_name(role: str, root: Path, fingerprint: str, record: dict[str,
 
 def extract_folder(role: str, root: Path, store_dir: Path, descriptor: Descriptor, record: dict[str, Any], *,
                    device: torch.device, batch_size: int, num_workers: int = 0, shard_rows: int = 8192,
-                   dtype: str = "float16") -> tuple[FeatureStore, bool]:
+                   dtype: str = "float16", progress: bool = True) -> tuple[FeatureStore, bool]:
     """The store of image folder ``root`` under ``store_dir`` (extracted now, or reused: second value True).
 
     Rows are the folder's images in sorted path order; unreadable images are skipped,
@@ -221,14 +221,14 @@ def extract_folder(role: str, root: Path, store_dir: Path, descriptor: Descripto
     feature_shape = _feature_shape(descriptor, dataset)
     writer = StoreWriter(target, record, feature_shape, dtype=dtype)
     starts = range(0, len(paths), shard_rows)
-    for start in tqdm(starts, desc=f"extract {role}", unit="shard", disable=len(starts) < 2):
+    for start in tqdm(starts, desc=f"extract {role}", unit="shard", disable=not progress or len(starts) < 2):
         name = f"{start:010d}"
         if writer.has_shard(name):
             continue
         stop = min(start + shard_rows, len(paths))
         try:
             embedded = embed_dataset(descriptor, Subset(dataset, range(start, stop)), batch_size=batch_size,
-                                     device=device, num_workers=num_workers, progress=True,
+                                     device=device, num_workers=num_workers, progress=progress,
                                      desc=f"embed {role} {start}-{stop}")
         except ValueError:
             if _any_loadable(dataset, start, stop):
