@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 import torch
 from PIL import Image
 
@@ -251,3 +252,25 @@ def test_run_scan_sampled_baseline_and_normalisation() -> None:
     assert torch.allclose(result.normalized.double(), result.top.scores.double() - 0.5 * bias[:, None], atol=1e-5)
     assert result.normalization is not None and result.normalization["k"] == 3
     assert result.classes is None
+
+
+# ----------------------------------------------------------------------------- configs
+
+SCAN_CONFIGS = [c for c in sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+                if "model" not in (yaml.safe_load(c.read_text()) or {})]
+
+
+@pytest.mark.parametrize("config", SCAN_CONFIGS, ids=lambda c: c.name)
+def test_scan_config_prints_every_option(config: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from lit.scan import build_parser
+
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args(["--config", str(config), "--print_config"])
+    assert exit_info.value.code in (0, None)
+    printed = yaml.safe_load(capsys.readouterr().out)
+    source = yaml.safe_load(config.read_text())
+    assert source and printed == {**printed, **source}  # every key of the file, with its value
+
+
+def test_scan_config_has_a_scan_config() -> None:
+    assert any(c.name == "scan.yaml" for c in SCAN_CONFIGS)
