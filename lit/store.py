@@ -1,0 +1,489 @@
+"""Feature stores: descriptor features on disk in shards, memory-mapped for search.
+
+A store is a folder the suite marks as its own::
+
+    STORE/
+      .lit-store.json            marker: format, version, descriptor record, dtype, feature shape
+      shard-000000.npy           (rows, *feature_shape) float16 (default) or float32
+      shard-000000.json          the shard's rows: keys, captions, labels, skipped inputs, sha256
+      ...
+      manifest.json              written by finalize(): every shard in global order, counts, checksums
+
+A shard is complete when its ``.json`` exists (written after the ``.npy``, both via a
+temporary file and ``os.replace``), so a killed writer leaves only whole shards plus
+temporary files that the next writer removes. Shards are ordered by their ``start``
+(a global row index of the input, so the order does not depend on how many processes
+wrote them), then by name. Rows are read through ``np.load(mmap_mode="r")``: a store
+is never loaded whole (``iter_blocks`` for scans, ``rows`` to gather a shortlist).
+
+Cost on disk: ``prod(feature_shape) * itemsize`` bytes a row plus a 128-byte ``.npy``
+header per shard: 512-d float16 is 1 KiB an image (12M images: 12 GiB); DINO ViT-B/16
+tokens (197, 768) float16 are 296 KiB (303 kB) an image.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tempfile
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from lit.errors import UserError
+from lit.report import _file_mode, write_json
+
+FORMAT = "lit-feature-store"
+VERSION = 1
+MARKER = ".lit-store.json"
+MANIFEST = "manifest.json"
+DTYPES = ("float16", "float32")
+#: descriptor-record fields that must agree for two stores (or a store and a query) to be comparable
+COMPATIBILITY_FIELDS = (
+    "name", "weights_sha256", "random_init", "input_size", "preprocessing", "similarity", "token_normalization",
+)
+_SHARD_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_TEMP_FILE = re.compile(r"^\.(shard-.*|manifest\.json|\.lit-store\.json)\..*\.tmp$")
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    """One shard as the manifest lists it."""
+
+    name: str
+    rows: int
+    sha256: str
+    start: int | None
+    skipped: tuple[str, ...]
+    source: str | None = None
+    info: Mapping[str, Any] | None = None
+
+    @property
+    def file(self) -> str:
+        return f"shard-{self.name}.npy"
+
+    @property
+    def meta_file(self) -> str:
+        return f"shard-{self.name}.json"
+
+
+def _normalise_dtype(dtype: str | np.dtype | torch.dtype) -> str:
+    name = str(dtype).replace("torch.", "")
+    if name not in DTYPES:
+        raise UserError(f"feature store dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    return name
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(2**22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _is_store(root: Path) -> bool:
+    marker = root / MARKER
+    if not marker.is_file():
+        return False
+    try:
+        return json.loads(marker.read_text()).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _descriptor_differences(ours: Mapping[str, Any], theirs: Mapping[str, Any]) -> list[str]:
+    return [
+        f"{field} {ours.get(field)!r} vs {theirs.get(field)!r}"
+        for field in COMPATIBILITY_FIELDS
+        if ours.get(field) != theirs.get(field)
+    ]
+
+
+def _as_numpy(features: np.ndarray | torch.Tensor) -> np.ndarray:
+    if isinstance(features, torch.Tensor):
+        return features.detach().to("cpu", torch.float32).numpy()
+    return np.asarray(features)
+
+
+# --------------------------------------------------------------------------- writing
+
+
+class StoreWriter:
+    """Writes shards into a store folder (new, empty, or an existing store of the same descriptor).
+
+    Args:
+        root: the store folder; created when missing. An existing folder must be empty or
+            a store with the same descriptor, dtype and feature shape (then shards are added).
+        descriptor_record: ``DescriptorConfig.record()`` of the descriptor that made the features.
+        feature_shape: ``(D,)`` for global features, ``(T, D)`` for tokens.
+        dtype: ``float16`` (default, half the disk) or ``float32``.
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        descriptor_record: Mapping[str, Any],
+        feature_shape: Sequence[int],
+        dtype: str = "float16",
+    ) -> None:
+        self.root = Path(root)
+        self.descriptor = dict(descriptor_record)
+        self.feature_shape = tuple(int(s) for s in feature_shape)
+        if not self.feature_shape or any(s < 1 for s in self.feature_shape):
+            raise ValueError(f"feature_shape must be positive sizes, got {feature_shape}")
+        self.dtype = _normalise_dtype(dtype)
+        self._open()
+
+    def _open(self) -> None:
+        if self.root.exists() and not self.root.is_dir():
+            raise UserError(f"feature store {self.root} is a file, not a folder; choose another --out")
+        if self.root.is_dir() and not _is_store(self.root):
+            foreign = [p.name for p in self.root.iterdir() if not _TEMP_FILE.match(p.name)]
+            if foreign:
+                raise UserError(
+                    f"refusing to write a feature store into {self.root}: it holds files the suite did not "
+                    f"create ({foreign[0]}{', ...' if len(foreign) > 1 else ''}); choose an empty or new folder"
+                )
+        if _is_store(self.root):
+            marker = json.loads((self.root / MARKER).read_text())
+            self._check_same(marker)
+            self._remove_temporaries()
+            return
+        self.root.mkdir(parents=True, exist_ok=True)
+        write_json(self.root / MARKER, {
+            "format": FORMAT, "version": VERSION, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "descriptor": self.descriptor, "dtype": self.dtype, "feature_shape": list(self.feature_shape),
+        })
+
+    def _check_same(self, marker: Mapping[str, Any]) -> None:
+        problems = _descriptor_differences(marker.get("descriptor", {}), self.descriptor)
+        if marker.get("dtype") != self.dtype:
+            problems.append(f"dtype {marker.get('dtype')} vs {self.dtype}")
+        if tuple(marker.get("feature_shape", ())) != self.feature_shape:
+            problems.append(f"feature shape {tuple(marker.get('feature_shape', ()))} vs {self.feature_shape}")
+        if problems:
+            raise UserError(
+                f"feature store {self.root} was written with other settings ({'; '.join(problems)}); "
+                "use another folder or the same descriptor, weights and dtype"
+            )
+
+    def _remove_temporaries(self) -> None:
+        """Temporary files of a killed writer (ours: the folder is a marked store)."""
+        for path in self.root.iterdir():
+            if _TEMP_FILE.match(path.name):
+                path.unlink(missing_ok=True)
+
+    def shard_meta(self, name: str) -> dict[str, Any] | None:
+        """The row file of a completely written shard ``name`` (None when it is not there)."""
+        return json.loads((self.root / f"shard-{name}.json").read_text()) if self.has_shard(name) else None
+
+    def has_shard(self, name: str) -> bool:
+        """Whether shard ``name`` was completely written (its row file exists beside a whole ``.npy``)."""
+        return (self.root / f"shard-{name}.json").is_file() and (self.root / f"shard-{name}.npy").is_file()
+
+    def write_shard(
+        self,
+        name: str,
+        features: np.ndarray | torch.Tensor,
+        keys: Sequence[str],
+        captions: Sequence[str | None] | None = None,
+        labels: Sequence[Any] | None = None,
+        skipped: Sequence[str] = (),
+        start: int | None = None,
+        source: str | None = None,
+        info: Mapping[str, Any] | None = None,
+    ) -> ShardInfo:
+        """Write one shard atomically; rewriting an identical existing shard is a no-op.
+
+        ``start`` is the shard's first global input row: shards are ordered by it in the
+        manifest (shards without one come last, by name). ``skipped`` names the inputs of this
+        shard that could not be read; ``source`` is the input file it came from (a tar shard);
+        ``info`` is any small JSON-able description kept with it.
+        """
+        if not _SHARD_NAME.match(name):
+            raise ValueError(f"shard name must be letters, digits, '_', '-', '.', got {name!r}")
+        array = _as_numpy(features)
+        if array.ndim != 1 + len(self.feature_shape) or tuple(array.shape[1:]) != self.feature_shape:
+            raise ValueError(f"shard {name}: features of shape {array.shape}, expected (rows, *{self.feature_shape})")
+        rows = int(array.shape[0])
+        for label, column in (("keys", keys), ("captions", captions), ("labels", labels)):
+            if column is not None and len(column) != rows:
+                raise ValueError(f"shard {name}: {len(column)} {label} for {rows} rows")
+        with np.errstate(over="ignore", invalid="ignore"):
+            stored = np.ascontiguousarray(array, dtype=self.dtype)
+        if not np.isfinite(stored).all():
+            bad = "overflow float16 (use dtype float32)" if np.isfinite(array).all() else "are not finite"
+            raise ValueError(f"shard {name}: features {bad}")
+        meta = {
+            "name": name, "rows": rows, "start": start,
+            "keys": [str(k) for k in keys],
+            "captions": None if captions is None else [None if c is None else str(c) for c in captions],
+            "labels": None if labels is None else list(labels),
+            "skipped": [str(s) for s in skipped],
+            "source": source,
+            "info": None if info is None else dict(info),
+        }
+        npy, meta_path = self.root / f"shard-{name}.npy", self.root / f"shard-{name}.json"
+        fd, tmp_name = tempfile.mkstemp(dir=self.root, prefix=f".{npy.name}.", suffix=".tmp")
+        tmp = Path(tmp_name)
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                np.save(handle, stored, allow_pickle=False)
+            meta["sha256"] = _sha256(tmp)
+            if self.has_shard(name):
+                existing = json.loads(meta_path.read_text())
+                if existing == meta:
+                    return _shard_info(existing)  # the same shard again (a rerun): nothing to do
+                raise UserError(
+                    f"shard {npy} already exists with other content; remove the store {self.root} "
+                    "or write into a new folder"
+                )
+            os.chmod(tmp, _file_mode())
+            os.replace(tmp, npy)  # a row file without its .json (killed writer) is simply replaced
+        finally:
+            tmp.unlink(missing_ok=True)
+        write_json(meta_path, meta)
+        return _shard_info(meta)
+
+    def finalize(self, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """Write ``manifest.json`` from the complete shards present (ordered by ``start``, then name)."""
+        shards = []
+        for meta_path in sorted(self.root.glob("shard-*.json")):
+            meta = json.loads(meta_path.read_text())
+            npy = self.root / f"shard-{meta['name']}.npy"
+            if not npy.is_file():
+                continue
+            shards.append(_shard_info(meta))
+        shards.sort(key=lambda s: (s.start is None, s.start if s.start is not None else 0, s.name))
+        manifest = {
+            "format": FORMAT,
+            "version": VERSION,
+            "descriptor": self.descriptor,
+            "dtype": self.dtype,
+            "feature_shape": list(self.feature_shape),
+            "num_rows": sum(s.rows for s in shards),
+            "num_skipped": sum(len(s.skipped) for s in shards),
+            "bytes_per_row": int(np.prod(self.feature_shape)) * np.dtype(self.dtype).itemsize,
+            "shards": [
+                {"name": s.name, "file": s.file, "rows": s.rows, "start": s.start, "sha256": s.sha256,
+                 "skipped": list(s.skipped),
+                 **({"source": s.source} if s.source is not None else {}),
+                 **({"info": dict(s.info)} if s.info is not None else {})}
+                for s in shards
+            ],
+            **({"extra": dict(extra)} if extra else {}),
+        }
+        write_json(self.root / MANIFEST, manifest)
+        return manifest
+
+
+def _shard_info(meta: Mapping[str, Any]) -> ShardInfo:
+    return ShardInfo(
+        name=meta["name"], rows=int(meta["rows"]), sha256=meta["sha256"], start=meta.get("start"),
+        skipped=tuple(meta.get("skipped", ())), source=meta.get("source"), info=meta.get("info"),
+    )
+
+
+# --------------------------------------------------------------------------- reading
+
+
+class FeatureStore:
+    """A finalized store, read through memory maps (never loaded whole)."""
+
+    def __init__(self, root: Path, manifest: dict[str, Any]) -> None:
+        self.root = root
+        self.manifest = manifest
+        self.shards = [_shard_info(s) for s in manifest["shards"]]
+        self.offsets = np.concatenate([[0], np.cumsum([s.rows for s in self.shards], dtype=np.int64)])
+        self._maps: dict[int, np.ndarray] = {}
+        self._meta: dict[int, dict[str, Any]] = {}
+
+    @classmethod
+    def open(cls, root: str | Path) -> FeatureStore:
+        """Open the store at ``root`` (a one-line ``UserError`` when it is not a finalized store)."""
+        root = Path(root)
+        path = root / MANIFEST
+        if not path.is_file():
+            what = "an unfinished feature store (no manifest.json: rerun the extraction)" if _is_store(root) \
+                else "not a feature store (no manifest.json)"
+            raise UserError(f"{root} is {what}")
+        manifest = json.loads(path.read_text())
+        if manifest.get("format") != FORMAT:
+            raise UserError(f"{path} is not a feature-store manifest (format {manifest.get('format')!r})")
+        if manifest.get("version", 0) > VERSION:
+            raise UserError(f"{path} has store format version {manifest['version']}; this suite reads <= {VERSION}")
+        return cls(root, manifest)
+
+    # ------------------------------------------------------------------ description
+
+    @property
+    def descriptor(self) -> dict[str, Any]:
+        return self.manifest["descriptor"]
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(self.manifest["dtype"])
+
+    @property
+    def feature_shape(self) -> tuple[int, ...]:
+        return tuple(self.manifest["feature_shape"])
+
+    @property
+    def num_rows(self) -> int:
+        return int(self.offsets[-1])
+
+    def __len__(self) -> int:
+        return self.num_rows
+
+    @property
+    def skipped(self) -> list[str]:
+        return [name for shard in self.shards for name in shard.skipped]
+
+    def __repr__(self) -> str:
+        return (f"FeatureStore({str(self.root)!r}, rows={self.num_rows}, shape={self.feature_shape}, "
+                f"dtype={self.dtype}, descriptor={self.descriptor.get('name')!r}, shards={len(self.shards)})")
+
+    # ------------------------------------------------------------------ row metadata
+
+    def _shard_meta(self, i: int) -> dict[str, Any]:
+        if i not in self._meta:
+            self._meta[i] = json.loads((self.root / self.shards[i].meta_file).read_text())
+        return self._meta[i]
+
+    def _column(self, field: str) -> list[Any] | None:
+        values: list[Any] = []
+        for i in range(len(self.shards)):
+            column = self._shard_meta(i).get(field)
+            if column is None:
+                return None
+            values.extend(column)
+        return values
+
+    @property
+    def keys(self) -> list[str]:
+        """Every row's image key / path, in row order (reads every shard's row file once)."""
+        return self._column("keys") or []
+
+    @property
+    def captions(self) -> list[str | None] | None:
+        """Every row's caption, or None when some shard has none."""
+        return self._column("captions")
+
+    @property
+    def labels(self) -> list[Any] | None:
+        """Every row's class label, or None when some shard has none."""
+        return self._column("labels")
+
+    def keys_at(self, indices: Sequence[int] | np.ndarray) -> list[str]:
+        """Keys of the given rows, reading only the shards they fall in."""
+        return [self._shard_meta(s)["keys"][r] for s, r in zip(*self._locate(np.asarray(indices, dtype=np.int64)))]
+
+    def captions_at(self, indices: Sequence[int] | np.ndarray) -> list[str | None] | None:
+        """Captions of the given rows (None when the store has none)."""
+        located = list(zip(*self._locate(np.asarray(indices, dtype=np.int64))))
+        columns = [self._shard_meta(s).get("captions") for s, _ in located]
+        if any(c is None for c in columns):
+            return None
+        return [column[r] for column, (_, r) in zip(columns, located)]  # type: ignore[index]
+
+    # ------------------------------------------------------------------ features
+
+    def shard_array(self, i: int) -> np.ndarray:
+        """Shard ``i``'s features as a read-only memory map."""
+        if i not in self._maps:
+            array = np.load(self.root / self.shards[i].file, mmap_mode="r", allow_pickle=False)
+            if array.shape != (self.shards[i].rows, *self.feature_shape):
+                raise UserError(f"{self.root / self.shards[i].file} has shape {array.shape}, the manifest says "
+                                f"({self.shards[i].rows}, *{self.feature_shape}); the store is damaged")
+            self._maps[i] = array
+        return self._maps[i]
+
+    def _locate(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if indices.size and (indices.min() < 0 or indices.max() >= self.num_rows):
+            raise IndexError(f"row index out of range for a store of {self.num_rows} rows")
+        shard = np.searchsorted(self.offsets, indices, side="right") - 1
+        return shard, indices - self.offsets[shard]
+
+    def iter_blocks(self, block_rows: int, dtype: str | np.dtype | None = None) -> Iterator[tuple[int, np.ndarray]]:
+        """Yield ``(start_row, block)`` over the whole store; each block is an in-memory copy of at
+        most ``block_rows`` rows (``dtype``: convert, e.g. ``np.float32``; default the stored dtype)."""
+        if block_rows < 1:
+            raise ValueError(f"block_rows must be >= 1, got {block_rows}")
+        out_dtype = self.dtype if dtype is None else np.dtype(dtype)
+        for start in range(0, self.num_rows, block_rows):
+            yield start, self.slice(start, min(start + block_rows, self.num_rows), out_dtype)
+
+    def slice(self, start: int, stop: int, dtype: str | np.dtype | None = None) -> np.ndarray:
+        """Rows ``[start, stop)`` as an in-memory array."""
+        out_dtype = self.dtype if dtype is None else np.dtype(dtype)
+        if not 0 <= start <= stop <= self.num_rows:
+            raise IndexError(f"rows [{start}, {stop}) out of range for a store of {self.num_rows} rows")
+        out = np.empty((stop - start, *self.feature_shape), dtype=out_dtype)
+        first = int(np.searchsorted(self.offsets, start, side="right") - 1) if stop > start else 0
+        position = start
+        for i in range(first, len(self.shards)):
+            if position >= stop:
+                break
+            begin, end = int(self.offsets[i]), int(self.offsets[i + 1])
+            take = min(stop, end) - position
+            if take <= 0:
+                continue
+            out[position - start: position - start + take] = self.shard_array(i)[position - begin: position - begin + take]
+            position += take
+        return out
+
+    def rows(self, indices: Sequence[int] | np.ndarray, dtype: str | np.dtype | None = None) -> np.ndarray:
+        """Gather arbitrary rows (any order, repeats allowed) into an in-memory array."""
+        indices = np.asarray(indices, dtype=np.int64).reshape(-1)
+        out = np.empty((indices.size, *self.feature_shape), dtype=self.dtype if dtype is None else np.dtype(dtype))
+        shard, local = self._locate(indices)
+        for i in np.unique(shard):
+            where = np.nonzero(shard == i)[0]
+            order = np.argsort(local[where], kind="stable")  # ascending reads from the memory map
+            out[where[order]] = self.shard_array(int(i))[local[where[order]]]
+        return out
+
+    def verify(self) -> None:
+        """Recompute every shard's SHA-256 against the manifest (reads the whole store from disk)."""
+        for shard in self.shards:
+            actual = _sha256(self.root / shard.file)
+            if actual != shard.sha256:
+                raise UserError(f"{self.root / shard.file} does not match its checksum in the manifest; "
+                                "the store is damaged: rerun the extraction into a new folder")
+
+    # ------------------------------------------------------------------ compatibility
+
+    def check_compatible(self, other: FeatureStore | Mapping[str, Any], what: str = "") -> None:
+        """Raise a one-line ``UserError`` unless ``other`` (a store or a descriptor record) was made by the
+        same descriptor, weights, preprocessing and similarity (and, for a store, dtype and feature shape)."""
+        theirs = other.descriptor if isinstance(other, FeatureStore) else other
+        problems = _descriptor_differences(self.descriptor, theirs)
+        if isinstance(other, FeatureStore):
+            if other.dtype != self.dtype:
+                problems.append(f"dtype {self.dtype} vs {other.dtype}")
+            if other.feature_shape != self.feature_shape:
+                problems.append(f"feature shape {self.feature_shape} vs {other.feature_shape}")
+        if problems:
+            label = what or (str(other.root) if isinstance(other, FeatureStore) else "the given descriptor")
+            raise UserError(f"feature store {self.root} does not match {label}: {'; '.join(problems)}")
+
+
+def open_store(root: str | Path) -> FeatureStore:
+    """Shorthand for :meth:`FeatureStore.open`."""
+    return FeatureStore.open(root)
+
+
+def is_store(root: str | Path) -> bool:
+    """Whether ``root`` is a folder this suite created as a feature store (finalized or not)."""
+    return _is_store(Path(root))
+
+
+__all__ = ["COMPATIBILITY_FIELDS", "DTYPES", "FeatureStore", "ShardInfo", "StoreWriter", "is_store", "open_store"]
