@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import faiss
 import numpy as np
 import pytest
 import torch
@@ -23,6 +24,15 @@ def clustered(num: int, dim: int, clusters: int, seed: int) -> np.ndarray:
     rng = np.random.default_rng(seed)
     centers = rng.standard_normal((clusters, dim)).astype(np.float32)
     return (centers[rng.integers(0, clusters, num)] + 0.35 * rng.standard_normal((num, dim))).astype(np.float32)
+
+
+@pytest.fixture(autouse=True)
+def one_faiss_thread() -> object:
+    """k-means on tiny sets: one OpenMP thread is faster than spinning threads on a shared machine."""
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    yield
+    faiss.omp_set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -114,3 +124,23 @@ def test_save_load_and_refusals(tmp_path: Path, data: tuple[np.ndarray, torch.Te
         AnnIndex.load(tmp_path / "missing.faiss")
     with pytest.raises(ValueError, match="global features"):
         build_index(TensorRows(np.zeros((4, 2, 3), np.float32)), "Flat")
+
+
+def test_index_over_a_feature_store(tmp_path: Path, data: tuple[np.ndarray, torch.Tensor]) -> None:
+    """Built from a float16 store (saved beside it by default), re-ranked from the store's rows."""
+    from lit.store import FeatureStore, StoreWriter
+    from models.descriptor_config import DescriptorConfig
+
+    gallery, queries = data
+    writer = StoreWriter(tmp_path / "train", DescriptorConfig("pixel").record(), (32,))
+    for start in range(0, 3000, 1000):
+        writer.write_shard(str(start), gallery[start : start + 1000], [str(i) for i in range(start, start + 1000)],
+                           start=start)
+    writer.finalize()
+    store = FeatureStore.open(tmp_path / "train")
+    ann = build_index(store, "IVF32,Flat", train_size=2000, nprobe=32, block_rows=512)
+    assert (tmp_path / "train.index-IVF32_Flat.faiss").is_file()
+    found = ann.search(queries, store, 4)
+    exact = search(queries, torch.from_numpy(store.slice(0, 3000, np.float32)), 4, backend="torch")
+    assert torch.equal(found.indices, exact.indices)  # every list probed: the shortlist holds the top 4
+    torch.testing.assert_close(found.scores, exact.scores, rtol=0, atol=0)

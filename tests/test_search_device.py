@@ -10,6 +10,8 @@ the faiss engine.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -236,3 +238,26 @@ def test_cuda_equals_cpu() -> None:  # pragma: no cover - runs on GPU machines o
         gpu = search(q.cuda(), g.cuda(), 10, precision=precision)  # type: ignore[arg-type]
         assert torch.equal(gpu.indices, cpu.indices)
         torch.testing.assert_close(gpu.scores, cpu.scores, rtol=1e-5, atol=1e-6)
+
+
+def test_search_store_on_a_feature_store(tmp_path: Path) -> None:
+    """A real float16 store in three shards: both engines equal the float64 reference on its rows."""
+    from lit.store import FeatureStore, StoreWriter
+    from models.descriptor_config import DescriptorConfig
+
+    g = tied_gallery(240, 16, 6, seed=23).numpy()
+    writer = StoreWriter(tmp_path / "store", DescriptorConfig("pixel").record(), (16,))
+    for name, start in (("a", 0), ("b", 100), ("c", 170)):
+        stop = {"a": 100, "b": 170, "c": 240}[name]
+        writer.write_shard(name, g[start:stop], [f"k{i}" for i in range(start, stop)], start=start)
+    writer.finalize()
+    store = FeatureStore.open(tmp_path / "store")
+    stored = torch.from_numpy(store.slice(0, 240, np.float32))  # the float16 values searched
+    q = torch.randn(15, 16, generator=gen(24))
+    exclude = torch.randint(-1, 240, (15,), generator=gen(25))
+    ref = reference_topk(cosine64(q, stored), 12, exclude.numpy())
+    for backend, precision in (("faiss", "float32"), ("torch", "float32"), ("torch", "bf16")):
+        result = search_store(q, store, 12, exclude=exclude, block_rows=32, backend=backend,  # type: ignore[arg-type]
+                              precision=precision)  # type: ignore[arg-type]
+        assert_matches(result, ref)
+        assert_ties_by_row(result)
