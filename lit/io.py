@@ -33,6 +33,7 @@ module handles their size itself.
 
 from __future__ import annotations
 
+import io
 import math
 import warnings
 from collections.abc import Sequence
@@ -98,15 +99,37 @@ def load_image(
         return None
 
 
+def load_image_bytes(
+    data: bytes, name: str, strict: bool = False, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> Tensor | None:
+    """:func:`load_image` for an encoded image held in memory (e.g. a member of a tar shard);
+    ``name`` identifies it in warnings and errors."""
+    try:
+        if not data:
+            raise _EmptyFileError
+        return _decode(io.BytesIO(data), max_pixels)
+    except Exception as error:  # noqa: BLE001 - every failure becomes a skip or an ImageLoadError
+        reason = _describe_failure(Path(name), error)
+        if strict:
+            raise ImageLoadError(f"cannot load image {name}: {reason}") from error
+        warnings.warn(f"skipping image {name}: {reason}", ImageSkipWarning, stacklevel=2)
+        return None
+
+
 def _load(path: Path, max_pixels: int) -> Tensor:
     """Open, decode, orient and convert one file; raises on any failure."""
     if path.is_dir():
         raise IsADirectoryError(str(path))
     if path.stat().st_size == 0:  # raises FileNotFoundError for a missing file
         raise _EmptyFileError
+    return _decode(path, max_pixels)
+
+
+def _decode(source: Path | io.BytesIO, max_pixels: int) -> Tensor:
+    """Decode, orient and convert an image file or in-memory file; raises on any failure."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        with Image.open(path) as image:
+        with Image.open(source) as image:
             width, height = image.size
             if width * height > max_pixels and isinstance(image, JpegImagePlugin.JpegImageFile):  # also MPO
                 scale = math.sqrt(max_pixels / (width * height))
@@ -220,6 +243,7 @@ __all__ = [
     "ImageSkipWarning",
     "list_images",
     "load_image",
+    "load_image_bytes",
 ]
 
 

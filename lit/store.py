@@ -62,6 +62,8 @@ class ShardInfo:
     sha256: str
     start: int | None
     skipped: tuple[str, ...]
+    source: str | None = None
+    info: Mapping[str, Any] | None = None
 
     @property
     def file(self) -> str:
@@ -179,6 +181,10 @@ class StoreWriter:
             if _TEMP_FILE.match(path.name):
                 path.unlink(missing_ok=True)
 
+    def shard_meta(self, name: str) -> dict[str, Any] | None:
+        """The row file of a completely written shard ``name`` (None when it is not there)."""
+        return json.loads((self.root / f"shard-{name}.json").read_text()) if self.has_shard(name) else None
+
     def has_shard(self, name: str) -> bool:
         """Whether shard ``name`` was completely written (its row file exists beside a whole ``.npy``)."""
         return (self.root / f"shard-{name}.json").is_file() and (self.root / f"shard-{name}.npy").is_file()
@@ -192,11 +198,15 @@ class StoreWriter:
         labels: Sequence[Any] | None = None,
         skipped: Sequence[str] = (),
         start: int | None = None,
+        source: str | None = None,
+        info: Mapping[str, Any] | None = None,
     ) -> ShardInfo:
         """Write one shard atomically; rewriting an identical existing shard is a no-op.
 
-        ``start`` is the shard's first global input row (orders shards in the manifest);
-        ``skipped`` names the inputs of this shard that could not be read.
+        ``start`` is the shard's first global input row: shards are ordered by it in the
+        manifest (shards without one come last, by name). ``skipped`` names the inputs of this
+        shard that could not be read; ``source`` is the input file it came from (a tar shard);
+        ``info`` is any small JSON-able description kept with it.
         """
         if not _SHARD_NAME.match(name):
             raise ValueError(f"shard name must be letters, digits, '_', '-', '.', got {name!r}")
@@ -218,6 +228,8 @@ class StoreWriter:
             "captions": None if captions is None else [None if c is None else str(c) for c in captions],
             "labels": None if labels is None else list(labels),
             "skipped": [str(s) for s in skipped],
+            "source": source,
+            "info": None if info is None else dict(info),
         }
         npy, meta_path = self.root / f"shard-{name}.npy", self.root / f"shard-{name}.json"
         fd, tmp_name = tempfile.mkstemp(dir=self.root, prefix=f".{npy.name}.", suffix=".tmp")
@@ -262,7 +274,9 @@ class StoreWriter:
             "bytes_per_row": int(np.prod(self.feature_shape)) * np.dtype(self.dtype).itemsize,
             "shards": [
                 {"name": s.name, "file": s.file, "rows": s.rows, "start": s.start, "sha256": s.sha256,
-                 "skipped": list(s.skipped)}
+                 "skipped": list(s.skipped),
+                 **({"source": s.source} if s.source is not None else {}),
+                 **({"info": dict(s.info)} if s.info is not None else {})}
                 for s in shards
             ],
             **({"extra": dict(extra)} if extra else {}),
@@ -274,7 +288,7 @@ class StoreWriter:
 def _shard_info(meta: Mapping[str, Any]) -> ShardInfo:
     return ShardInfo(
         name=meta["name"], rows=int(meta["rows"]), sha256=meta["sha256"], start=meta.get("start"),
-        skipped=tuple(meta.get("skipped", ())),
+        skipped=tuple(meta.get("skipped", ())), source=meta.get("source"), info=meta.get("info"),
     )
 
 
@@ -287,10 +301,7 @@ class FeatureStore:
     def __init__(self, root: Path, manifest: dict[str, Any]) -> None:
         self.root = root
         self.manifest = manifest
-        self.shards = [
-            ShardInfo(s["name"], int(s["rows"]), s["sha256"], s.get("start"), tuple(s.get("skipped", ())))
-            for s in manifest["shards"]
-        ]
+        self.shards = [_shard_info(s) for s in manifest["shards"]]
         self.offsets = np.concatenate([[0], np.cumsum([s.rows for s in self.shards], dtype=np.int64)])
         self._maps: dict[int, np.ndarray] = {}
         self._meta: dict[int, dict[str, Any]] = {}

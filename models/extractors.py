@@ -194,7 +194,17 @@ class Descriptor(nn.Module):
         return (batch - self.mean) / self.std
 
     def forward(self, images: Tensor | Sequence[Tensor]) -> Tensor:
-        x = self.preprocess(images)
+        return self._features(self.preprocess(images))
+
+    def embed_cropped(self, crops: Tensor) -> Tensor:
+        """Features of (B, 3, S, S) images in [0, 1] already resized and centre-cropped as
+        :meth:`preprocess` would (e.g. in data-loader workers): normalise, then the backbone."""
+        if crops.ndim != 4 or tuple(crops.shape[1:]) != (3, self.input_size, self.input_size):
+            raise ValueError(f"expected crops of shape (B, 3, {self.input_size}, {self.input_size}), "
+                             f"got {tuple(crops.shape)}")
+        return self._features((crops.to(self.mean.device, self.mean.dtype) - self.mean) / self.std)
+
+    def _features(self, x: Tensor) -> Tensor:
         features = self.backbone.forward_features(x) if self.output == "tokens" else self.backbone(x)
         features = features.float()
         if self.output == "global":

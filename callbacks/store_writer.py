@@ -1,0 +1,169 @@
+"""Write ``lit predict`` features into a feature store, shard by shard, on every rank.
+
+Used with :class:`models.extract.DescriptorExtractor` and
+:class:`datamodules.scan_inputs.ExtractionDataModule`. Before predicting, rank 0 opens the
+store (creating it, or checking that an existing one was made by the same descriptor,
+weights and dtype) and lists the shards already written; every rank then gets its share of
+the remaining shards from the datamodule. Each rank accumulates the rows of a shard until
+its last batch and writes it atomically; after all ranks finished, rank 0 writes the
+manifest, in shard order (independent of the number of ranks), and prints
+``N images in T s (X img/s)``. A killed run rerun with the same arguments skips the
+shards already written and ends with the same store.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import BasePredictionWriter
+from pytorch_lightning.utilities import rank_zero_info
+
+from lit.distributed import all_gather_objects
+from lit.errors import UserError
+from lit.store import StoreWriter
+
+DEFAULT_SHARD_BYTES = 64 * 2**20
+"""Target size of a shard when ``shard_size`` is not given (bounds a rank's buffered rows)."""
+
+
+def default_shard_size(feature_shape: tuple[int, ...], dtype: str) -> int:
+    """Rows per shard for about :data:`DEFAULT_SHARD_BYTES` of features (512-d float16: 65,536)."""
+    row_bytes = int(np.prod(feature_shape)) * np.dtype(dtype).itemsize
+    return max(1, DEFAULT_SHARD_BYTES // row_bytes)
+
+
+class StoreWriterCallback(BasePredictionWriter):
+    """Writes the features of ``lit predict`` into the feature store ``output_dir``.
+
+    Args:
+        output_dir: the store folder (new, empty, or a store of the same descriptor to complete).
+        dtype: ``float16`` (default; 1 KiB per 512-d row) or ``float32``.
+        shard_size: rows per shard of a folder or list, samples per shard of a tar (default:
+            about 64 MiB of features). Shards are the unit of resumption; keep it between runs.
+    """
+
+    def __init__(
+        self,
+        output_dir: str,
+        dtype: Literal["float16", "float32"] = "float16",
+        shard_size: int | None = None,
+    ) -> None:
+        super().__init__(write_interval="batch")
+        self.output_dir = Path(output_dir)
+        self.dtype = dtype
+        self.shard_size = shard_size
+        self.writer: StoreWriter | None = None
+        self._open_shards: dict[str, dict[str, Any]] = {}
+        self._written_rows = 0
+        self._written_shards = 0
+        self._skipped = 0
+        self._done_before = 0
+        self._started = 0.0
+
+    # ------------------------------------------------------------------ set-up: store, plan
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if stage != "predict":
+            return
+        from datamodules.scan_inputs import ExtractionDataModule
+        from models.extract import DescriptorExtractor
+
+        if not isinstance(pl_module, DescriptorExtractor):
+            raise UserError(f"StoreWriterCallback needs model models.extract.DescriptorExtractor, "
+                            f"got {type(pl_module).__name__}")
+        datamodule = trainer.datamodule
+        if not isinstance(datamodule, ExtractionDataModule):
+            raise UserError(f"StoreWriterCallback needs data datamodules.scan_inputs.ExtractionDataModule, "
+                            f"got {type(datamodule).__name__}")
+        trainer.predict_loop.return_predictions = False  # the store keeps them, not RAM
+        record, shape = pl_module.record(), pl_module.feature_shape
+        shard_size = self.shard_size or default_shard_size(shape, self.dtype)
+        strategy = trainer.strategy
+        done: dict[str, Any] = {}
+        if trainer.is_global_zero:
+            datamodule.input  # noqa: B018 - list the input (and fail on a bad one) before creating the store
+            self.writer = StoreWriter(self.output_dir, record, shape, self.dtype)
+            done = {path.stem[len("shard-"):]: (self.writer.shard_meta(path.stem[len("shard-"):]) or {}).get("info")
+                    for path in sorted(self.output_dir.glob("shard-*.json"))}
+        strategy.barrier("store_writer_open")
+        if not trainer.is_global_zero:
+            self.writer = StoreWriter(self.output_dir, record, shape, self.dtype)
+        done = strategy.broadcast(done, src=0)
+        self._done_before = len(done)
+        self._shard_size = shard_size
+        self._precision = pl_module.effective_precision()
+        datamodule.configure(shard_size, pl_module.preprocessing, done,
+                             rank=trainer.global_rank, world_size=trainer.world_size)
+
+    def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._open_shards.clear()
+        self._written_rows = self._written_shards = self._skipped = 0
+        self._started = time.perf_counter()
+
+    # ------------------------------------------------------------------ per batch
+
+    def write_on_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        prediction: Any,
+        batch_indices: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        name = prediction["shard"]
+        shard = self._open_shards.setdefault(name, {
+            "features": [], "keys": [], "captions": [], "labels": [], "skipped": [],
+            "start": prediction["start"], "source": prediction["source"],
+        })
+        shard["features"].append(prediction["features"])
+        for column in ("keys", "captions", "labels", "skipped"):
+            shard[column].extend(prediction[column])
+        if prediction["last"]:
+            self._write(name, self._open_shards.pop(name), prediction.get("info"))
+
+    def _write(self, name: str, shard: dict[str, Any], info: dict[str, Any] | None) -> None:
+        assert self.writer is not None
+        features = torch.cat(shard["features"]) if shard["features"] else np.empty((0, *self.writer.feature_shape))
+        known = lambda column: column if any(v is not None for v in column) else None  # noqa: E731
+        self.writer.write_shard(
+            name, features, shard["keys"], captions=known(shard["captions"]), labels=known(shard["labels"]),
+            skipped=shard["skipped"], start=shard["start"], source=shard["source"], info=info,
+        )
+        self._written_rows += len(shard["keys"])
+        self._written_shards += 1
+        self._skipped += len(shard["skipped"])
+
+    # ------------------------------------------------------------------ the end: manifest
+
+    def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._open_shards:
+            raise RuntimeError(f"shards {sorted(self._open_shards)} ended without their last batch")
+        counts = all_gather_objects([(self._written_rows, self._written_shards, self._skipped)])
+        trainer.strategy.barrier("store_writer_done")
+        if trainer.is_global_zero:
+            assert self.writer is not None
+            datamodule = trainer.datamodule
+            manifest = self.writer.finalize(extra={
+                "input": str(getattr(datamodule, "source", "")),
+                "input_kind": getattr(getattr(datamodule, "input", None), "kind", None),
+                "shard_size": self._shard_size,
+                "precision": self._precision,
+            })
+            rows, shards, skipped = (sum(c[i] for c in counts) for i in range(3))
+            seconds = time.perf_counter() - self._started
+            rate = (rows + skipped) / seconds if seconds > 0 else float("inf")
+            rank_zero_info(
+                f"{rows + skipped} images in {seconds:.1f} s ({rate:.1f} img/s): {rows} stored in {shards} new "
+                f"shards, {skipped} skipped, {self._done_before} shards already done; store {self.output_dir} "
+                f"has {manifest['num_rows']} rows in {len(manifest['shards'])} shards "
+                f"({manifest['num_skipped']} inputs skipped)"
+            )
+        trainer.strategy.barrier("store_writer_manifest")
