@@ -24,7 +24,7 @@ import csv
 import io
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +34,7 @@ from jsonargparse import ActionConfigFile, ArgumentParser
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from datamodules.scan_inputs import ImageSource
 from lit.errors import UserError
 from lit.replication import DUPLICATE_THRESHOLD
 from lit.report import write_json, write_text_atomic
@@ -50,9 +51,9 @@ from lit.scan_analysis import (
     score_summary,
     within_class_top1,
 )
-from lit.scan_sources import FeatureSource, StoreSource, extract_folder
+from lit.scan_sources import FeatureSource, StoreSource, extract_input
 from lit.store import DTYPES, FeatureStore, is_store
-from lit.search import SearchResult, search
+from lit.search import SearchResult, search, search_store
 from lit.similarity import SimilarityKind, TokenNormalization, cosine_similarity, split_product
 from models.descriptor_config import DescriptorConfig
 
@@ -74,6 +75,7 @@ class ScanOptions:
     duplicate_threshold: float = DUPLICATE_THRESHOLD
     seed: int = 0
     block_rows: int = 65536
+    device: str = "cpu"
     norm_k: int = 10
     norm_beta: float = 1.0
     progress: bool = True
@@ -111,50 +113,27 @@ def pairwise(queries: Tensor, block: Tensor, similarity: SimilarityKind, normali
     return split_product(queries, block, normalization)
 
 
-def _merge_topk(scores: Tensor, rows: Tensor, new_scores: Tensor, new_rows: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """Running top-k: scores descending, ties by ascending row, empty slots (row -1) last."""
-    all_scores = torch.cat([scores, new_scores], dim=1)
-    all_rows = torch.cat([rows, new_rows], dim=1)
-    row_key = torch.where(all_rows < 0, torch.iinfo(torch.int64).max, all_rows)
-    order = torch.argsort(row_key, dim=1, stable=True)
-    all_scores, all_rows = all_scores.gather(1, order), all_rows.gather(1, order)
-    order = torch.argsort(-all_scores, dim=1, stable=True)[:, :k]
-    return all_scores.gather(1, order), all_rows.gather(1, order)
-
-
-def search_source(queries: Tensor, source: FeatureSource, k: int, *, similarity: SimilarityKind,
-                  normalization: TokenNormalization, exclude: Tensor | None = None, block_rows: int = 65536,
-                  progress: bool = False, desc: str = "search") -> SearchResult:
-    """Exact top-``k`` rows of ``source`` for each query, streamed block by block (``lit.search`` per block).
-
-    ``exclude`` (Q,) names a source row per query to leave out (its self-match), -1 for none.
-    """
-    num_q = queries.shape[0]
-    scores = torch.full((num_q, k), float("-inf"))
-    rows = torch.full((num_q, k), -1, dtype=torch.int64)
-    blocks = source.iter_blocks(block_rows)
-    total = math.ceil(source.num_rows / block_rows)
-    for start, block in tqdm(blocks, total=total, desc=desc, unit="block", disable=not progress or total < 2):
-        local = None
-        if exclude is not None:
-            shifted = exclude - start
-            local = torch.where((exclude >= 0) & (shifted < block.shape[0]) & (shifted >= 0), shifted, -1)
-        found = search(queries, block, k=min(k, block.shape[0]), similarity=similarity, normalization=normalization,
-                       exclude=local)
-        found_rows = torch.where(found.indices >= 0, found.indices + start, found.indices)
-        scores, rows = _merge_topk(scores, rows, found.scores, found_rows, k)
-    return SearchResult(scores, rows)
+def search_source(queries: Tensor, source: FeatureSource, k: int, *, normalization: TokenNormalization,
+                  exclude: Tensor | None = None, block_rows: int = 65536, device: str = "cpu",
+                  progress: bool = False) -> SearchResult:
+    """Exact top-``k`` rows of ``source`` per query: :func:`lit.search.search_store` over the source's
+    blocks, on ``device`` (faiss on the CPU, matrix products + ``topk`` on a GPU)."""
+    return search_store(queries.to(device), source.row_source, k, normalization=normalization, exclude=exclude,
+                        block_rows=block_rows, progress=progress, device=device)
 
 
 def count_duplicates(queries: Tensor, own_rows: Tensor, source: FeatureSource, *, threshold: float,
                      similarity: SimilarityKind, normalization: TokenNormalization, block_rows: int = 65536,
-                     progress: bool = False, desc: str = "duplicates") -> Tensor:
-    """Per query, the rows of ``source`` other than ``own_rows`` with similarity > ``threshold``."""
+                     device: str = "cpu", progress: bool = False, desc: str = "duplicates") -> Tensor:
+    """Per query, the rows of ``source`` other than ``own_rows`` with similarity > ``threshold``
+    (scores computed block by block on ``device``; counts are summed on the CPU)."""
     counts = torch.zeros(queries.shape[0], dtype=torch.int64)
+    queries = queries.to(device)
     total = math.ceil(source.num_rows / block_rows)
     for start, block in tqdm(source.iter_blocks(block_rows), total=total, desc=desc, unit="block",
                              disable=not progress or total < 2):
-        counts += count_above(pairwise(queries, block, similarity, normalization), threshold, own_rows, start)
+        scores = pairwise(queries, block.to(device), similarity, normalization).cpu()
+        counts += count_above(scores, threshold, own_rows, start)
     return counts
 
 
@@ -168,20 +147,22 @@ def run_scan(generations: FeatureSource, training: FeatureSource, options: ScanO
         raise UserError(f"--training: need at least 2 training images, got {training.num_rows}")
     if generations.num_rows < 1:
         raise UserError("--generations: no generation could be embedded")
-    search_kw: dict[str, Any] = {"similarity": options.similarity, "normalization": options.token_normalization,
-                                 "block_rows": options.block_rows, "progress": options.progress}
+    search_kw: dict[str, Any] = {"normalization": options.token_normalization, "block_rows": options.block_rows,
+                                 "device": options.device, "progress": options.progress}
+    if generations.feature_shape != training.feature_shape:
+        raise UserError(f"generations have features of shape {generations.feature_shape}, the training set "
+                        f"{training.feature_shape}: they were not made by the same descriptor")
     timings: dict[str, float] = {}
     clock = time.perf_counter()
     k = min(options.k, training.num_rows)
     gen_features = generations.rows(torch.arange(generations.num_rows))
-    top = search_source(gen_features, training, k, desc="generations vs training", **search_kw)
+    top = search_source(gen_features, training, k, **search_kw)
     timings["search_s"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
     sample = baseline_rows(training.num_rows, options.baseline_sample, options.seed)
     own = sample.rows
-    baseline = search_source(training.rows(own), training, 1, exclude=own, desc="training baseline",
-                             **search_kw).scores[:, 0]
+    baseline = search_source(training.rows(own), training, 1, exclude=own, **search_kw).scores[:, 0]
     timings["baseline_s"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
@@ -192,7 +173,7 @@ def run_scan(generations: FeatureSource, training: FeatureSource, options: ScanO
     counts = count_duplicates(training.rows(query_rows), query_rows, training,
                               threshold=options.duplicate_threshold, similarity=options.similarity,
                               normalization=options.token_normalization, block_rows=options.block_rows,
-                              progress=options.progress)
+                              device=options.device, progress=options.progress)
     per_unique = dict(zip(unique.tolist(), counts[: unique.numel()].tolist()))
     match_duplicates = torch.tensor([per_unique[int(r)] for r in matched], dtype=torch.int64)
     random_duplicates = counts[unique.numel():]
@@ -207,7 +188,7 @@ def run_scan(generations: FeatureSource, training: FeatureSource, options: ScanO
         clock = time.perf_counter()
         if background.num_rows < options.norm_k:
             raise UserError(f"--background has {background.num_rows} images, fewer than --norm_k {options.norm_k}")
-        near = search_source(gen_features, background, options.norm_k, desc="background", **search_kw)
+        near = search_source(gen_features, background, options.norm_k, **search_kw)
         bias = background_bias(near.scores, options.norm_k)
         normalized = normalize_scores(top.scores.double(), bias, options.norm_beta).float()
         normalization = {"method": "sscd", "beta": options.norm_beta, "k": options.norm_k,
@@ -351,27 +332,28 @@ def write_outputs(out: Path, result: ScanResult, generations: FeatureSource, tra
 # ----------------------------------------------------------------------------- sources and the command
 
 
-def open_source(role: str, spec: str, record: dict[str, Any], descriptor: Callable[[], Any], *, store_dir: Path,
+def open_source(role: str, spec: str, record: dict[str, Any], extractor_args: dict[str, Any], *, store_dir: Path,
                 device: torch.device, batch_size: int, num_workers: int, dtype: str,
                 progress: bool = True) -> FeatureSource:
-    """The features of one input: a feature store as it is, or an image folder extracted to a store
-    under ``store_dir`` (reused when the folder and the descriptor are unchanged)."""
+    """The features of one input: a feature store as it is, or an image folder, file list or
+    webdataset tars extracted to a store under ``store_dir`` (reused when the input and the
+    descriptor are unchanged)."""
     path = Path(spec).expanduser()
-    if not path.exists():
-        raise UserError(f"--{role} {spec} does not exist (give an image folder or a feature store)")
     if is_store(path):
         store = FeatureStore.open(path)
         store.check_compatible(record, what=f"the descriptor of this scan ({record.get('display_name')})")
         print(f"{role}: feature store {path} ({store.num_rows} rows)")
         return StoreSource(role, store)
-    if path.is_dir():
-        store, reused = extract_folder(role, path, store_dir, descriptor(), record, device=device,
-                                       batch_size=batch_size, num_workers=num_workers, dtype=dtype,
-                                       progress=progress)
-        print(f"{role}: {'reused' if reused else 'extracted'} feature store {store.root} ({store.num_rows} rows, "
-              f"{len(store.skipped)} unreadable images skipped)")
-        return StoreSource(role, store)
-    raise UserError(f"--{role} {spec}: not an image folder or a feature store")
+    try:
+        store, reused = extract_input(role, spec, store_dir, extractor_args, record,
+                                      accelerator="gpu" if device.type == "cuda" else "cpu",
+                                      device_index=device.index if device.type == "cuda" else None,
+                                      batch_size=batch_size, num_workers=num_workers, dtype=dtype, progress=progress)
+    except UserError as error:
+        raise UserError(f"--{role} {spec}: {error}") from None
+    print(f"{role}: {'reused' if reused else 'extracted'} feature store {store.root} ({store.num_rows} rows, "
+          f"{len(store.skipped)} unreadable images skipped)")
+    return StoreSource(role, store)
 
 
 def build_parser() -> ArgumentParser:
@@ -452,37 +434,37 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
     start = time.perf_counter()
     args = parse_args([] if argv is None else argv)
     out = Path(args.out).expanduser()
-    prepare_out(out)
     config = DescriptorConfig(name=args.descriptor, weights=args.weights, random_init=args.random_init,
                               input_size=args.input_size, similarity=args.similarity,
                               token_normalization=args.token_normalization)
     device = _device(args.device)
-    built: list[Any] = []
-
-    def descriptor() -> Any:
-        """The descriptor, built once and only when a folder needs extracting."""
-        if not built:
-            try:
-                built.append(config.build().to(device).eval())
-            except (KeyError, ValueError, FileNotFoundError, OSError) as error:
-                raise UserError(f"--descriptor {args.descriptor}: {error}") from None
-        return built[0]
-
+    extractor_args = {"descriptor": args.descriptor, "weights": args.weights, "random_init": args.random_init,
+                      "input_size": args.input_size, "similarity": args.similarity,
+                      "token_normalization": args.token_normalization}
     try:
         record = config.record()
     except (KeyError, ValueError, FileNotFoundError, OSError) as error:
         raise UserError(f"--descriptor {args.descriptor}: {error}") from None
+    inputs = {"generations": args.generations, "training": args.training, "background": args.background}
+    for role, spec in inputs.items():  # every input readable before anything is extracted
+        if spec is not None and not is_store(Path(spec).expanduser()):
+            try:
+                ImageSource.resolve(spec)
+            except UserError as error:
+                raise UserError(f"--{role} {spec}: {error}") from None
+    prepare_out(out)
     store_dir = Path(args.store_dir).expanduser() if args.store_dir else out / "stores"
     common = {"store_dir": store_dir, "device": device, "batch_size": args.batch_size,
               "num_workers": args.num_workers, "dtype": args.dtype, "progress": args.progress}
-    generations = open_source("generations", args.generations, record, descriptor, **common)
-    training = open_source("training", args.training, record, descriptor, **common)
+    generations = open_source("generations", args.generations, record, extractor_args, **common)
+    training = open_source("training", args.training, record, extractor_args, **common)
     background = None if args.background is None else open_source("background", args.background, record,
-                                                                   descriptor, **common)
+                                                                   extractor_args, **common)
     options = ScanOptions(k=args.k, thresholds=tuple(args.thresholds), similarity=record["similarity"],
                           token_normalization=args.token_normalization, baseline_sample=args.baseline_sample,
                           random_sample=args.random_sample, class_sample=args.class_sample,
                           duplicate_threshold=args.duplicate_threshold, seed=args.seed, block_rows=args.block_rows,
+                          device=str(device),
                           norm_k=args.norm_k, norm_beta=args.norm_beta, progress=args.progress)
     result = run_scan(generations, training, options, background)
     paths = write_outputs(out, result, generations, training, options, record, report_rows=args.report_rows,

@@ -111,9 +111,12 @@ def placeholder(size: int) -> Tensor:
     return image
 
 
-def thumbnail_uri(key: str, size: int) -> tuple[str, bool]:
-    """Thumbnail of the image named ``key`` (a file path) and whether it could be read."""
-    image = load_image(key) if Path(key).is_file() else None
+def thumbnail_uri(source: FeatureSource, row: int, size: int) -> tuple[str, bool]:
+    """Thumbnail of row ``row``'s image (read back from the input) and whether it could be read."""
+    try:
+        image = source.image(row)
+    except Exception:  # noqa: BLE001 - a report never fails on one image: it shows a placeholder
+        image = None
     if image is None:
         return png_data_uri(placeholder(size)), False
     return png_data_uri(thumbnail(image, size)), True
@@ -197,14 +200,14 @@ def render_report(result: ScanResult, summary: dict[str, Any], generations: Feat
     rows_html = []
     unreadable = 0
     for g in _row_order(ranking)[:report_rows]:
-        uri, ok = thumbnail_uri(generations.keys[g], thumb)
+        uri, ok = thumbnail_uri(generations, g, thumb)
         unreadable += not ok
         cells = [_figure(uri, f"generation {g}", generations.keys[g], _caption(generations, g), "gen")]
         for rank in range(result.top.scores.shape[1]):
             t = int(result.top.indices[g, rank])
             if t < 0:
                 continue
-            uri, ok = thumbnail_uri(training.keys[t], thumb)
+            uri, ok = thumbnail_uri(training, t, thumb)
             unreadable += not ok
             score = float(result.top.scores[g, rank])
             title = f'<span class="score">{score:.3f}</span>'

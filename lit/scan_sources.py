@@ -3,12 +3,15 @@
 ``lit scan`` reads every set (generations, training, background) through one small
 interface, :class:`FeatureSource`: row count, per-row keys / captions / labels,
 features in blocks (never the whole set at once for a store) and by row, the
-manifest, and the images that were skipped. :class:`MemorySource` holds features
-embedded in this process (tests); :class:`StoreSource` reads a :mod:`lit.store`
-feature store through its memory maps. :func:`extract_folder` turns an image folder
-into a store, one shard of ``shard_rows`` images at a time (a rerun skips finished
-shards), in a folder named by a fingerprint of the images and the descriptor, so a
-second scan of the same folder with the same descriptor reuses the store.
+:class:`lit.search.RowSource` that ``search_store`` scans, the manifest, the images
+that were skipped, and each row's image for the report. :class:`MemorySource` holds
+features in memory (tests); :class:`StoreSource` reads a :mod:`lit.store` feature
+store through its memory maps. :func:`extract_input` turns an image folder, a file
+list or webdataset tars into a store with the suite's Lightning extraction
+(``DescriptorExtractor`` + ``ExtractionDataModule`` + ``StoreWriterCallback``, the
+same path as ``lit predict -c configs/extract.yaml``), in a folder named by a
+fingerprint of the input and the descriptor, so a second scan of the same input
+with the same descriptor reuses the store (and a killed one resumes it).
 """
 
 from __future__ import annotations
@@ -19,19 +22,18 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import hashlib
+import io
 import json
+import tarfile
 
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import Dataset, Subset
-from tqdm.auto import tqdm
 
-from lit.embedding import embed_dataset
 from lit.errors import UserError
-from lit.io import list_images, load_image
-from lit.store import COMPATIBILITY_FIELDS, FeatureStore, StoreWriter
-from models.extractors import Descriptor, center_crop, resize_short_side
+from lit.io import load_image, load_image_bytes
+from lit.search import RowSource, TensorRows
+from lit.store import COMPATIBILITY_FIELDS, FeatureStore
 
 
 class FeatureSource(Protocol):
@@ -56,6 +58,14 @@ class FeatureSource(Protocol):
 
     @property
     def skipped(self) -> list[str]: ...
+
+    @property
+    def feature_shape(self) -> tuple[int, ...]: ...
+
+    @property
+    def row_source(self) -> RowSource: ...
+
+    def image(self, row: int) -> Tensor | None: ...
 
     def iter_blocks(self, block_rows: int) -> Iterator[tuple[int, Tensor]]: ...
 
@@ -94,42 +104,17 @@ class MemorySource:
         """Features of the given rows, float32, in the given order."""
         return self.features[indices.to(torch.int64)].float()
 
+    @property
+    def feature_shape(self) -> tuple[int, ...]:
+        return tuple(int(s) for s in self.features.shape[1:])
 
-class FittedImages(Dataset):
-    """Image files resized (short side) and centre-cropped to the descriptor's resize size, so
-    images of any size batch together and the descriptor's own preprocessing is unchanged."""
+    @property
+    def row_source(self) -> RowSource:
+        return TensorRows(self.features.float())
 
-    def __init__(self, paths: Sequence[str], descriptor: Descriptor) -> None:
-        self.paths = list(paths)
-        self.size = descriptor.preprocessing.resize_size
-        self.interpolation = descriptor.preprocessing.interpolation
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        image = load_image(self.paths[index])
-        if image is not None:
-            image = center_crop(resize_short_side(image[None], self.size, self.interpolation), self.size)[0]
-        return {"image": image, "index": index, "path": self.paths[index]}
-
-
-def folder_labels(root: Path, paths: Sequence[Path]) -> list[str | None] | None:
-    """Class labels from an ImageNet-style layout (``root/<class>/<image>``): the first folder
-    under ``root``; ``None`` when some image lies directly in ``root`` (no classes)."""
-    parts = [p.relative_to(root).parts for p in paths]
-    if not parts or any(len(p) < 2 for p in parts):
-        return None
-    return [p[0] for p in parts]
-
-
-def sidecar_captions(paths: Sequence[Path]) -> list[str | None] | None:
-    """Caption of each image from ``<stem>.txt`` beside it (img2dataset's layout); ``None`` when there are none."""
-    captions: list[str | None] = []
-    for path in paths:
-        text = path.with_suffix(".txt")
-        captions.append(text.read_text(encoding="utf-8", errors="replace").strip() if text.is_file() else None)
-    return captions if any(c is not None for c in captions) else None
+    def image(self, row: int) -> Tensor | None:
+        """The image of row ``row``: its key read as a file path (None when it cannot be read)."""
+        return load_image(self.keys[row]) if Path(self.keys[row]).is_file() else None
 
 
 class StoreSource:
@@ -146,8 +131,14 @@ class StoreSource:
 
     @property
     def keys(self) -> list[str]:
+        """Row names: for a folder input the image's path (folder / key), else the store's key."""
         if self._keys is None:
-            self._keys = self.store.keys
+            extra = self.store.manifest.get("extra", {})
+            keys = self.store.keys
+            if extra.get("input_kind") == "folder" and extra.get("input"):
+                root = Path(extra["input"])
+                keys = [str(root / key) for key in keys]
+            self._keys = keys
         return self._keys
 
     @property
@@ -177,87 +168,103 @@ class StoreSource:
         return torch.from_numpy(self.store.rows(indices.cpu().numpy(), dtype=np.float32))
 
 
-def folder_fingerprint(root: Path, paths: Sequence[Path]) -> str:
-    """SHA-256 over every image's relative path, size and modification time (changes when the folder does)."""
-    digest = hashlib.sha256()
-    for path in paths:
-        stat = path.stat()
-        digest.update(f"{path.relative_to(root)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
-    return digest.hexdigest()
+    @property
+    def feature_shape(self) -> tuple[int, ...]:
+        return self.store.feature_shape
+
+    @property
+    def row_source(self) -> RowSource:
+        return self.store
+
+    def image(self, row: int) -> Tensor | None:
+        """Row ``row``'s image, read back from the extraction's input: ``input/key`` for a folder,
+        the key (or list-relative path) for a file list, the sample ``key.*`` inside its tar shard."""
+        key = self.keys[row]
+        extra = self.store.manifest.get("extra", {})
+        kind, root = extra.get("input_kind"), extra.get("input")
+        shard = self.store.shards[int(self.store._locate(np.array([row]))[0][0])]
+        if kind == "tars" or shard.source:
+            return _tar_image(shard.source, key) if shard.source else None
+        candidates = [Path(key)]
+        if root:
+            base = Path(root)
+            candidates += [base / key, base.parent / key]
+        for path in candidates:
+            if path.is_file():
+                return load_image(path)
+        return None
 
 
-def store_folder_name(role: str, root: Path, fingerprint: str, record: dict[str, Any], dtype: str) -> str:
-    """``<role>-<12 hex>``: one store per (source folder, its content, descriptor, dtype)."""
-    key = json.dumps({"source": str(root.resolve()), "fingerprint": fingerprint, "dtype": dtype,
+def _tar_image(tar_path: str, key: str) -> Tensor | None:
+    """The image of sample ``key`` in a webdataset tar (its ``.jpg``/``.png``/... member), or None."""
+    try:
+        with tarfile.open(tar_path) as archive:
+            for member in archive:
+                stem, _, suffix = member.name.partition(".")
+                if stem == key and suffix.lower() in ("jpg", "jpeg", "png", "webp"):
+                    handle = archive.extractfile(member)
+                    return None if handle is None else load_image_bytes(handle.read(), name=f"{tar_path}:{member.name}")
+    except (OSError, tarfile.TarError):
+        return None
+    return None
+
+
+def input_fingerprint(spec: str) -> tuple[str, str, bool]:
+    """``(kind, sha256, all_in_subfolders)`` of an input: over every image's (or list / tar file's)
+    relative path, size and modification time, so it changes when the input does."""
+    from datamodules.scan_inputs import ImageSource
+
+    source = ImageSource.resolve(spec)
+    digest = hashlib.sha256(f"{source.kind}\0{Path(source.location).expanduser().resolve()}\n".encode())
+    files = [Path(t) for t in source.tars] if source.kind == "tars" else [item.path for item in source.items]
+    if source.kind == "list":
+        files.append(Path(source.location))
+    for path in files:
+        try:
+            stat = path.stat()
+            digest.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+        except OSError:
+            digest.update(f"{path}\0missing\n".encode())
+    nested = source.kind == "folder" and all("/" in item.key for item in source.items)
+    return source.kind, digest.hexdigest(), nested
+
+
+def store_folder_name(role: str, fingerprint: str, record: dict[str, Any], dtype: str) -> str:
+    """``<role>-<12 hex>``: one store per (input and its content, descriptor, dtype)."""
+    key = json.dumps({"fingerprint": fingerprint, "dtype": dtype,
                       "descriptor": {f: record.get(f) for f in COMPATIBILITY_FIELDS}}, sort_keys=True)
     return f"{role}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
 
 
-def extract_folder(role: str, root: Path, store_dir: Path, descriptor: Descriptor, record: dict[str, Any], *,
-                   device: torch.device, batch_size: int, num_workers: int = 0, shard_rows: int = 8192,
-                   dtype: str = "float16", progress: bool = True) -> tuple[FeatureStore, bool]:
-    """The store of image folder ``root`` under ``store_dir`` (extracted now, or reused: second value True).
+def extract_input(role: str, spec: str, store_dir: Path, extractor_args: dict[str, Any], record: dict[str, Any], *,
+                  accelerator: str, device_index: int | None, batch_size: int, num_workers: int,
+                  dtype: str = "float16", progress: bool = True) -> tuple[FeatureStore, bool]:
+    """The store of input ``spec`` under ``store_dir`` (extracted now, or reused: second value True).
 
-    Rows are the folder's images in sorted path order; unreadable images are skipped,
-    listed in their shard and counted. Labels come from ``root/<class>/`` folders,
-    captions from ``<stem>.txt`` files (see :func:`folder_labels`, :func:`sidecar_captions`).
+    Extraction is ``Trainer.predict`` with the suite's extraction module, datamodule and
+    store writer on one device. Folders whose images all lie in sub-folders get those as
+    class labels; ``.tsv`` lists and tars bring captions (and labels) of their own.
+    Unreadable images are skipped, listed in their shard and counted.
     """
-    try:
-        paths = list_images(root)
-    except (FileNotFoundError, NotADirectoryError) as error:
-        raise UserError(f"--{role}: {error}") from None
-    if not paths:
-        raise UserError(f"--{role}: no images found under {root}")
-    fingerprint = folder_fingerprint(root, paths)
-    target = store_dir / store_folder_name(role, root, fingerprint, record, dtype)
+    import pytorch_lightning as pl
+
+    from callbacks.store_writer import StoreWriterCallback
+    from datamodules.scan_inputs import ExtractionDataModule
+    from models.extract import DescriptorExtractor
+
+    kind, fingerprint, nested = input_fingerprint(spec)
+    target = store_dir / store_folder_name(role, fingerprint, record, dtype)
     if (target / "manifest.json").is_file():
         store = FeatureStore.open(target)
-        extra = store.manifest.get("extra", {})
-        if extra.get("fingerprint") == fingerprint and store.manifest.get("dtype") == dtype:
-            store.check_compatible(record, what=f"the descriptor of this scan ({record.get('display_name')})")
-            return store, True
-    labels, captions = folder_labels(root, paths), sidecar_captions(paths)
-    dataset = FittedImages([str(p) for p in paths], descriptor)
-    feature_shape = _feature_shape(descriptor, dataset)
-    writer = StoreWriter(target, record, feature_shape, dtype=dtype)
-    starts = range(0, len(paths), shard_rows)
-    for start in tqdm(starts, desc=f"extract {role}", unit="shard", disable=not progress or len(starts) < 2):
-        name = f"{start:010d}"
-        if writer.has_shard(name):
-            continue
-        stop = min(start + shard_rows, len(paths))
-        try:
-            embedded = embed_dataset(descriptor, Subset(dataset, range(start, stop)), batch_size=batch_size,
-                                     device=device, num_workers=num_workers, progress=progress,
-                                     desc=f"embed {role} {start}-{stop}")
-        except ValueError:
-            if _any_loadable(dataset, start, stop):
-                raise
-            embedded = None  # every image of this shard is unreadable: an empty shard that lists them
-        kept = [] if embedded is None else embedded.index.tolist()
-        features = (embedded.features if embedded is not None
-                    else torch.empty(0, *feature_shape))
-        skipped = sorted(set(str(paths[i]) for i in range(start, stop)) - {str(paths[i]) for i in kept})
-        writer.write_shard(name, features, keys=[str(paths[i]) for i in kept],
-                           captions=None if captions is None else [captions[i] for i in kept],
-                           labels=None if labels is None else [labels[i] for i in kept],
-                           skipped=skipped, start=start)
-    writer.finalize({"source": str(root.resolve()), "fingerprint": fingerprint, "images": len(paths),
-                     "made_by": "lit scan"})
-    return FeatureStore.open(target), False
-
-
-def _any_loadable(dataset: FittedImages, start: int, stop: int) -> bool:
-    """Whether some image of rows [start, stop) loads (embed_dataset needs one to size an empty result)."""
-    return any(dataset[i]["image"] is not None for i in range(start, stop))
-
-
-def _feature_shape(descriptor: Descriptor, dataset: FittedImages) -> tuple[int, ...]:
-    """Shape of one row of features, from the first image that loads."""
-    for i in range(len(dataset)):
-        image = dataset[i]["image"]
-        if image is not None:
-            with torch.no_grad():
-                device = next(iter(descriptor.buffers())).device
-                return tuple(descriptor(image[None].to(device)).shape[1:])
-    raise UserError(f"none of the {len(dataset)} images under the input folder could be read")
+        store.check_compatible(record, what=f"the descriptor of this scan ({record.get('display_name')})")
+        return store, True
+    trainer = pl.Trainer(
+        accelerator=accelerator, devices=[device_index] if device_index is not None else 1, logger=False,
+        enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=progress,
+        callbacks=[StoreWriterCallback(str(target), dtype=dtype)],  # type: ignore[arg-type]
+    )
+    data = ExtractionDataModule(spec, batch_size=batch_size, num_workers=num_workers, labels_from_folders=nested)
+    trainer.predict(DescriptorExtractor(**extractor_args), datamodule=data, return_predictions=False)
+    store = FeatureStore.open(target)
+    store.check_compatible(record, what=f"the descriptor of this scan ({record.get('display_name')})")
+    return store, False

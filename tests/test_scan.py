@@ -30,14 +30,12 @@ def _save(image: torch.Tensor, path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """24 training scenes in 3 class folders with captions; 8 generations (3 copies, 1 mirrored copy,
-    4 new scenes) and one corrupt file."""
+    """24 training scenes in 3 class folders; 8 generations (3 copies, 1 mirrored copy, 4 new scenes)
+    and one corrupt file, also listed with their prompts in gen.tsv."""
     root = tmp_path_factory.mktemp("scan_folders")
     training = ProceduralScenes(24, SIZE, seed=11)
     for i in range(24):
-        path = root / "train" / f"class{i % 3}" / f"t{i:02d}.png"
-        _save(training[i]["image"], path)
-        path.with_suffix(".txt").write_text(f"scene number {i}")
+        _save(training[i]["image"], root / "train" / f"class{i % 3}" / f"t{i:02d}.png")
     new = ProceduralScenes(4, SIZE, seed=12)
     for i in range(3):
         _save(training[5 * i]["image"], root / "gen" / f"copy{i}.png")
@@ -45,6 +43,8 @@ def folders(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for i in range(4):
         _save(new[i]["image"], root / "gen" / f"new{i}.png")
     (root / "gen" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    lines = [f"gen/{p.name}\ta prompt for {p.stem}" for p in sorted((root / "gen").glob("*.png"))]
+    (root / "gen.tsv").write_text("\n".join(lines) + "\n")
     return root
 
 
@@ -66,7 +66,7 @@ def _top_k(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
 @pytest.fixture(scope="module")
 def scanned(folders: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("scan_out") / "out"
-    main(["--generations", str(folders / "gen"), "--training", str(folders / "train"), "--out", str(out),
+    main(["--generations", str(folders / "gen.tsv"), "--training", str(folders / "train"), "--out", str(out),
           "--descriptor", "pixel", "--k", "3", "--dtype", "float32", "--device", "cpu", "--batch_size", "8",
           "--report_rows", "4", "--thumb", "32", "--progress", "false"])
     return out
@@ -80,17 +80,16 @@ def test_matches_equal_brute_force(folders: Path, scanned: Path) -> None:
     with open(scanned / "matches.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
     assert len(rows) == len(gen_paths) * 3
-    assert set(rows[0]) >= {"generation", "rank", "training", "score", "training_caption", "training_label"}
+    assert set(rows[0]) == {"generation", "rank", "training", "score", "generation_caption", "training_label"}
     for g, path in enumerate(gen_paths):
-        mine = [r for r in rows if r["generation"] == str(path)]
+        mine = [r for r in rows if r["generation"] == f"gen/{path.name}"]  # list keys: paths as listed
         assert [int(r["rank"]) for r in mine] == [1, 2, 3]
         assert [r["training"] for r in mine] == [str(train_paths[j]) for j in order[g]]
         assert [float(r["score"]) for r in mine] == pytest.approx(top[g].tolist(), abs=1e-5)
-        first = train_paths[order[g][0]]
-        assert mine[0]["training_label"] == first.parent.name
-        assert mine[0]["training_caption"] == first.with_suffix(".txt").read_text()
+        assert mine[0]["training_label"] == train_paths[order[g][0]].parent.name
+        assert mine[0]["generation_caption"] == f"a prompt for {path.stem}"
     copies = {r["generation"]: r["training"] for r in rows if r["rank"] == "1" and "copy" in r["generation"]}
-    assert copies[str(folders / "gen" / "copy1.png")].endswith("t05.png")
+    assert copies["gen/copy1.png"].endswith("t05.png")
 
 
 def test_summary_fields(folders: Path, scanned: Path) -> None:
@@ -130,7 +129,7 @@ def test_report_is_self_contained(scanned: Path) -> None:
     assert len(sources) == 4 * 4 + 3  # 4 rows of generation + 3 matches, 3 plots
     assert all(s.startswith("data:image/") for s in sources)
     assert 'href="matches.csv"' in text and 'href="summary.json"' in text
-    assert "scene number" in text  # captions shown
+    assert "a prompt for copy" in text  # captions shown
 
 
 def test_second_run_reuses_stores_and_stores_are_inputs(folders: Path, scanned: Path,
@@ -140,7 +139,7 @@ def test_second_run_reuses_stores_and_stores_are_inputs(folders: Path, scanned: 
     before = (scanned / "matches.csv").read_text()
     args = ["--out", str(scanned), "--k", "3", "--dtype", "float32", "--device", "cpu", "--report_rows", "2",
             "--thumb", "16", "--progress", "false"]
-    main(["--generations", str(folders / "gen"), "--training", str(folders / "train"), *args])
+    main(["--generations", str(folders / "gen.tsv"), "--training", str(folders / "train"), *args])
     assert capsys.readouterr().out.count("reused feature store") == 2
     assert {p: p.joinpath("manifest.json").stat().st_mtime_ns for p in stores} == stamps
     assert (scanned / "matches.csv").read_text() == before
@@ -170,9 +169,10 @@ def test_user_errors(folders: Path, tmp_path: Path, extra: list[str], message: s
 
 
 def test_missing_input_is_a_user_error(folders: Path, tmp_path: Path) -> None:
-    with pytest.raises(UserError, match="--training .*does not exist"):
+    with pytest.raises(UserError, match="--training .*not found"):
         main(["--generations", str(folders / "gen"), "--training", str(tmp_path / "nope"),
               "--out", str(tmp_path / "out")])
+    assert not (tmp_path / "out" / "stores").exists()  # checked before anything is extracted
 
 
 # ----------------------------------------------------------------------------- run_scan on tensors
