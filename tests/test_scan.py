@@ -274,3 +274,32 @@ def test_scan_config_prints_every_option(config: Path, capsys: pytest.CaptureFix
 
 def test_scan_config_has_a_scan_config() -> None:
     assert any(c.name == "scan.yaml" for c in SCAN_CONFIGS)
+
+
+def test_webdataset_training_shard(tmp_path: Path) -> None:
+    """A LAION-layout tar (key.png + key.txt) as the training set: keys, captions, thumbnails from the tar."""
+    import io
+    import tarfile
+
+    scenes = ProceduralScenes(12, SIZE, seed=21)
+    with tarfile.open(tmp_path / "train-000.tar", "w") as archive:
+        for i in range(12):
+            buffer = io.BytesIO()
+            array = (scenes[i]["image"].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+            Image.fromarray(array).save(buffer, format="PNG")
+            for suffix, data in (("png", buffer.getvalue()), ("txt", f"caption {i}".encode())):
+                info = tarfile.TarInfo(f"{i:05d}.{suffix}")
+                info.size = len(data)
+                archive.addfile(info, io.BytesIO(data))
+    _save(scenes[6]["image"], tmp_path / "gen" / "copy6.png")
+    _save(ProceduralScenes(1, SIZE, seed=22)[0]["image"], tmp_path / "gen" / "new.png")
+    out = tmp_path / "out"
+    main(["--generations", str(tmp_path / "gen"), "--training", str(tmp_path / "train-000.tar"), "--out", str(out),
+          "--k", "2", "--device", "cpu", "--progress", "false", "--thumb", "16"])
+    with open(out / "matches.csv", newline="") as handle:
+        rows = {r["generation"]: r for r in csv.DictReader(handle) if r["rank"] == "1"}
+    copy = rows[str(tmp_path / "gen" / "copy6.png")]
+    assert copy["training"] == "00006" and copy["training_caption"] == "caption 6"
+    assert float(copy["score"]) > 0.99
+    report = (out / "report.html").read_text()
+    assert "placeholder" not in report and "caption 6" in report
