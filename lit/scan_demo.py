@@ -142,6 +142,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--new", type=int, default=80, help="generations that are new scenes")
     parser.add_argument("--size", type=int, default=32, help="image side in pixels")
     parser.add_argument("--seed", type=int, default=0, help="seed of the scenes and copies")
+    parser.add_argument("--baseline_sample", type=int, default=2000,
+                        help="training images whose nearest other training image makes the baseline (seeded sample)")
     parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1), help="rendering processes")
     parser.add_argument("--progress", type=int, choices=(0, 1), default=1, help="progress bars")
     args = parser.parse_args(argv)
@@ -164,6 +166,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     paths = scan(["--generations", str(root / "data" / "generations"), "--training", str(root / "data" / "training"),
                   "--out", str(root / "scan"), "--descriptor", "pixel", "--device", "cpu", "--k", "5",
                   "--report_rows", str(args.copies + 10), "--thumb", "64", "--batch_size", "256",
+                  "--baseline_sample", str(args.baseline_sample),
                   "--progress", str(bool(args.progress)).lower()])
     timings["scan_s"] = time.perf_counter() - clock
     images = args.training + args.copies + args.new
