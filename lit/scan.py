@@ -3,7 +3,9 @@
     lit scan --generations G --training T --descriptor NAME [--weights FILE] --out OUT
 
 ``G`` and ``T`` are image folders (recursive; ``root/<class>/<image>`` gives class
-labels, ``<stem>.txt`` beside an image its caption) or feature stores. The scan
+labels), ``.txt`` / ``.tsv`` file lists (with captions / labels), webdataset tar
+shards (img2dataset / LAION layout) or feature stores; all but stores are extracted
+to stores first (:mod:`lit.scan_sources`) and reused by the next scan. The scan
 (paper Sec. 6-7) finds every generation's top-k training images, the training set's
 self-similarity baseline (exact, or on a seeded sample of ``--baseline_sample``
 rows), how many training images duplicate each generation's top match against
@@ -25,7 +27,7 @@ import io
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -152,6 +154,8 @@ def run_scan(generations: FeatureSource, training: FeatureSource, options: ScanO
     if generations.feature_shape != training.feature_shape:
         raise UserError(f"generations have features of shape {generations.feature_shape}, the training set "
                         f"{training.feature_shape}: they were not made by the same descriptor")
+    # the similarity follows the features, as in lit.search.search_store: (D,) cosine, (T, D) split-product
+    options = replace(options, similarity="cosine" if len(training.feature_shape) == 1 else "split_product")
     timings: dict[str, float] = {}
     clock = time.perf_counter()
     k = min(options.k, training.num_rows)
@@ -254,21 +258,31 @@ def matches_rows(result: ScanResult, generations: FeatureSource, training: Featu
     normalized = result.normalized is not None
     if normalized:
         header.append("score_normalized")
-    extras = [(f"{who}_{what}", values) for who, source in (("generation", generations), ("training", training))
-              for what, values in (("caption", source.captions), ("label", source.labels)) if values is not None]
-    header += [name for name, _ in extras]
-    rows: list[list[Any]] = []
     scores, indices = result.top.scores, result.top.indices
-    for g in range(scores.shape[0]):
+    gen_rows = list(range(scores.shape[0]))
+    train_rows = sorted({int(t) for t in indices.flatten().tolist() if t >= 0})
+    position = {t: i for i, t in enumerate(train_rows)}
+    columns = {  # name -> (values, generation side?); only what the inputs know
+        "generation_caption": (generations.captions_of(gen_rows), True),
+        "generation_label": (generations.labels_of(gen_rows), True),
+        "training_caption": (training.captions_of(train_rows), False),
+        "training_label": (training.labels_of(train_rows), False),
+    }
+    extras = [(name, values, gen_side) for name, (values, gen_side) in columns.items()
+              if values is not None and any(v is not None for v in values)]
+    header += [name for name, _, _ in extras]
+    gen_keys, train_keys = generations.keys_of(gen_rows), training.keys_of(train_rows)
+    rows: list[list[Any]] = []
+    for g in gen_rows:
         for rank in range(scores.shape[1]):
             t = int(indices[g, rank])
             if t < 0:
                 continue
-            row: list[Any] = [generations.keys[g], rank + 1, training.keys[t], f"{float(scores[g, rank]):.6f}"]
+            row: list[Any] = [gen_keys[g], rank + 1, train_keys[position[t]], f"{float(scores[g, rank]):.6f}"]
             if normalized:
                 row.append(f"{float(result.normalized[g, rank]):.6f}")  # type: ignore[index]
-            for name, values in extras:
-                value = values[g] if name.startswith("generation") else values[t]
+            for _, values, gen_side in extras:
+                value = values[g] if gen_side else values[position[t]]
                 row.append("" if value is None else value)
             rows.append(row)
     return header, rows
@@ -294,8 +308,8 @@ def build_summary(result: ScanResult, generations: FeatureSource, training: Feat
                      "skipped_files": training.skipped},
         "k": int(result.top.scores.shape[1]),
         "thresholds": list(options.thresholds),
-        "similarity": options.similarity,
-        "token_normalization": options.token_normalization if options.similarity == "split_product" else None,
+        "similarity": "cosine" if len(training.feature_shape) == 1 else "split_product",
+        "token_normalization": options.token_normalization if len(training.feature_shape) == 2 else None,
         "top1": score_summary(top1, options.thresholds),
         "baseline": {**score_summary(result.baseline, options.thresholds), **result.baseline_sample.record()},
         "normalization": result.normalization,

@@ -146,10 +146,11 @@ def _row_order(ranking: Tensor) -> list[int]:
 
 def _caption(source: FeatureSource, row: int) -> str:
     parts = []
-    if source.labels is not None and source.labels[row] is not None:
-        parts.append(f"class {source.labels[row]}")
-    if source.captions is not None and source.captions[row] is not None:
-        parts.append(f"“{source.captions[row]}”")
+    labels, captions = source.labels_of([row]), source.captions_of([row])
+    if labels is not None and labels[0] is not None:
+        parts.append(f"class {labels[0]}")
+    if captions is not None and captions[0] is not None:
+        parts.append(f"“{captions[0]}”")
     return " · ".join(html.escape(str(p)) for p in parts)
 
 
@@ -202,7 +203,7 @@ def render_report(result: ScanResult, summary: dict[str, Any], generations: Feat
     for g in _row_order(ranking)[:report_rows]:
         uri, ok = thumbnail_uri(generations, g, thumb)
         unreadable += not ok
-        cells = [_figure(uri, f"generation {g}", generations.keys[g], _caption(generations, g), "gen")]
+        cells = [_figure(uri, f"generation {g}", generations.keys_of([g])[0], _caption(generations, g), "gen")]
         for rank in range(result.top.scores.shape[1]):
             t = int(result.top.indices[g, rank])
             if t < 0:
@@ -214,7 +215,7 @@ def render_report(result: ScanResult, summary: dict[str, Any], generations: Feat
             if normalized:
                 title += f" (norm. {float(ranking[g, rank]):.3f})"
             css = "copy" if score > summary["thresholds"][0] else "match"
-            cells.append(_figure(uri, f"#{rank + 1} {title}", training.keys[t], _caption(training, t), css))
+            cells.append(_figure(uri, f"#{rank + 1} {title}", training.keys_of([t])[0], _caption(training, t), css))
         rows_html.append('<div class="row">' + "".join(cells) + "</div>")
     plot_html = "".join(f'<img src="{file_data_uri(path)}" alt="{html.escape(path.name)}">' for path in plots.values())
     descriptor = summary["descriptor"]

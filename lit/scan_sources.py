@@ -67,6 +67,12 @@ class FeatureSource(Protocol):
 
     def image(self, row: int) -> Tensor | None: ...
 
+    def keys_of(self, rows: Sequence[int]) -> list[str]: ...
+
+    def captions_of(self, rows: Sequence[int]) -> list[str | None] | None: ...
+
+    def labels_of(self, rows: Sequence[int]) -> list[str | None] | None: ...
+
     def iter_blocks(self, block_rows: int) -> Iterator[tuple[int, Tensor]]: ...
 
     def rows(self, indices: Tensor) -> Tensor: ...
@@ -116,6 +122,15 @@ class MemorySource:
         """The image of row ``row``: its key read as a file path (None when it cannot be read)."""
         return load_image(self.keys[row]) if Path(self.keys[row]).is_file() else None
 
+    def keys_of(self, rows: Sequence[int]) -> list[str]:
+        return [self.keys[r] for r in rows]
+
+    def captions_of(self, rows: Sequence[int]) -> list[str | None] | None:
+        return None if self.captions is None else [self.captions[r] for r in rows]
+
+    def labels_of(self, rows: Sequence[int]) -> list[str | None] | None:
+        return None if self.labels is None else [self.labels[r] for r in rows]
+
 
 class StoreSource:
     """A :class:`lit.store.FeatureStore` as a :class:`FeatureSource` (float32 torch blocks, string labels)."""
@@ -129,16 +144,17 @@ class StoreSource:
     def num_rows(self) -> int:
         return self.store.num_rows
 
+    def _root(self) -> Path | None:
+        """The input folder when the store was extracted from one (its keys are relative to it)."""
+        extra = self.store.manifest.get("extra", {})
+        return Path(extra["input"]) if extra.get("input_kind") == "folder" and extra.get("input") else None
+
     @property
     def keys(self) -> list[str]:
-        """Row names: for a folder input the image's path (folder / key), else the store's key."""
+        """Every row's name (reads every shard's row file: use :meth:`keys_of` for a few rows)."""
         if self._keys is None:
-            extra = self.store.manifest.get("extra", {})
-            keys = self.store.keys
-            if extra.get("input_kind") == "folder" and extra.get("input"):
-                root = Path(extra["input"])
-                keys = [str(root / key) for key in keys]
-            self._keys = keys
+            root = self._root()
+            self._keys = [str(root / key) if root else key for key in self.store.keys]
         return self._keys
 
     @property
@@ -148,6 +164,28 @@ class StoreSource:
     @property
     def labels(self) -> list[str | None] | None:
         labels = self.store.labels
+        return None if labels is None else [None if label is None else str(label) for label in labels]
+
+    def _column_of(self, field: str, rows: Sequence[int]) -> list[Any] | None:
+        """One row-metadata column for the given rows, reading only their shards' row files."""
+        if len(rows) == 0:
+            return []
+        shards, local = self.store._locate(np.asarray(rows, dtype=np.int64))
+        columns = [self.store._shard_meta(int(s)).get(field) for s in shards]
+        if any(column is None for column in columns):
+            return None
+        return [column[int(r)] for column, r in zip(columns, local)]
+
+    def keys_of(self, rows: Sequence[int]) -> list[str]:
+        """Names of the given rows: for a folder input the image's path (folder / key), else the key."""
+        root = self._root()
+        return [str(root / key) if root else key for key in self._column_of("keys", rows) or []]
+
+    def captions_of(self, rows: Sequence[int]) -> list[str | None] | None:
+        return self._column_of("captions", rows)
+
+    def labels_of(self, rows: Sequence[int]) -> list[str | None] | None:
+        labels = self._column_of("labels", rows)
         return None if labels is None else [None if label is None else str(label) for label in labels]
 
     @property
@@ -179,7 +217,7 @@ class StoreSource:
     def image(self, row: int) -> Tensor | None:
         """Row ``row``'s image, read back from the extraction's input: ``input/key`` for a folder,
         the key (or list-relative path) for a file list, the sample ``key.*`` inside its tar shard."""
-        key = self.keys[row]
+        key = self.store.keys_at([row])[0]
         extra = self.store.manifest.get("extra", {})
         kind, root = extra.get("input_kind"), extra.get("input")
         shard = self.store.shards[int(self.store._locate(np.array([row]))[0][0])]
