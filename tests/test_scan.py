@@ -303,3 +303,22 @@ def test_webdataset_training_shard(tmp_path: Path) -> None:
     assert float(copy["score"]) > 0.99
     report = (out / "report.html").read_text()
     assert "placeholder" not in report and "caption 6" in report
+
+
+def test_run_scan_on_token_features_uses_split_product() -> None:
+    """(N, T, D) features: scores are max over tokens of per-token cosine (token normalisation)."""
+    generator = torch.Generator().manual_seed(7)
+    train = torch.randn(19, 3, 5, generator=generator)
+    gens = torch.cat([train[[4]] * 1.5, torch.randn(3, 3, 5, generator=generator)])
+    options = ScanOptions(k=3, block_rows=6, baseline_sample=None, random_sample=4, progress=False)
+    result = run_scan(_memory("g", gens), _memory("t", train), options)
+    q = gens.double() / gens.double().norm(dim=-1, keepdim=True)
+    g = train.double() / train.double().norm(dim=-1, keepdim=True)
+    reference = (q[:, None, :, :] * g[None, :, :, :]).sum(-1).max(dim=-1).values  # (Q, G)
+    assert torch.allclose(result.top.scores.double(), torch.sort(reference, dim=1, descending=True).values[:, :3],
+                          atol=1e-5)
+    assert result.top.indices[0, 0].item() == 4
+    self_ref = (g[:, None] * g[None, :]).sum(-1).max(dim=-1).values
+    self_ref.fill_diagonal_(float("-inf"))
+    assert torch.allclose(result.baseline.double(), self_ref.max(dim=1).values, atol=1e-5)
+    assert result.match_duplicates.tolist() == (self_ref > 0.95).sum(dim=1)[result.top.indices[:, 0]].tolist()
