@@ -23,8 +23,8 @@ from PIL import Image
 from torch import Tensor
 
 from lit.grids import thumbnail
-from lit.io import load_image, to_uint8
-from lit.plots import GENERATION_COLOUR, BASELINE_COLOUR, new_figure, save_figure, similarity_histogram
+from lit.io import to_uint8
+from lit.plots import BASELINE_COLOUR, GENERATION_COLOUR, new_figure, save_figure, similarity_histogram
 from lit.report import write_text_atomic
 
 if TYPE_CHECKING:

@@ -16,21 +16,18 @@ with the same descriptor reuses the store (and a killed one resumes it).
 
 from __future__ import annotations
 
+import hashlib
+import json
+import tarfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-import hashlib
-import io
-import json
-import tarfile
-
 import numpy as np
 import torch
 from torch import Tensor
 
-from lit.errors import UserError
 from lit.io import load_image, load_image_bytes
 from lit.search import RowSource, TensorRows
 from lit.store import COMPATIBILITY_FIELDS, FeatureStore
