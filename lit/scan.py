@@ -312,7 +312,7 @@ def build_summary(result: ScanResult, generations: FeatureSource, training: Feat
         "token_normalization": options.token_normalization if len(training.feature_shape) == 2 else None,
         "top1": score_summary(top1, options.thresholds),
         "baseline": {**score_summary(result.baseline, options.thresholds), **result.baseline_sample.record()},
-        "normalization": result.normalization,
+        "normalization": result.normalization or {"method": "none"},
         "duplicates": {**duplicate_comparison(result.match_duplicates, result.random_duplicates,
                                               options.duplicate_threshold),
                        "random_sample": result.random_rows.record()},

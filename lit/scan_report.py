@@ -186,7 +186,7 @@ def _stats_table(summary: dict[str, Any]) -> str:
         slope = "n/a" if classes["slope"] is None else f"{classes['slope']:.3f}"
         lines.append(f"<p>Per class ({classes['num_classes']} classes; generation classes from "
                      f"{html.escape(str(classes['generation_classes']))}): Pearson r {r}, slope {slope}.</p>")
-    if summary.get("normalization"):
+    if summary.get("normalization", {}).get("method", "none") != "none":
         n = summary["normalization"]
         lines.append(f"<p>Scores normalised (SSCD): score − {n['beta']:g} × mean similarity to the {n['k']} nearest "
                      f"of {n['background_rows']} background images ({html.escape(str(n['background']))}).</p>")

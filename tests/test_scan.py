@@ -115,7 +115,7 @@ def test_summary_fields(folders: Path, scanned: Path) -> None:
     assert summary["descriptor"]["name"] == "pixel"
     assert summary["stores"]["training"]["kind"] == "store"
     assert summary["stores"]["training"]["num_rows"] == 24
-    assert summary["normalization"] is None
+    assert summary["normalization"] == {"method": "none"}
     assert summary["classes"]["num_classes"] == 3
     assert summary["classes"]["generation_classes"] == "label of the top-1 training match"
     assert summary["duplicates"]["top_matches"]["count"] == 8
@@ -322,3 +322,23 @@ def test_run_scan_on_token_features_uses_split_product() -> None:
     self_ref.fill_diagonal_(float("-inf"))
     assert torch.allclose(result.baseline.double(), self_ref.max(dim=1).values, atol=1e-5)
     assert result.match_duplicates.tolist() == (self_ref > 0.95).sum(dim=1)[result.top.indices[:, 0]].tolist()
+
+
+def test_background_normalisation_end_to_end(folders: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    main(["--generations", str(folders / "gen"), "--training", str(folders / "train"), "--out", str(out),
+          "--background", str(folders / "train"), "--norm_k", "2", "--norm_beta", "0.5", "--k", "2",
+          "--dtype", "float32", "--device", "cpu", "--progress", "false", "--thumb", "16"])
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["normalization"]["method"] == "sscd"
+    assert summary["normalization"]["k"] == 2 and summary["normalization"]["beta"] == 0.5
+    assert summary["normalization"]["background_rows"] == 24
+    with open(out / "matches.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    train = _pixel_features(sorted((folders / "train").rglob("*.png")))
+    for row in rows[:4]:
+        gen = _pixel_features([Path(row["generation"])])
+        bias = np.sort(gen @ train.T, axis=1)[0, ::-1][:2].mean()  # the background is the training set here
+        assert float(row["score_normalized"]) == pytest.approx(float(row["score"]) - 0.5 * bias, abs=1e-5)
+    assert "Scores normalised (SSCD)" in (out / "report.html").read_text()
+    assert summary["top1_normalized"]["count"] == 8
