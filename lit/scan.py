@@ -31,6 +31,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from jsonargparse import ActionConfigFile, ArgumentParser
 from torch import Tensor
@@ -59,6 +60,8 @@ from lit.search import SearchResult, search, search_store
 from lit.similarity import SimilarityKind, TokenNormalization, cosine_similarity, split_product
 from models.descriptor_config import DescriptorConfig
 
+#: Float32 bytes of query features held at once (token features of many queries are searched in chunks).
+QUERY_CHUNK_BYTES = 2**30
 #: File that marks an output folder as made by ``lit scan`` (only such folders are written into again).
 MARKER = ".lit-scan"
 
@@ -115,28 +118,47 @@ def pairwise(queries: Tensor, block: Tensor, similarity: SimilarityKind, normali
     return split_product(queries, block, normalization)
 
 
-def search_source(queries: Tensor, source: FeatureSource, k: int, *, normalization: TokenNormalization,
-                  exclude: Tensor | None = None, block_rows: int = 65536, device: str = "cpu",
-                  progress: bool = False) -> SearchResult:
-    """Exact top-``k`` rows of ``source`` per query: :func:`lit.search.search_store` over the source's
-    blocks, on ``device`` (faiss on the CPU, matrix products + ``topk`` on a GPU)."""
-    return search_store(queries.to(device), source.row_source, k, normalization=normalization, exclude=exclude,
-                        block_rows=block_rows, progress=progress, device=device)
+def query_chunks(rows: Tensor, feature_shape: tuple[int, ...], chunk_bytes: int | None = None) -> list[Tensor]:
+    """``rows`` cut so that each chunk's float32 features take at most ``chunk_bytes`` (default
+    :data:`QUERY_CHUNK_BYTES`; token features of thousands of queries do not fit in memory at once)."""
+    row_bytes = 4 * int(np.prod(feature_shape))
+    size = max(1, (QUERY_CHUNK_BYTES if chunk_bytes is None else chunk_bytes) // row_bytes)
+    return [rows[start:start + size] for start in range(0, rows.numel(), size)]
 
 
-def count_duplicates(queries: Tensor, own_rows: Tensor, source: FeatureSource, *, threshold: float,
+def search_source(queries: FeatureSource, query_rows: Tensor, source: FeatureSource, k: int, *,
+                  normalization: TokenNormalization, exclude: Tensor | None = None, block_rows: int = 65536,
+                  device: str = "cpu", progress: bool = False) -> SearchResult:
+    """Exact top-``k`` rows of ``source`` for the given rows of ``queries``: :func:`lit.search.search_store`
+    over the source's blocks on ``device`` (faiss on the CPU, matrix products + ``topk`` on a GPU),
+    one chunk of query rows at a time (:func:`query_chunks`)."""
+    scores, indices, done = [], [], 0
+    for chunk in query_chunks(query_rows, queries.feature_shape):
+        part = None if exclude is None else exclude[done:done + chunk.numel()]
+        found = search_store(queries.rows(chunk).to(device), source.row_source, k, normalization=normalization,
+                             exclude=part, block_rows=block_rows, progress=progress, device=device)
+        scores.append(found.scores)
+        indices.append(found.indices)
+        done += chunk.numel()
+    return SearchResult(torch.cat(scores), torch.cat(indices))
+
+
+def count_duplicates(query_rows: Tensor, source: FeatureSource, *, threshold: float,
                      similarity: SimilarityKind, normalization: TokenNormalization, block_rows: int = 65536,
                      device: str = "cpu", progress: bool = False, desc: str = "duplicates") -> Tensor:
-    """Per query, the rows of ``source`` other than ``own_rows`` with similarity > ``threshold``
+    """Per given row of ``source``, the other rows of ``source`` with similarity > ``threshold``
     (scores computed block by block on ``device``; counts are summed on the CPU)."""
-    counts = torch.zeros(queries.shape[0], dtype=torch.int64)
-    queries = queries.to(device)
+    counts = []
     total = math.ceil(source.num_rows / block_rows)
-    for start, block in tqdm(source.iter_blocks(block_rows), total=total, desc=desc, unit="block",
-                             disable=not progress or total < 2):
-        scores = pairwise(queries, block.to(device), similarity, normalization).cpu()
-        counts += count_above(scores, threshold, own_rows, start)
-    return counts
+    for chunk in query_chunks(query_rows, source.feature_shape):
+        queries = source.rows(chunk).to(device)
+        found = torch.zeros(chunk.numel(), dtype=torch.int64)
+        for start, block in tqdm(source.iter_blocks(block_rows), total=total, desc=desc, unit="block",
+                                 disable=not progress or total < 2):
+            scores = pairwise(queries, block.to(device), similarity, normalization).cpu()
+            found += count_above(scores, threshold, chunk, start)
+        counts.append(found)
+    return torch.cat(counts) if counts else torch.zeros(0, dtype=torch.int64)
 
 
 # ----------------------------------------------------------------------------- the scan
@@ -159,14 +181,14 @@ def run_scan(generations: FeatureSource, training: FeatureSource, options: ScanO
     timings: dict[str, float] = {}
     clock = time.perf_counter()
     k = min(options.k, training.num_rows)
-    gen_features = generations.rows(torch.arange(generations.num_rows))
-    top = search_source(gen_features, training, k, **search_kw)
+    all_generations = torch.arange(generations.num_rows)
+    top = search_source(generations, all_generations, training, k, **search_kw)
     timings["search_s"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
     sample = baseline_rows(training.num_rows, options.baseline_sample, options.seed)
     own = sample.rows
-    baseline = search_source(training.rows(own), training, 1, exclude=own, **search_kw).scores[:, 0]
+    baseline = search_source(training, own, training, 1, exclude=own, **search_kw).scores[:, 0]
     timings["baseline_s"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
@@ -174,7 +196,7 @@ def run_scan(generations: FeatureSource, training: FeatureSource, options: ScanO
     random = baseline_rows(training.num_rows, options.random_sample, options.seed + 1)
     unique = torch.unique(matched)
     query_rows = torch.cat([unique, random.rows])
-    counts = count_duplicates(training.rows(query_rows), query_rows, training,
+    counts = count_duplicates(query_rows, training,
                               threshold=options.duplicate_threshold, similarity=options.similarity,
                               normalization=options.token_normalization, block_rows=options.block_rows,
                               device=options.device, progress=options.progress)
@@ -192,11 +214,12 @@ def run_scan(generations: FeatureSource, training: FeatureSource, options: ScanO
         clock = time.perf_counter()
         if background.num_rows < options.norm_k:
             raise UserError(f"--background has {background.num_rows} images, fewer than --norm_k {options.norm_k}")
-        near = search_source(gen_features, background, options.norm_k, **search_kw)
+        near = search_source(generations, all_generations, background, options.norm_k, **search_kw)
         bias = background_bias(near.scores, options.norm_k)
         normalized = normalize_scores(top.scores.double(), bias, options.norm_beta).float()
         normalization = {"method": "sscd", "beta": options.norm_beta, "k": options.norm_k,
-                         "background": background.manifest.get("source", background.name),
+                         "background": background.manifest.get("extra", {}).get("input")
+                         or background.manifest.get("root", background.name),
                          "background_rows": background.num_rows,
                          "note": "score - beta * mean similarity of the generation to its k nearest background items"}
         timings["normalization_s"] = time.perf_counter() - clock
