@@ -13,6 +13,7 @@ shards already written and ends with the same store.
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -35,6 +36,32 @@ def default_shard_size(feature_shape: tuple[int, ...], dtype: str) -> int:
     """Rows per shard for about :data:`DEFAULT_SHARD_BYTES` of features (512-d float16: 65,536)."""
     row_bytes = int(np.prod(feature_shape)) * np.dtype(dtype).itemsize
     return max(1, DEFAULT_SHARD_BYTES // row_bytes)
+
+
+def _resume_plan(writer: StoreWriter, location: str, prefix: str) -> tuple[dict[str, Any], int]:
+    """(this input's shards already written: name -> info, the order key after every other input's shards).
+
+    Another input's shards under the same names would be taken for done work: refused."""
+    ours = re.compile(re.escape(prefix) + r"\d{6}(-\d{6})?")  # the names this input's shards get
+    done: dict[str, Any] = {}
+    base = 0
+    for path in sorted(writer.root.glob("shard-*.json")):
+        name = path.stem[len("shard-"):]
+        meta = writer.shard_meta(name)
+        if meta is None:
+            continue
+        info = meta.get("info") or {}
+        if info.get("input") == location and ours.fullmatch(name):
+            done[name] = info
+            continue
+        if ours.fullmatch(name):
+            raise UserError(
+                f"feature store {writer.root} already holds shard {name} of input {info.get('input') or '?'}; "
+                f"to add {location} to it, set --data.init_args.shard_prefix to a new prefix"
+            )
+        if meta.get("start") is not None:
+            base = max(base, int(meta["start"]) + int(meta["rows"]) + len(meta.get("skipped", ())))
+    return done, base
 
 
 class StoreWriterCallback(BasePredictionWriter):
@@ -85,21 +112,25 @@ class StoreWriterCallback(BasePredictionWriter):
         record, shape = pl_module.record(), pl_module.feature_shape
         shard_size = self.shard_size or default_shard_size(shape, self.dtype)
         strategy = trainer.strategy
-        done: dict[str, Any] = {}
-        if trainer.is_global_zero:
-            datamodule.input  # noqa: B018 - list the input (and fail on a bad one) before creating the store
-            self.writer = StoreWriter(self.output_dir, record, shape, self.dtype)
-            done = {path.stem[len("shard-"):]: (self.writer.shard_meta(path.stem[len("shard-"):]) or {}).get("info")
-                    for path in sorted(self.output_dir.glob("shard-*.json"))}
-        strategy.barrier("store_writer_open")
-        if not trainer.is_global_zero:
-            self.writer = StoreWriter(self.output_dir, record, shape, self.dtype)
-        done = strategy.broadcast(done, src=0)
+        plan: tuple[dict[str, Any], int] = ({}, 0)
+        error: str | None = None
+        if trainer.is_global_zero:  # one process creates the store; a refusal reaches every rank
+            try:
+                location = datamodule.input.location  # list the input (fail on a bad one) before creating the store
+                self.writer = StoreWriter(self.output_dir, record, shape, self.dtype)
+                plan = _resume_plan(self.writer, location, datamodule.shard_prefix)
+            except UserError as refusal:
+                error = str(refusal)
+        error, (done, base) = strategy.broadcast((error, plan), src=0)
+        if error is not None:
+            raise UserError(error)
+        if not trainer.is_global_zero:  # rank 0 made and cleaned the store; the others only add shards
+            self.writer = StoreWriter(self.output_dir, record, shape, self.dtype, clean=False)
         self._done_before = len(done)
         self._shard_size = shard_size
         self._precision = pl_module.effective_precision()
         datamodule.configure(shard_size, pl_module.preprocessing, done,
-                             rank=trainer.global_rank, world_size=trainer.world_size)
+                             rank=trainer.global_rank, world_size=trainer.world_size, base=base)
 
     def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._open_shards.clear()

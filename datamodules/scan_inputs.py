@@ -84,6 +84,7 @@ class TarUnit:
     number: int
     path: str
     done: frozenset[str] = field(default_factory=frozenset)
+    prefix: str = ""
 
 
 @dataclass(frozen=True)
@@ -98,7 +99,7 @@ class ImageSource:
     @classmethod
     def resolve(cls, source: str, labels_from_folders: bool = False) -> ImageSource:
         """Find out what ``source`` is (a one-line ``UserError`` when it is nothing readable)."""
-        path = Path(source).expanduser()
+        path = Path(source).expanduser().absolute()
         if path.is_dir():
             tars = sorted(str(p) for p in path.glob("*.tar"))
             images = list_images(path)
@@ -119,33 +120,39 @@ class ImageSource:
             return cls("list", str(path), items=tuple(read_file_list(path)))
         if path.is_file():
             raise UserError(f"{path}: expected an image folder, a .txt / .tsv file list or a .tar shard")
-        tars = expand_tar_pattern(source)
+        tars = expand_tar_pattern(str(path))
         if tars:
-            return cls("tars", source, tars=tuple(tars))
+            return cls("tars", str(path), tars=tuple(tars))
         raise UserError(f"input {source} not found (an image folder, a .txt / .tsv file list, a .tar shard, "
                         "or a pattern such as shards/{00000..00009}.tar)")
 
     def plan(
-        self, shard_size: int, done: Mapping[str, Mapping[str, Any] | None] | None = None
+        self,
+        shard_size: int,
+        done: Mapping[str, Mapping[str, Any] | None] | None = None,
+        prefix: str = "",
+        base: int = 0,
     ) -> tuple[list[ShardPlan], list[TarUnit]]:
         """The shards still to write (folder / list) or the tars still to read (each with its done shards).
 
-        ``done`` maps the names of the shards already in the store to their ``info`` (a tar whose
-        ``final`` chunk is there is finished)."""
+        ``done`` maps the names of this input's shards already in the store to their ``info`` (a
+        tar whose ``final`` chunk is there is finished). ``prefix`` starts every shard name and
+        ``base`` is added to the shards' order keys (an input appended to a store comes after)."""
         done = done or {}
         if shard_size < 1:
             raise UserError(f"shard_size must be >= 1, got {shard_size}")
         if self.kind != "tars":
             shards = [
-                ShardPlan(f"{j:06d}", j * shard_size, self.items[j * shard_size:(j + 1) * shard_size], j * shard_size)
+                ShardPlan(f"{prefix}{j:06d}", base + j * shard_size, self.items[j * shard_size:(j + 1) * shard_size],
+                          j * shard_size)
                 for j in range(math.ceil(len(self.items) / shard_size))
             ]
             return [s for s in shards if s.name not in done], []
         units = []
         for number, tar in enumerate(self.tars):
-            mine = {name: info for name, info in done.items() if name.startswith(f"{number:06d}-")}
+            mine = {name: info for name, info in done.items() if name.startswith(f"{prefix}{number:06d}-")}
             if not any((info or {}).get("final") for info in mine.values()):
-                units.append(TarUnit(number, tar, frozenset(mine)))
+                units.append(TarUnit(number, tar, frozenset(mine), prefix))
         return [], units
 
 
@@ -217,7 +224,9 @@ class ShardStream(IterableDataset):
         batch_size: int,
         preprocessing: Preprocessing | None,
         strict: bool = False,
+        input_id: str = "",
     ) -> None:
+        self.input_id = input_id
         self.shards = list(shards)
         self.tars = list(tars)
         self.shard_size = shard_size
@@ -226,8 +235,11 @@ class ShardStream(IterableDataset):
         self.strict = strict
 
     def __len__(self) -> int:
-        """Batches in all (exact for folders / lists; for tars one per tar as a lower bound)."""
-        return sum(math.ceil(len(s.items) / self.batch_size) or 1 for s in self.shards) + len(self.tars)
+        """Batches in all, for the progress bar: exact for folders / lists; unknown for tars (TypeError,
+        which Lightning reads as "no length": a lower bound would end the loop early)."""
+        if self.tars:
+            raise TypeError("the number of batches of tar shards is known only after reading them")
+        return sum(math.ceil(len(s.items) / self.batch_size) or 1 for s in self.shards)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
@@ -260,7 +272,7 @@ class ShardStream(IterableDataset):
         """Chunks of ``shard_size`` samples of one tar; its last chunk is marked ``final`` (a damaged
         tar's problem is listed there, and an empty tar gives one empty final chunk)."""
         def name(chunk: int) -> str:
-            return f"{unit.number:06d}-{chunk:06d}"
+            return f"{unit.prefix}{unit.number:06d}-{chunk:06d}"
 
         rows: list[tuple[int, dict[str, Any], Tensor]] = []
         skipped: list[str] = []
@@ -278,11 +290,10 @@ class ShardStream(IterableDataset):
             if end_of_chunk or len(rows) + len(skipped) >= self.batch_size:
                 if is_last:
                     skipped += problems
-                yield self._batch(name(chunk), None, unit.path, rows, skipped, last=end_of_chunk,
-                                  info={"final": True} if is_last else None)
+                yield self._batch(name(chunk), None, unit.path, rows, skipped, last=end_of_chunk, final=is_last)
                 rows, skipped = [], []
         if count == 0 and name(0) not in unit.done:  # an empty or unreadable tar: one empty final shard
-            yield self._batch(name(0), None, unit.path, [], problems, last=True, info={"final": True})
+            yield self._batch(name(0), None, unit.path, [], problems, last=True, final=True)
 
     def _tar_row(self, unit: TarUnit, sample: dict[str, Any], skipped: list[str]) -> tuple[dict, Tensor] | None:
         key = str(sample.get("__key__", "?"))
@@ -303,7 +314,7 @@ class ShardStream(IterableDataset):
 
     def _batch(self, shard: str, start: int | None, source: str | None,
                rows: Sequence[tuple[int, dict[str, Any], Tensor]], skipped: Sequence[str], last: bool,
-               info: dict[str, Any] | None = None) -> dict[str, Any]:
+               final: bool = False) -> dict[str, Any]:
         images: Tensor | list[Tensor]
         if self.preprocessing is not None:
             size = self.preprocessing.input_size
@@ -317,7 +328,8 @@ class ShardStream(IterableDataset):
             "captions": [r[1]["caption"] for r in rows],
             "labels": [r[1]["label"] for r in rows],
             "shard": shard, "start": start, "source": source,
-            "skipped": list(skipped), "last": last, "info": info,
+            "skipped": list(skipped), "last": last,
+            "info": {"input": self.input_id, **({"final": True} if final else {})},
         }
 
 
@@ -330,7 +342,26 @@ def _tar_samples(path: str, problems: list[str]) -> Iterator[dict[str, Any]]:
         problems.append(f"{path}: unreadable after this point ({type(error).__name__}: {error})")
         return False  # stop reading this tar
 
+    damage = _tar_damage(path)
+    if damage:  # a header cut short reads as a clean end of the archive: say so
+        problems.append(f"{path}: {damage}")
     yield from wds.tarfile_samples([{"url": path}], handler=handler)
+
+
+def _tar_damage(path: str) -> str | None:
+    """Why a local tar is visibly truncated (size not whole 512-byte blocks, or no end-of-archive
+    zero blocks), or None."""
+    file = Path(path)
+    if not file.is_file():
+        return None
+    size = file.stat().st_size
+    if size % 512:
+        return f"truncated ({size} bytes is not a whole number of 512-byte tar blocks)"
+    with open(file, "rb") as handle:
+        handle.seek(max(0, size - 1024))
+        if handle.read().strip(b"\0"):
+            return "truncated (no end-of-archive marker)"
+    return None
 
 
 def _with_last(items: Iterator[Any]) -> Iterator[tuple[int, Any, bool]]:
@@ -364,6 +395,8 @@ class ExtractionDataModule(pl.LightningDataModule):
         num_workers: data-loader processes decoding and cropping images.
         labels_from_folders: use each image's sub-folder as its class label (folder inputs).
         strict: stop at the first unreadable image instead of skipping it.
+        shard_prefix: starts the names of this input's shards; needed to add a second input to
+            an existing store (its shards are ordered after those already there).
     """
 
     def __init__(
@@ -373,6 +406,7 @@ class ExtractionDataModule(pl.LightningDataModule):
         num_workers: int = 0,
         labels_from_folders: bool = False,
         strict: bool = False,
+        shard_prefix: str = "",
     ) -> None:
         super().__init__()
         if batch_size < 1:
@@ -382,6 +416,9 @@ class ExtractionDataModule(pl.LightningDataModule):
         self.num_workers = num_workers
         self.labels_from_folders = labels_from_folders
         self.strict = strict
+        if shard_prefix and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", shard_prefix):
+            raise UserError(f"shard_prefix must be letters, digits, '_', '-', '.', got {shard_prefix!r}")
+        self.shard_prefix = shard_prefix
         self._input: ImageSource | None = None
         self._stream: ShardStream | None = None
 
@@ -399,11 +436,12 @@ class ExtractionDataModule(pl.LightningDataModule):
         done: Mapping[str, Mapping[str, Any] | None] | None = None,
         rank: int = 0,
         world_size: int = 1,
+        base: int = 0,
     ) -> ShardStream:
         """Set this rank's share of the work (called by the store writer before predicting)."""
-        shards, tars = self.input.plan(shard_size, done)
+        shards, tars = self.input.plan(shard_size, done, self.shard_prefix, base)
         self._stream = ShardStream(shards[rank::world_size], tars[rank::world_size], shard_size,
-                                   self.batch_size, preprocessing, self.strict)
+                                   self.batch_size, preprocessing, self.strict, self.input.location)
         return self._stream
 
     def predict_dataloader(self) -> DataLoader:
@@ -413,5 +451,6 @@ class ExtractionDataModule(pl.LightningDataModule):
         # the stream's length is exact per rank and worker, and it batches itself (no sampler to read indices from)
         warnings.filterwarnings("ignore", message=r".*`IterableDataset` has `__len__` defined.*")
         warnings.filterwarnings("ignore", message=r".*Couldn't infer the batch indices.*")
+        warnings.filterwarnings("ignore", message=r".*Total length of `DataLoader` across ranks is zero.*")
         return DataLoader(self._stream, batch_size=None, num_workers=self.num_workers,
                           collate_fn=_collate_identity, persistent_workers=False)

@@ -125,6 +125,8 @@ class StoreWriter:
         descriptor_record: ``DescriptorConfig.record()`` of the descriptor that made the features.
         feature_shape: ``(D,)`` for global features, ``(T, D)`` for tokens.
         dtype: ``float16`` (default, half the disk) or ``float32``.
+        clean: remove the temporary files a killed writer left (only one process of a
+            multi-process run may do this, before any of them writes).
     """
 
     def __init__(
@@ -133,8 +135,10 @@ class StoreWriter:
         descriptor_record: Mapping[str, Any],
         feature_shape: Sequence[int],
         dtype: str = "float16",
+        clean: bool = True,
     ) -> None:
         self.root = Path(root)
+        self.clean = clean
         self.descriptor = dict(descriptor_record)
         self.feature_shape = tuple(int(s) for s in feature_shape)
         if not self.feature_shape or any(s < 1 for s in self.feature_shape):
@@ -155,7 +159,8 @@ class StoreWriter:
         if _is_store(self.root):
             marker = json.loads((self.root / MARKER).read_text())
             self._check_same(marker)
-            self._remove_temporaries()
+            if self.clean:
+                self._remove_temporaries()
             return
         self.root.mkdir(parents=True, exist_ok=True)
         write_json(self.root / MARKER, {
@@ -303,7 +308,6 @@ class FeatureStore:
         self.manifest = manifest
         self.shards = [_shard_info(s) for s in manifest["shards"]]
         self.offsets = np.concatenate([[0], np.cumsum([s.rows for s in self.shards], dtype=np.int64)])
-        self._maps: dict[int, np.ndarray] = {}
         self._meta: dict[int, dict[str, Any]] = {}
 
     @classmethod
@@ -359,13 +363,14 @@ class FeatureStore:
         return self._meta[i]
 
     def _column(self, field: str) -> list[Any] | None:
+        """A row column over all shards; rows of shards without it are None; None when no shard has it."""
         values: list[Any] = []
-        for i in range(len(self.shards)):
+        known = False
+        for i, shard in enumerate(self.shards):
             column = self._shard_meta(i).get(field)
-            if column is None:
-                return None
-            values.extend(column)
-        return values
+            known = known or column is not None
+            values.extend([None] * shard.rows if column is None else column)
+        return values if known or field == "keys" else None
 
     @property
     def keys(self) -> list[str]:
@@ -374,12 +379,12 @@ class FeatureStore:
 
     @property
     def captions(self) -> list[str | None] | None:
-        """Every row's caption, or None when some shard has none."""
+        """Every row's caption (None for rows without one), or None when the store has none."""
         return self._column("captions")
 
     @property
     def labels(self) -> list[Any] | None:
-        """Every row's class label, or None when some shard has none."""
+        """Every row's class label (None for rows without one), or None when the store has none."""
         return self._column("labels")
 
     def keys_at(self, indices: Sequence[int] | np.ndarray) -> list[str]:
@@ -389,22 +394,23 @@ class FeatureStore:
     def captions_at(self, indices: Sequence[int] | np.ndarray) -> list[str | None] | None:
         """Captions of the given rows (None when the store has none)."""
         located = list(zip(*self._locate(np.asarray(indices, dtype=np.int64))))
-        columns = [self._shard_meta(s).get("captions") for s, _ in located]
-        if any(c is None for c in columns):
+        if all(self._shard_meta(i).get("captions") is None for i in range(len(self.shards))):
             return None
-        return [column[r] for column, (_, r) in zip(columns, located)]  # type: ignore[index]
+        columns = [self._shard_meta(s).get("captions") for s, _ in located]
+        return [None if column is None else column[r] for column, (_, r) in zip(columns, located)]
 
     # ------------------------------------------------------------------ features
 
     def shard_array(self, i: int) -> np.ndarray:
-        """Shard ``i``'s features as a read-only memory map."""
-        if i not in self._maps:
-            array = np.load(self.root / self.shards[i].file, mmap_mode="r", allow_pickle=False)
-            if array.shape != (self.shards[i].rows, *self.feature_shape):
-                raise UserError(f"{self.root / self.shards[i].file} has shape {array.shape}, the manifest says "
-                                f"({self.shards[i].rows}, *{self.feature_shape}); the store is damaged")
-            self._maps[i] = array
-        return self._maps[i]
+        """Shard ``i``'s features as a read-only memory map.
+
+        Not cached: the pages a scan touches count in the process's resident memory for as long
+        as the map lives, so every read maps, copies what it needs and lets the map go."""
+        array = np.load(self.root / self.shards[i].file, mmap_mode="r", allow_pickle=False)
+        if array.shape != (self.shards[i].rows, *self.feature_shape) or array.dtype != self.dtype:
+            raise UserError(f"{self.root / self.shards[i].file} holds {array.dtype} {array.shape}, the manifest says "
+                            f"{self.dtype} ({self.shards[i].rows}, *{self.feature_shape}); the store is damaged")
+        return array
 
     def _locate(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         if indices.size and (indices.min() < 0 or indices.max() >= self.num_rows):
@@ -436,7 +442,9 @@ class FeatureStore:
             take = min(stop, end) - position
             if take <= 0:
                 continue
-            out[position - start: position - start + take] = self.shard_array(i)[position - begin: position - begin + take]
+            shard = self.shard_array(i)
+            out[position - start: position - start + take] = shard[position - begin: position - begin + take]
+            del shard
             position += take
         return out
 
