@@ -62,7 +62,7 @@ Precision = Literal["float32", "tf32", "bf16"]
 RESULT_ELEMENTS = 2**23
 #: Float32 elements of gathered candidate vectors per rescoring step (faiss engine).
 RESCORE_ELEMENTS = 2**22
-#: The same for the torch engine (64 MB, twice that at the peak of a step).
+#: The same for the torch engine on an accelerator (64 MB a step; on a CPU, RESCORE_ELEMENTS).
 DEVICE_RESCORE_ELEMENTS = 2**24
 #: Score elements per (query block x gallery chunk) tile of the torch engine (float32: 256 MB).
 TILE_ELEMENTS = 2**26
@@ -627,7 +627,8 @@ def _rescore_rows(
     n, kc = rows.shape
     out = torch.full((n, kc), -math.inf, dtype=torch.float32, device=device)
     per_query = kc * max(1, math.prod(exact.shape[1:]))
-    step = max(1, DEVICE_RESCORE_ELEMENTS // per_query)
+    budget = RESCORE_ELEMENTS if device.type == "cpu" else DEVICE_RESCORE_ELEMENTS  # CPU: cache-sized steps
+    step = max(1, budget // per_query)
     for r0 in range(0, n, step):
         r1 = min(n, r0 + step)
         sel = rows[r0:r1]
@@ -636,11 +637,11 @@ def _rescore_rows(
         g = _as_tensor(source.rows(uniq.cpu().numpy())).to(device).float()
         if similarity == "cosine":
             gn = l2_normalize(g)[inverse]  # (m, kc, D)
-            s = (exact[r0:r1, None, :] * gn).sum(dim=-1)
+            s = gn.mul_(exact[r0:r1, None, :]).sum(dim=-1)
         else:
             gn = normalize_tokens(g, normalization)[inverse]  # type: ignore[arg-type]
             qn = normalize_tokens(exact[r0:r1].float(), normalization)  # type: ignore[arg-type]
-            s = (qn[:, None] * gn).sum(dim=-1).amax(dim=-1)
+            s = gn.mul_(qn[:, None]).sum(dim=-1).amax(dim=-1)
         out[r0:r1] = torch.where(valid, s, torch.full_like(s, -math.inf))
     return out, torch.where(torch.isneginf(out), torch.full_like(rows, -1), rows)
 
