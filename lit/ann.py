@@ -14,7 +14,9 @@ codes (PQ) lose top-1 matches unless the shortlist is re-ranked (BigANN-1B
 recall@1 ~0.35 at 16-20 bytes a vector), which is why copy detection re-ranks.
 
 faiss GPU is used for training, adding and searching when ``faiss.get_num_gpus() > 0``
-(a faiss GPU build), never required.
+(a faiss GPU build), never required. PQ factory strings train polysemous codes
+unless they end in ``np`` (``"IVF1024,PQ64np"``): slow at 512-d and useless
+here, where the exact re-rank does the fine ranking.
 """
 
 from __future__ import annotations

@@ -62,10 +62,12 @@ Precision = Literal["float32", "tf32", "bf16"]
 RESULT_ELEMENTS = 2**23
 #: Float32 elements of gathered candidate vectors per rescoring step (faiss engine).
 RESCORE_ELEMENTS = 2**22
-#: The same for the torch engine (64 MB, twice that at the peak of a step).
+#: The same for the torch engine on an accelerator (64 MB a step; on a CPU, RESCORE_ELEMENTS).
 DEVICE_RESCORE_ELEMENTS = 2**24
-#: Score elements per (query block x gallery chunk) tile of the torch engine (float32: 256 MB).
+#: Score elements per (query block x gallery chunk) tile of the torch engine on a CPU (float32: 256 MB).
 TILE_ELEMENTS = 2**26
+#: The same on an accelerator (1 GB): fewer, larger products and ``topk`` calls.
+DEVICE_TILE_ELEMENTS = 2**28
 #: Elements of per-token products per step of the reduced-precision token tile (bf16: 128 MB).
 TOKEN_CHUNK_ELEMENTS = 2**26
 
@@ -186,6 +188,9 @@ def search_store(
     """
     shape = tuple(store.feature_shape)
     similarity: SimilarityKind = "cosine" if len(shape) == 1 else "split_product"
+    if isinstance(queries, Tensor) and tuple(queries.shape[1:]) != shape:
+        raise ValueError(f"queries {tuple(queries.shape)} and the store's rows {shape} differ in feature shape "
+                         f"{tuple(queries.shape[1:])} vs {shape}")
     probe = torch.empty((0, *shape))
     _validate(queries, probe, k, similarity, normalization, block_rows, query_block)
     excluded = _validate_exclude(exclude, queries.shape[0], store.num_rows)
@@ -413,8 +418,9 @@ def _slack(dim: int, precision: str) -> float:
 
 
 def _margin(k: int, precision: str) -> int:
-    """Spare shortlist slots beyond k: products in reduced precision blur more ranks."""
-    return max(8, k // 4) if precision == "float32" else max(32, k)
+    """Spare shortlist slots beyond k, so that one scan usually suffices: every row within
+    :func:`_slack` of the k-th score must be in the shortlist, and bf16's bound (~0.024) is wide."""
+    return {"float32": max(8, k // 4), "tf32": max(32, k), "bf16": max(128, 4 * k)}[precision]
 
 
 def _search_torch(
@@ -552,7 +558,7 @@ def _scan(
                 gn = normalize_tokens(block.float(), normalization).to(torch.bfloat16)  # type: ignore[arg-type]
         for q0 in range(0, n, query_block):
             q1 = min(n, q0 + query_block)
-            chunk = max(1, TILE_ELEMENTS // (q1 - q0))
+            chunk = max(1, (TILE_ELEMENTS if device.type == "cpu" else DEVICE_TILE_ELEMENTS) // (q1 - q0))
             for c0 in range(0, gn.shape[0], chunk):
                 tile = _tile(q, q0, q1, gn[c0 : c0 + chunk], similarity, normalization, precision)
                 first = g0 + c0
@@ -627,7 +633,8 @@ def _rescore_rows(
     n, kc = rows.shape
     out = torch.full((n, kc), -math.inf, dtype=torch.float32, device=device)
     per_query = kc * max(1, math.prod(exact.shape[1:]))
-    step = max(1, DEVICE_RESCORE_ELEMENTS // per_query)
+    budget = RESCORE_ELEMENTS if device.type == "cpu" else DEVICE_RESCORE_ELEMENTS  # CPU: cache-sized steps
+    step = max(1, budget // per_query)
     for r0 in range(0, n, step):
         r1 = min(n, r0 + step)
         sel = rows[r0:r1]
@@ -636,11 +643,11 @@ def _rescore_rows(
         g = _as_tensor(source.rows(uniq.cpu().numpy())).to(device).float()
         if similarity == "cosine":
             gn = l2_normalize(g)[inverse]  # (m, kc, D)
-            s = (exact[r0:r1, None, :] * gn).sum(dim=-1)
+            s = gn.mul_(exact[r0:r1, None, :]).sum(dim=-1)
         else:
             gn = normalize_tokens(g, normalization)[inverse]  # type: ignore[arg-type]
             qn = normalize_tokens(exact[r0:r1].float(), normalization)  # type: ignore[arg-type]
-            s = (qn[:, None] * gn).sum(dim=-1).amax(dim=-1)
+            s = gn.mul_(qn[:, None]).sum(dim=-1).amax(dim=-1)
         out[r0:r1] = torch.where(valid, s, torch.full_like(s, -math.inf))
     return out, torch.where(torch.isneginf(out), torch.full_like(rows, -1), rows)
 
