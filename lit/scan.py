@@ -369,7 +369,7 @@ def write_outputs(out: Path, result: ScanResult, generations: FeatureSource, tra
 # ----------------------------------------------------------------------------- sources and the command
 
 
-def open_source(role: str, spec: str, record: dict[str, Any], extractor_args: dict[str, Any], *, store_dir: Path,
+def open_source(role: str, spec: str, record: dict[str, Any], config: DescriptorConfig, *, store_dir: Path,
                 device: torch.device, batch_size: int, num_workers: int, dtype: str,
                 progress: bool = True) -> FeatureSource:
     """The features of one input: a feature store as it is, or an image folder, file list or
@@ -382,7 +382,7 @@ def open_source(role: str, spec: str, record: dict[str, Any], extractor_args: di
         print(f"{role}: feature store {path} ({store.num_rows} rows)")
         return StoreSource(role, store)
     try:
-        store, reused = extract_input(role, spec, store_dir, extractor_args, record,
+        store, reused = extract_input(role, spec, store_dir, config, record,
                                       accelerator="gpu" if device.type == "cuda" else "cpu",
                                       device_index=device.index if device.type == "cuda" else None,
                                       batch_size=batch_size, num_workers=num_workers, dtype=dtype, progress=progress)
@@ -475,9 +475,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
                               input_size=args.input_size, similarity=args.similarity,
                               token_normalization=args.token_normalization)
     device = _device(args.device)
-    extractor_args = {"descriptor": args.descriptor, "weights": args.weights, "random_init": args.random_init,
-                      "input_size": args.input_size, "similarity": args.similarity,
-                      "token_normalization": args.token_normalization}
     try:
         record = config.record()
     except (KeyError, ValueError, FileNotFoundError, OSError) as error:
@@ -493,10 +490,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
     store_dir = Path(args.store_dir).expanduser() if args.store_dir else out / "stores"
     common = {"store_dir": store_dir, "device": device, "batch_size": args.batch_size,
               "num_workers": args.num_workers, "dtype": args.dtype, "progress": args.progress}
-    generations = open_source("generations", args.generations, record, extractor_args, **common)
-    training = open_source("training", args.training, record, extractor_args, **common)
+    generations = open_source("generations", args.generations, record, config, **common)
+    training = open_source("training", args.training, record, config, **common)
     background = None if args.background is None else open_source("background", args.background, record,
-                                                                   extractor_args, **common)
+                                                                   config, **common)
     options = ScanOptions(k=args.k, thresholds=tuple(args.thresholds), similarity=record["similarity"],
                           token_normalization=args.token_normalization, baseline_sample=args.baseline_sample,
                           random_sample=args.random_sample, class_sample=args.class_sample,

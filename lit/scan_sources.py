@@ -31,6 +31,7 @@ from torch import Tensor
 from lit.io import load_image, load_image_bytes
 from lit.search import RowSource, TensorRows
 from lit.store import COMPATIBILITY_FIELDS, FeatureStore
+from models.descriptor_config import DescriptorConfig
 
 
 class FeatureSource(Protocol):
@@ -271,35 +272,27 @@ def store_folder_name(role: str, fingerprint: str, record: dict[str, Any], dtype
     return f"{role}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
 
 
-def extract_input(role: str, spec: str, store_dir: Path, extractor_args: dict[str, Any], record: dict[str, Any], *,
+def extract_input(role: str, spec: str, store_dir: Path, config: DescriptorConfig, record: dict[str, Any], *,
                   accelerator: str, device_index: int | None, batch_size: int, num_workers: int,
                   dtype: str = "float16", progress: bool = True) -> tuple[FeatureStore, bool]:
     """The store of input ``spec`` under ``store_dir`` (extracted now, or reused: second value True).
 
-    Extraction is ``Trainer.predict`` with the suite's extraction module, datamodule and
-    store writer on one device. Folders whose images all lie in sub-folders get those as
+    Extraction is :func:`models.extract.extract_to_store` (``lit predict``'s module, datamodule
+    and store writer) on one device. Folders whose images all lie in sub-folders get those as
     class labels; ``.tsv`` lists and tars bring captions (and labels) of their own.
     Unreadable images are skipped, listed in their shard and counted.
     """
-    import pytorch_lightning as pl
+    from models.extract import extract_to_store
 
-    from callbacks.store_writer import StoreWriterCallback
-    from datamodules.scan_inputs import ExtractionDataModule
-    from models.extract import DescriptorExtractor
-
-    kind, fingerprint, nested = input_fingerprint(spec)
+    _, fingerprint, nested = input_fingerprint(spec)
     target = store_dir / store_folder_name(role, fingerprint, record, dtype)
     if (target / "manifest.json").is_file():
         store = FeatureStore.open(target)
         store.check_compatible(record, what=f"the descriptor of this scan ({record.get('display_name')})")
         return store, True
-    trainer = pl.Trainer(
-        accelerator=accelerator, devices=[device_index] if device_index is not None else 1, logger=False,
-        enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=progress,
-        callbacks=[StoreWriterCallback(str(target), dtype=dtype)],  # type: ignore[arg-type]
-    )
-    data = ExtractionDataModule(spec, batch_size=batch_size, num_workers=num_workers, labels_from_folders=nested)
-    trainer.predict(DescriptorExtractor(**extractor_args), datamodule=data, return_predictions=False)
-    store = FeatureStore.open(target)
+    trainer = {"accelerator": accelerator, "devices": [device_index] if device_index is not None else 1,
+               "enable_progress_bar": progress}
+    store = extract_to_store(spec, str(target), config, batch_size=batch_size, num_workers=num_workers,
+                             dtype=dtype, labels_from_folders=nested, trainer_kwargs=trainer)
     store.check_compatible(record, what=f"the descriptor of this scan ({record.get('display_name')})")
     return store, False
