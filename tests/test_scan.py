@@ -345,3 +345,10 @@ def test_background_normalisation_end_to_end(folders: Path, tmp_path: Path) -> N
         assert float(row["score_normalized"]) == pytest.approx(float(row["score"]) - 0.5 * bias, abs=1e-5)
     assert "Scores normalised (SSCD)" in (out / "report.html").read_text()
     assert summary["top1_normalized"]["count"] == 8
+
+
+def test_store_of_another_descriptor_is_refused(scanned: Path, tmp_path: Path) -> None:
+    train_store = next(p for p in (scanned / "stores").iterdir() if p.name.startswith("training"))
+    with pytest.raises(UserError, match="does not match the descriptor of this scan.*input_size 32 vs 16"):
+        main(["--generations", str(train_store), "--training", str(train_store), "--out", str(tmp_path / "out"),
+              "--input_size", "16"])
