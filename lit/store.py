@@ -231,7 +231,7 @@ class StoreWriter:
             "name": name, "rows": rows, "start": start,
             "keys": [str(k) for k in keys],
             "captions": None if captions is None else [None if c is None else str(c) for c in captions],
-            "labels": None if labels is None else list(labels),
+            "labels": None if labels is None else [v.item() if isinstance(v, np.generic) else v for v in labels],
             "skipped": [str(s) for s in skipped],
             "source": source,
             "info": None if info is None else dict(info),

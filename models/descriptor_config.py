@@ -12,7 +12,7 @@ the real descriptor.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
@@ -75,9 +75,7 @@ class DescriptorConfig:
             "weights_sha256": None if self.weights is None else file_sha256(self.weights),
             "random_init": self.random_init,
             "input_size": size,
-            "preprocessing": preprocessing.describe().replace(
-                f"crop {preprocessing.input_size}", f"crop {size}"
-            ),
+            "preprocessing": replace(preprocessing, input_size=size).describe(),  # as build() makes it
             "similarity": self.resolved_similarity(built),
             "token_normalization": self.token_normalization,
         }

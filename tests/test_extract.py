@@ -237,7 +237,8 @@ def _cli(source: Path, out: Path, extra: list[str] = (), prelude: str = "") -> l
     args = ["predict", "-c", str(REPO / "configs" / "extract.yaml"), f"--data.init_args.source={source}",
             "--data.init_args.batch_size=2", "--data.init_args.num_workers=0", "--trainer.accelerator=cpu",
             "--trainer.enable_progress_bar=false", f"--trainer.callbacks.init_args.output_dir={out}",
-            "--trainer.callbacks.init_args.shard_size=3", *extra]
+            "--trainer.callbacks.init_args.shard_size=3", f"--trainer.logger.init_args.save_dir={out.parent / 'runs'}",
+            *extra]
     if not prelude:  # Lightning's DDP launcher reruns sys.argv in the other processes: no "-c" there
         return [sys.executable, "-m", "lit.cli", *args]
     return [sys.executable, "-c", f"{prelude}\nfrom lit.cli import main\nmain({args!r})"]

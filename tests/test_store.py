@@ -30,7 +30,7 @@ def test_round_trip_in_global_order(tmp_path: Path, dtype: str, shape: tuple[int
     writer = StoreWriter(tmp_path / "store", RECORD, shape, dtype=dtype)
     # written out of order (as ranks would), with a torch tensor for one of them
     writer.write_shard("c", torch.from_numpy(parts[2]), keys[2], captions=[f"cap {k}" for k in keys[2]],
-                       labels=list(range(7)), start=12)
+                       labels=list(np.arange(7)), start=12)  # numpy integers are stored as JSON numbers
     writer.write_shard("a", parts[0], keys[0], captions=[f"cap {k}" for k in keys[0]], labels=[9] * 5,
                        start=0, skipped=["broken.png"])
     writer.write_shard("b", parts[1], keys[1], captions=[], labels=[], start=5, skipped=["x.jpg", "y.jpg"])
@@ -211,3 +211,15 @@ def test_bytes_on_disk_per_row(tmp_path: Path, shape: tuple[int, ...], per_row: 
     assert manifest["bytes_per_row"] == per_row
     assert per_row * rows < on_disk <= per_row * rows + 128  # the .npy header is the only overhead
     assert json.loads((tmp_path / "s" / MANIFEST).read_text())["num_rows"] == rows
+
+
+def test_a_descriptor_is_compatible_with_the_store_it_made_built_or_not(tmp_path: Path) -> None:
+    """``lit scan`` checks an unbuilt ``DescriptorConfig.record()`` against stores written with the built
+    descriptor's record: both must describe the same preprocessing (here at a non-default input size)."""
+    config = DescriptorConfig("pixel", input_size=16)
+    StoreWriter(tmp_path / "s", config.record(config.build()), (768,)).finalize()
+    store = FeatureStore.open(tmp_path / "s")
+    assert store.descriptor["preprocessing"] == "resize 16 bilinear, crop 16, mean/std none"
+    store.check_compatible(config.record())
+    with pytest.raises(UserError, match="input_size 16 vs 32"):
+        store.check_compatible(DescriptorConfig("pixel").record())
