@@ -21,6 +21,7 @@ import json
 import tarfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -231,18 +232,29 @@ class StoreSource:
         return None
 
 
+@lru_cache(maxsize=8)
+def _tar_index(tar_path: str) -> dict[str, tarfile.TarInfo]:
+    """Image members of a webdataset tar by sample key, read in one pass (cached: a report shows many)."""
+    index: dict[str, tarfile.TarInfo] = {}
+    with tarfile.open(tar_path) as archive:
+        for member in archive:
+            stem, _, suffix = member.name.partition(".")
+            if suffix.lower() in ("jpg", "jpeg", "png", "webp") and stem not in index:
+                index[stem] = member
+    return index
+
+
 def _tar_image(tar_path: str, key: str) -> Tensor | None:
     """The image of sample ``key`` in a webdataset tar (its ``.jpg``/``.png``/... member), or None."""
     try:
+        member = _tar_index(tar_path).get(key)
+        if member is None:
+            return None
         with tarfile.open(tar_path) as archive:
-            for member in archive:
-                stem, _, suffix = member.name.partition(".")
-                if stem == key and suffix.lower() in ("jpg", "jpeg", "png", "webp"):
-                    handle = archive.extractfile(member)
-                    return None if handle is None else load_image_bytes(handle.read(), name=f"{tar_path}:{member.name}")
+            handle = archive.extractfile(member)
+            return None if handle is None else load_image_bytes(handle.read(), name=f"{tar_path}:{member.name}")
     except (OSError, tarfile.TarError):
         return None
-    return None
 
 
 def input_fingerprint(spec: str) -> tuple[str, str, bool]:
