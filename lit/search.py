@@ -1,26 +1,44 @@
 """Exact top-k search of queries against a gallery, streamed in gallery blocks.
 
-* Global features ``(N, D)`` with ``similarity="cosine"``: features are
+Two engines give the same lists (same rows; scores equal within float32 rounding):
+
+* ``backend="faiss"`` (global features ``(N, D)``, cosine, CPU): features are
   L2-normalised to float32 and searched with ``faiss.IndexFlatIP``, one gallery
-  block at a time (add, search, merge into the running top-k, reset).
-* Token features ``(N, T, D)`` with ``similarity="split_product"``:
-  :func:`lit.similarity.split_product` per (query block, gallery chunk) tile,
-  then the same merge.
+  block at a time (add, search, merge into the running top-k, reset). The
+  faster engine on a CPU.
+* ``backend="torch"`` (both kinds, any device): on the device that holds the
+  queries (or ``device=``), each gallery block is moved there and scored
+  against each query block with one matrix product (cosine) or
+  :func:`lit.similarity.split_product` (tokens, ``similarity="split_product"``);
+  ``topk`` keeps a shortlist of ``k + margin`` candidates per query, merged on
+  the device, with no per-tile copies to the CPU. ``precision="tf32"`` or
+  ``"bf16"`` computes these products in reduced precision. At the end the
+  shortlist is rescored in float32 in a fixed summation order
+  (:func:`_rescore_rows`) and ordered; a query whose k-th score could tie with
+  a row the shortlist left out (within a proven bound on the product's
+  rounding error, :func:`_slack`) is scanned again with a longer shortlist.
+  One code path for CPU and CUDA tensors.
+
+``backend="auto"`` picks torch for tensors on an accelerator, for token
+features and for reduced precision, and faiss otherwise. :func:`search_store`
+scans any :class:`RowSource` (a memory-mapped feature store) block by block, so
+peak memory is bounded by the block size, not the gallery.
 
 Ordering is total and deterministic: scores descending, equal scores by
-ascending gallery row, also at the k-th place, whatever the block sizes.
-faiss is asked for spare candidates, which are rescored in a fixed summation
-order (faiss's BLAS kernels can score identical vectors an ulp apart by
-position); where a tie may reach past the candidates, faiss is asked again
-with more (see :func:`_block_topk`). Ties are equal float32 scores as
-returned; identical gallery vectors always tie.
+ascending gallery row, also at the k-th place, whatever the block sizes or the
+engine. Ties are equal float32 scores as returned; identical gallery vectors
+always tie. faiss's and BLAS's kernels can score identical vectors an ulp apart
+by position, so both engines rescore their candidates in a fixed order; where a
+tie may reach past the candidates, they search again with more.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, get_args
+from typing import Any, Literal, Protocol, get_args
 
 import faiss
 import numpy as np
@@ -33,27 +51,80 @@ from lit.similarity import (
     TokenNormalization,
     _check_mode,
     l2_normalize,
+    normalize_tokens,
     split_product,
 )
 
-#: Score elements per split-product tile (query block x gallery chunk) before its sort.
-TILE_ELEMENTS = 2**22
+Backend = Literal["auto", "faiss", "torch"]
+Precision = Literal["float32", "tf32", "bf16"]
+
 #: Candidate slots per faiss call when ties force a wider search (12 bytes each).
 RESULT_ELEMENTS = 2**23
-#: Float32 elements of gathered candidate vectors per rescoring step.
+#: Float32 elements of gathered candidate vectors per rescoring step (faiss engine).
 RESCORE_ELEMENTS = 2**22
+#: The same for the torch engine on an accelerator (64 MB a step; on a CPU, RESCORE_ELEMENTS).
+DEVICE_RESCORE_ELEMENTS = 2**24
+#: Score elements per (query block x gallery chunk) tile of the torch engine on a CPU (float32: 256 MB).
+TILE_ELEMENTS = 2**26
+#: The same on an accelerator (1 GB): fewer, larger products and ``topk`` calls.
+DEVICE_TILE_ELEMENTS = 2**28
+#: Elements of per-token products per step of the reduced-precision token tile (bf16: 128 MB).
+TOKEN_CHUNK_ELEMENTS = 2**26
 
 
 @dataclass(frozen=True)
 class SearchResult:
     """Top-k lists: ``scores`` (Q, k) float32 descending, ``indices`` (Q, k) int64 gallery rows.
 
-    Equal scores are ordered by ascending gallery row. Slots beyond the
-    available gallery rows hold index -1 and score -inf.
+    Both on the CPU. Equal scores are ordered by ascending gallery row. Slots
+    beyond the available gallery rows hold index -1 and score -inf.
     """
 
     scores: Tensor
     indices: Tensor
+
+
+class RowSource(Protocol):
+    """A gallery that can be scanned in blocks and gathered by row (a feature store, a tensor)."""
+
+    @property
+    def num_rows(self) -> int: ...
+
+    @property
+    def feature_shape(self) -> tuple[int, ...]: ...
+
+    def iter_blocks(self, block_rows: int) -> Iterator[tuple[int, np.ndarray | Tensor]]:
+        """``(first_row, rows)`` blocks of at most ``block_rows`` rows, in row order."""
+        ...
+
+    def rows(self, indices: np.ndarray) -> np.ndarray | Tensor:
+        """The given rows (int64, any order), in that order."""
+        ...
+
+
+class TensorRows:
+    """:class:`RowSource` over an in-memory tensor or array ``(N, *feature_shape)`` (no copy)."""
+
+    def __init__(self, features: Tensor | np.ndarray) -> None:
+        self.features = features
+
+    @property
+    def num_rows(self) -> int:
+        return int(self.features.shape[0])
+
+    @property
+    def feature_shape(self) -> tuple[int, ...]:
+        return tuple(int(s) for s in self.features.shape[1:])
+
+    def iter_blocks(self, block_rows: int) -> Iterator[tuple[int, np.ndarray | Tensor]]:
+        for start in range(0, self.num_rows, block_rows):
+            yield start, self.features[start : start + block_rows]
+
+    def rows(self, indices: np.ndarray) -> np.ndarray | Tensor:
+        if isinstance(self.features, Tensor):
+            idx = torch.from_numpy(np.asarray(indices, dtype=np.int64)).to(self.features.device)
+            return self.features.index_select(0, idx)
+        return self.features[np.asarray(indices, dtype=np.int64)]
 
 
 def search(
@@ -67,21 +138,68 @@ def search(
     gallery_block: int = 65536,
     query_block: int = 4096,
     progress: bool = False,
+    backend: Backend = "auto",
+    precision: Precision = "float32",
+    device: str | torch.device | None = None,
 ) -> SearchResult:
     """Exact top-``k`` gallery rows for every query.
 
     ``exclude`` (Q,) int64 names one gallery row per query to leave out (its
     self-match), -1 for none. The gallery is streamed in blocks of
-    ``gallery_block`` rows (token features: smaller chunks so that one tile
-    of scores holds at most ``TILE_ELEMENTS``), so ``Q x G`` scores never need
-    to fit in memory. ``normalization`` applies to split-product only.
+    ``gallery_block`` rows (smaller tiles inside, see ``TILE_ELEMENTS``), so
+    ``Q x G`` scores never need to fit in memory. ``normalization`` applies to
+    split-product only. ``backend``, ``precision`` (products of the torch
+    engine; the returned scores are always float32 rescored) and ``device``
+    (where the torch engine computes; default the queries' device): see the
+    module docstring.
     """
     _validate(queries, gallery, k, similarity, normalization, gallery_block, query_block)
     excluded = _validate_exclude(exclude, queries.shape[0], gallery.shape[0])
-    if similarity == "cosine":
-        return _search_global(queries, gallery, k, excluded, gallery_block, query_block, progress)
-    return _search_tokens(
-        queries, gallery, k, normalization, excluded, gallery_block, query_block, progress
+    engine = _resolve_backend(backend, precision, similarity, queries, device)
+    source = TensorRows(gallery)
+    if engine == "faiss":
+        return _search_global(queries, source, k, excluded, gallery_block, query_block, progress)
+    return _search_torch(
+        queries, source, k, similarity, normalization, excluded, gallery_block, query_block,
+        precision, torch.device(device) if device is not None else queries.device, progress,
+    )
+
+
+def search_store(
+    queries: Tensor,
+    store: RowSource,
+    k: int,
+    *,
+    normalization: TokenNormalization = "token",
+    exclude: Tensor | None = None,
+    block_rows: int = 65536,
+    query_block: int = 4096,
+    progress: bool = False,
+    backend: Backend = "auto",
+    precision: Precision = "float32",
+    device: str | torch.device | None = None,
+) -> SearchResult:
+    """Exact top-``k`` rows of a :class:`RowSource` (e.g. ``lit.store.FeatureStore``) for every query.
+
+    The store is read ``block_rows`` rows at a time and never held whole, so
+    peak memory is a few blocks plus the top-k lists. The similarity follows
+    the store's feature shape: ``(D,)`` cosine, ``(T, D)`` split-product.
+    Other arguments as in :func:`search`.
+    """
+    shape = tuple(store.feature_shape)
+    similarity: SimilarityKind = "cosine" if len(shape) == 1 else "split_product"
+    if isinstance(queries, Tensor) and tuple(queries.shape[1:]) != shape:
+        raise ValueError(f"queries {tuple(queries.shape)} and the store's rows {shape} differ in feature shape "
+                         f"{tuple(queries.shape[1:])} vs {shape}")
+    probe = torch.empty((0, *shape))
+    _validate(queries, probe, k, similarity, normalization, block_rows, query_block)
+    excluded = _validate_exclude(exclude, queries.shape[0], store.num_rows)
+    engine = _resolve_backend(backend, precision, similarity, queries, device)
+    if engine == "faiss":
+        return _search_global(queries, store, k, excluded, block_rows, query_block, progress)
+    return _search_torch(
+        queries, store, k, similarity, normalization, excluded, block_rows, query_block,
+        precision, torch.device(device) if device is not None else queries.device, progress,
     )
 
 
@@ -95,12 +213,45 @@ def self_search(features: Tensor, k: int, **kw: Any) -> SearchResult:
     return search(features, features, k, exclude=own, **kw)
 
 
+def _resolve_backend(
+    backend: str, precision: str, similarity: str, queries: Tensor, device: str | torch.device | None
+) -> str:
+    """``"faiss"`` or ``"torch"``: auto = torch on an accelerator, for tokens and reduced precision."""
+    if backend not in get_args(Backend):
+        raise ValueError(f"backend must be one of {get_args(Backend)}, got {backend!r}")
+    if precision not in get_args(Precision):
+        raise ValueError(f"precision must be one of {get_args(Precision)}, got {precision!r}")
+    where = torch.device(device) if device is not None else queries.device
+    if backend == "faiss":
+        if similarity != "cosine":
+            raise ValueError("backend='faiss' searches global features (cosine) only; use backend='torch' "
+                             "or 'auto' for split_product")
+        if precision != "float32":
+            raise ValueError(f"backend='faiss' computes in float32; precision={precision!r} needs "
+                             "backend='torch' or 'auto'")
+        return "faiss"
+    if backend == "torch":
+        return "torch"
+    on_cpu = where.type == "cpu"
+    return "faiss" if on_cpu and similarity == "cosine" and precision == "float32" else "torch"
+
+
+def _as_tensor(block: np.ndarray | Tensor) -> Tensor:
+    """A block from a :class:`RowSource` as a tensor (read-only arrays are copied)."""
+    if isinstance(block, Tensor):
+        return block
+    array = np.asarray(block)
+    if not array.flags.writeable:
+        array = array.copy()
+    return torch.from_numpy(array)
+
+
 # ----------------------------------------------------------------------------- global
 
 
 def _search_global(
     queries: Tensor,
-    gallery: Tensor,
+    source: RowSource,
     k: int,
     exclude: np.ndarray | None,
     gallery_block: int,
@@ -109,14 +260,15 @@ def _search_global(
 ) -> SearchResult:
     """faiss IndexFlatIP over one gallery block at a time, merged into a running top-k."""
     num_q, dim = queries.shape
-    num_g = gallery.shape[0]
+    num_g = source.num_rows
     scores, rows = _empty_topk(num_q, k)
     index = faiss.IndexFlatIP(dim)
     query_starts = range(0, num_q, query_block)
     normalized = [_normalized(queries[q0 : q0 + query_block], "queries", q0) for q0 in query_starts]
-    starts = range(0, num_g, gallery_block)
-    for g0 in tqdm(starts, desc="search", unit="block", disable=not progress):
-        block = _normalized(gallery[g0 : g0 + gallery_block], "gallery", g0)
+    blocks = source.iter_blocks(gallery_block)
+    total = math.ceil(num_g / gallery_block)
+    for g0, raw in tqdm(blocks, total=total, desc="search", unit="block", disable=not progress):
+        block = _normalized(_as_tensor(raw), "gallery", g0)
         index.add(block)
         for q0, xq in zip(query_starts, normalized):
             q1 = min(num_q, q0 + query_block)
@@ -233,45 +385,285 @@ def _normalized(x: Tensor, name: str, offset: int) -> np.ndarray:
     return out
 
 
-# ----------------------------------------------------------------------------- tokens
+# ----------------------------------------------------------------------------- torch engine
 
 
-def _search_tokens(
+@contextmanager
+def _matmul_precision(precision: str) -> Iterator[None]:
+    """float32 products exactly as asked: TF32 only for ``"tf32"``, never by a global setting;
+    bf16 products reduced in float32 (no reduced-precision reductions in cuBLAS)."""
+    old = torch.get_float32_matmul_precision()
+    old_bf16 = torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction
+    torch.set_float32_matmul_precision("high" if precision == "tf32" else "highest")
+    torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = False
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(old)
+        torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = old_bf16
+
+
+def _slack(dim: int, precision: str) -> float:
+    """Bound on |product score - rescored score| for unit-scale vectors, with a 2x margin.
+
+    The scan's products round their inputs (unit roundoff ``u_in``: 0 for
+    float32, 2**-11 for TF32, 2**-8 for bf16: relative error ``2 u_in + u_in**2``
+    of every term, so of the sum of ``|q_i g_i| <= 1``), may round their output
+    (bf16: ``2**-8``) and accumulate in float32 in any order (``dim * 2**-24``);
+    the rescoring accumulates in float32 too.
+    """
+    u_in = {"float32": 0.0, "tf32": 2.0**-11, "bf16": 2.0**-8}[precision]
+    u_out = 2.0**-8 if precision == "bf16" else 0.0
+    return 2.0 * (2 * u_in + u_in**2 + u_out + 2.0 * (dim + 1) * 2.0**-24)
+
+
+def _margin(k: int, precision: str) -> int:
+    """Spare shortlist slots beyond k, so that one scan usually suffices: every row within
+    :func:`_slack` of the k-th score must be in the shortlist, and bf16's bound (~0.024) is wide."""
+    return {"float32": max(8, k // 4), "tf32": max(32, k), "bf16": max(128, 4 * k)}[precision]
+
+
+def _search_torch(
     queries: Tensor,
-    gallery: Tensor,
+    source: RowSource,
     k: int,
-    normalization: TokenNormalization,
+    similarity: str,
+    normalization: str,
     exclude: np.ndarray | None,
     gallery_block: int,
     query_block: int,
+    precision: str,
+    device: torch.device,
     progress: bool,
 ) -> SearchResult:
-    """Split-product scores tile by tile, each tile stably sorted, merged into a running top-k."""
-    num_q, num_g = queries.shape[0], gallery.shape[0]
-    scores, rows = _empty_topk(num_q, k)
-    chunk = max(1, min(gallery_block, TILE_ELEMENTS // min(query_block, max(num_q, 1))))
-    starts = range(0, num_g, chunk)
-    for g0 in tqdm(starts, desc="search", unit="block", disable=not progress):
-        g_block = gallery[g0 : g0 + chunk].detach()
-        for q0 in range(0, num_q, query_block):
-            q1 = min(num_q, q0 + query_block)
-            tile = split_product(queries[q0:q1].detach(), g_block, normalization).cpu()
-            if not torch.isfinite(tile).all():
-                raise ValueError(
-                    f"split-product scores of queries {q0}..{q1 - 1} x gallery rows "
-                    f"{g0}..{g0 + tile.shape[1] - 1} are NaN or inf (NaN/inf features, or overflow)"
-                )
-            if exclude is not None:
-                cols = torch.from_numpy(exclude[q0:q1] - g0)
-                hit = ((cols >= 0) & (cols < tile.shape[1])).nonzero().flatten()
-                tile[hit, cols[hit]] = -math.inf
-            # column order is gallery row order, so a stable sort breaks ties by row
-            s, order = torch.sort(tile, dim=1, descending=True, stable=True)
-            s, r = s[:, :k].numpy(), order[:, :k].numpy() + g0
-            r[s == -np.inf] = -1  # excluded rows (real scores are finite)
-            s, r = _pad_to_k(s, r, k)
-            scores[q0:q1], rows[q0:q1] = _merge(scores[q0:q1], rows[q0:q1], s, r, k)
-    return SearchResult(torch.from_numpy(scores), torch.from_numpy(rows))
+    """Shortlist scan on ``device``, float32 rescoring, wider scans for the queries that need them."""
+    num_q, num_g = queries.shape[0], source.num_rows
+    out_s = torch.full((num_q, k), -math.inf, dtype=torch.float32, device=device)
+    out_i = torch.full((num_q, k), -1, dtype=torch.int64, device=device)
+    if num_q == 0 or num_g == 0:
+        return SearchResult(out_s.cpu(), out_i.cpu())
+    q = _prepare_queries(queries, similarity, normalization, precision, device)
+    excl = None if exclude is None else torch.from_numpy(exclude).to(device)
+    dim = int(queries.shape[-1])
+    kc = min(num_g, k + _margin(k, precision))
+    todo: Tensor | None = None  # None: every query (no copy of the queries on the first scan)
+    with torch.no_grad(), _matmul_precision(precision):
+        while True:
+            sub_q = q if todo is None else _take(q, todo)
+            sub_x = excl if excl is None or todo is None else excl[todo]
+            cand_s, cand_i, g_scale = _scan(
+                sub_q, sub_x, source, kc, similarity, normalization, gallery_block,
+                query_block, precision, device, progress,
+            )
+            scores, rows = _rescore_rows(sub_q, cand_i, source, similarity, normalization, device)
+            scores, rows = _order(scores, rows, k)
+            # rows the shortlist left out scored at most its last product score
+            last = cand_s[:, -1]
+            scale = _query_scale(sub_q, similarity, normalization) * g_scale
+            unsure = (
+                (kc < num_g)
+                & torch.isfinite(last)
+                & (scores[:, k - 1] <= last + _slack(dim, precision) * scale)
+            )
+            where = torch.arange(num_q, device=device) if todo is None else todo
+            out_s[where], out_i[where] = scores, rows
+            if not bool(unsure.any()):
+                break
+            todo = where[unsure]
+            kc = min(num_g, 4 * kc)
+    return SearchResult(out_s.cpu(), out_i.cpu())
+
+
+def _take(q: tuple[Tensor, ...], rows: Tensor) -> tuple[Tensor, ...]:
+    """The prepared query tensors of some queries (empty placeholders stay empty)."""
+    return tuple(x[rows] if x.numel() else x for x in q)
+
+
+def _prepare_queries(
+    queries: Tensor, similarity: str, normalization: str, precision: str, device: torch.device
+) -> tuple[Tensor, ...]:
+    """``(exact, product)`` query tensors on ``device``.
+
+    Cosine: L2-normalised float32, and a bf16 copy for bf16 products. Tokens:
+    the raw features (split-product normalises them itself; the rescoring
+    normalises chunks), and for bf16 products a normalised bf16 copy.
+    """
+    x = queries.detach().to(device)
+    if similarity == "cosine":
+        xn = l2_normalize(x.float())
+        _check_finite(xn, "queries", 0)
+        low = xn.to(torch.bfloat16) if precision == "bf16" else xn.new_empty(0)
+        return xn, low
+    _check_finite(x, "queries", 0)
+    low = x.new_empty(0)
+    if precision == "bf16":
+        low = torch.cat([normalize_tokens(x[i : i + 256].float(), normalization).to(torch.bfloat16)  # type: ignore[arg-type]
+                         for i in range(0, x.shape[0], 256)]) if x.shape[0] else x.to(torch.bfloat16)
+    return x, low
+
+
+def _check_finite(x: Tensor, name: str, offset: int) -> None:
+    """One-line error naming the first row with NaN or inf."""
+    finite = torch.isfinite(x.reshape(x.shape[0], -1)).all(dim=1)
+    if not bool(finite.all()):
+        bad = offset + int((~finite).nonzero()[0, 0])
+        raise ValueError(f"{name} row {bad} contains NaN or inf")
+
+
+def _query_scale(q: tuple[Tensor, ...], similarity: str, normalization: str) -> Tensor | float:
+    """Per-query scale of the score error bound: 1 for normalised features, else max token norm."""
+    if similarity == "cosine" or normalization != "none":
+        return 1.0
+    return torch.linalg.vector_norm(q[0].float(), dim=-1).amax(dim=1)
+
+
+def _scan(
+    q: tuple[Tensor, ...],
+    exclude: Tensor | None,
+    source: RowSource,
+    kc: int,
+    similarity: str,
+    normalization: str,
+    gallery_block: int,
+    query_block: int,
+    precision: str,
+    device: torch.device,
+    progress: bool,
+) -> tuple[Tensor, Tensor, Tensor | float]:
+    """Product scores of every query against the whole source, keeping the top ``kc`` per query.
+
+    Returns the shortlist's product scores ``(n, kc)`` descending, its rows
+    (-1 where the score is -inf: excluded rows, or fewer than kc rows), and the
+    gallery's largest token norm (error-bound scale for unnormalised tokens).
+    """
+    n = q[0].shape[0]
+    best_s = torch.full((n, kc), -math.inf, dtype=torch.float32, device=device)
+    best_i = torch.full((n, kc), -1, dtype=torch.int64, device=device)
+    g_scale = torch.zeros((), device=device)
+    total = math.ceil(source.num_rows / gallery_block)
+    blocks = source.iter_blocks(gallery_block)
+    for g0, raw in tqdm(blocks, total=total, desc="search", unit="block", disable=not progress):
+        block = _as_tensor(raw).to(device, non_blocking=True)
+        if similarity == "cosine":
+            gn = l2_normalize(block.float())
+            _check_finite(gn, "gallery", g0)
+            if precision == "bf16":
+                gn = gn.to(torch.bfloat16)
+        else:
+            _check_finite(block, "gallery", g0)
+            if normalization == "none":
+                g_scale = torch.maximum(g_scale, torch.linalg.vector_norm(block.float(), dim=-1).max())
+            gn = block
+            if precision == "bf16":
+                gn = normalize_tokens(block.float(), normalization).to(torch.bfloat16)  # type: ignore[arg-type]
+        for q0 in range(0, n, query_block):
+            q1 = min(n, q0 + query_block)
+            chunk = max(1, (TILE_ELEMENTS if device.type == "cpu" else DEVICE_TILE_ELEMENTS) // (q1 - q0))
+            for c0 in range(0, gn.shape[0], chunk):
+                tile = _tile(q, q0, q1, gn[c0 : c0 + chunk], similarity, normalization, precision)
+                first = g0 + c0
+                if exclude is not None:
+                    _mask_excluded(tile, exclude[q0:q1] - first)
+                vals, idx = tile.topk(min(kc, tile.shape[1]), dim=1)
+                s = torch.cat([best_s[q0:q1], vals.float()], dim=1)
+                i = torch.cat([best_i[q0:q1], idx + first], dim=1)
+                top = s.topk(kc, dim=1)
+                best_s[q0:q1] = top.values
+                best_i[q0:q1] = i.gather(1, top.indices)
+    best_i[torch.isneginf(best_s)] = -1
+    scale: Tensor | float = g_scale if (similarity != "cosine" and normalization == "none") else 1.0
+    return best_s, best_i, scale
+
+
+def _tile(
+    q: tuple[Tensor, ...],
+    q0: int,
+    q1: int,
+    g: Tensor,
+    similarity: str,
+    normalization: str,
+    precision: str,
+) -> Tensor:
+    """Product scores ``(q1 - q0, len(g))`` of one query block and gallery chunk."""
+    exact, low = q
+    if similarity == "cosine":
+        return (low if precision == "bf16" else exact)[q0:q1] @ g.T
+    if precision == "bf16":
+        return _token_tile_bf16(low[q0:q1], g)
+    return split_product(exact[q0:q1], g, normalization)  # type: ignore[arg-type]
+
+
+def _token_tile_bf16(q: Tensor, g: Tensor) -> Tensor:
+    """``max_t <q_t, g_t>`` of normalised bf16 tokens: one bf16 ``bmm`` per token chunk, running max."""
+    num_q, num_t, _ = q.shape
+    t_chunk = max(1, min(num_t, TOKEN_CHUNK_ELEMENTS // max(1, num_q * g.shape[0])))
+    best: Tensor | None = None
+    for t0 in range(0, num_t, t_chunk):
+        prod = torch.bmm(q[:, t0 : t0 + t_chunk].transpose(0, 1), g[:, t0 : t0 + t_chunk].permute(1, 2, 0))
+        m = prod.amax(dim=0)
+        best = m if best is None else torch.maximum(best, m)
+    assert best is not None
+    return best
+
+
+def _mask_excluded(tile: Tensor, cols: Tensor) -> None:
+    """Set ``tile[r, cols[r]]`` to -inf where ``cols[r]`` falls in the tile (no host sync)."""
+    inside = (cols >= 0) & (cols < tile.shape[1])
+    at = cols.clamp(0, tile.shape[1] - 1)[:, None]
+    kept = tile.gather(1, at)
+    tile.scatter_(1, at, torch.where(inside[:, None], torch.full_like(kept, -math.inf), kept))
+
+
+def _rescore_rows(
+    q: tuple[Tensor, ...],
+    rows: Tensor,
+    source: RowSource,
+    similarity: str,
+    normalization: str,
+    device: torch.device,
+) -> tuple[Tensor, Tensor]:
+    """Float32 scores of every query with its candidate rows (-1: none, score -inf).
+
+    Candidates are gathered from the source (sorted unique rows per step),
+    normalised, and scored as an elementwise product summed along D
+    (tokens: then the max over tokens): every pair is reduced in the same
+    order, so identical gallery vectors get identical scores wherever they are.
+    """
+    exact = q[0]
+    n, kc = rows.shape
+    out = torch.full((n, kc), -math.inf, dtype=torch.float32, device=device)
+    per_query = kc * max(1, math.prod(exact.shape[1:]))
+    budget = RESCORE_ELEMENTS if device.type == "cpu" else DEVICE_RESCORE_ELEMENTS  # CPU: cache-sized steps
+    step = max(1, budget // per_query)
+    for r0 in range(0, n, step):
+        r1 = min(n, r0 + step)
+        sel = rows[r0:r1]
+        valid = sel >= 0
+        uniq, inverse = torch.unique(sel.clamp(min=0), return_inverse=True)
+        g = _as_tensor(source.rows(uniq.cpu().numpy())).to(device).float()
+        if similarity == "cosine":
+            gn = l2_normalize(g)[inverse]  # (m, kc, D)
+            s = gn.mul_(exact[r0:r1, None, :]).sum(dim=-1)
+        else:
+            gn = normalize_tokens(g, normalization)[inverse]  # type: ignore[arg-type]
+            qn = normalize_tokens(exact[r0:r1].float(), normalization)  # type: ignore[arg-type]
+            s = gn.mul_(qn[:, None]).sum(dim=-1).amax(dim=-1)
+        out[r0:r1] = torch.where(valid, s, torch.full_like(s, -math.inf))
+    return out, torch.where(torch.isneginf(out), torch.full_like(rows, -1), rows)
+
+
+def _order(scores: Tensor, rows: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Sort each row's candidates by (score desc, gallery row asc), keep k, pad with -inf / -1."""
+    n, kc = scores.shape
+    key = torch.where(rows < 0, torch.full_like(rows, torch.iinfo(torch.int64).max), rows)
+    by_row = key.argsort(dim=1, stable=True)
+    scores, rows = scores.gather(1, by_row), rows.gather(1, by_row)
+    by_score = scores.argsort(dim=1, descending=True, stable=True)[:, :k]
+    scores, rows = scores.gather(1, by_score), rows.gather(1, by_score)
+    if kc < k:
+        scores = torch.cat([scores, scores.new_full((n, k - kc), -math.inf)], dim=1)
+        rows = torch.cat([rows, rows.new_full((n, k - kc), -1)], dim=1)
+    return scores, rows
 
 
 # ----------------------------------------------------------------------------- shared

@@ -1,0 +1,253 @@
+"""The plots and the one-page HTML report of ``lit scan``.
+
+``report.html`` is self-contained: every image (thumbnails of the most similar
+generations and their training matches, downscaled to ``thumb`` pixels, and the
+plots) is embedded as a base64 ``data:`` URI, so the page opens offline and can
+be mailed as one file; it links to ``matches.csv`` and ``summary.json`` beside it.
+Plots (paper figures): ``similarity_histogram.png`` (Fig. 5 / 11 left),
+``duplicates.png`` (Fig. 11 right), ``classes.png`` (Fig. 6, when labels exist).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+from lit.grids import thumbnail
+from lit.io import to_uint8
+from lit.plots import BASELINE_COLOUR, GENERATION_COLOUR, new_figure, save_figure, similarity_histogram
+from lit.report import write_text_atomic
+
+if TYPE_CHECKING:
+    from lit.scan import ScanOptions, ScanResult
+    from lit.scan_sources import FeatureSource
+
+
+# ----------------------------------------------------------------------------- plots
+
+
+def duplicates_figure(match_counts: Tensor, random_counts: Tensor, threshold: float) -> Any:
+    """Fig. 11 right: how many training images duplicate each generation's top match vs a random training image."""
+    figure = new_figure(6.0, 4.0)
+    ax = figure.add_subplot(1, 1, 1)
+    top = int(max(int(match_counts.max()), int(random_counts.max()), 1))
+    edges = np.arange(-0.5, top + 1.5, 1.0)
+    for counts, colour, name in ((random_counts, BASELINE_COLOUR, "random training images"),
+                                 (match_counts, GENERATION_COLOUR, "top-1 matches of generations")):
+        values = counts.double().numpy()
+        ax.hist(values, bins=edges, density=True, alpha=0.5, color=colour,
+                label=f"{name} (n={values.size}, mean {values.mean():.2f})")
+    ax.set_xlabel(f"training images with similarity > {threshold:g} (duplicates)")
+    ax.set_ylabel("share")
+    ax.set_title("duplicates in the training set")
+    ax.legend(fontsize="small")
+    return figure
+
+
+def classes_figure(mean_within: Tensor, max_generation: Tensor, slope: float, intercept: float,
+                   pearson: float) -> Any:
+    """Fig. 6: per class, the best generation score against the mean within-class self-similarity, with the fit."""
+    figure = new_figure(6.0, 4.0)
+    ax = figure.add_subplot(1, 1, 1)
+    x, y = mean_within.double().numpy(), max_generation.double().numpy()
+    ax.scatter(x, y, s=12, color=GENERATION_COLOUR, label=f"classes (n={x.size})")
+    if math.isfinite(slope) and x.size:
+        line = np.linspace(x.min(), x.max(), 2)
+        ax.plot(line, slope * line + intercept, color="0.2", linewidth=1.0,
+                label=f"fit: slope {slope:.3f}, Pearson r {pearson:.3f}" if math.isfinite(pearson) else
+                f"fit: slope {slope:.3f}")
+    ax.set_xlabel("mean within-class self-similarity of training images")
+    ax.set_ylabel("max generation-to-training similarity")
+    ax.set_title("replication per class")
+    ax.legend(fontsize="small")
+    return figure
+
+
+def write_plots(out: Path, result: ScanResult, options: ScanOptions) -> dict[str, Path]:
+    """The scan's PNG plots in ``out``; keys ``plot_<name>``."""
+    paths = {"plot_histogram": save_figure(similarity_histogram(
+        result.top.scores[:, 0], result.baseline, options.thresholds,
+        title="top-1 similarity: generations vs training self-similarity"), out / "similarity_histogram.png")}
+    paths["plot_duplicates"] = save_figure(duplicates_figure(result.match_duplicates, result.random_duplicates,
+                                                             options.duplicate_threshold), out / "duplicates.png")
+    if result.classes is not None and result.classes.classes:
+        fit = result.classes.fit
+        paths["plot_classes"] = save_figure(classes_figure(result.classes.mean_within, result.classes.max_generation,
+                                                           fit.slope, fit.intercept, fit.pearson), out / "classes.png")
+    return paths
+
+
+# ----------------------------------------------------------------------------- images
+
+
+def png_data_uri(image: Tensor) -> str:
+    """A (3, H, W) image in [0, 1] as a ``data:image/png;base64,...`` URI."""
+    array = to_uint8(image.detach().cpu()).permute(1, 2, 0).numpy()
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG", optimize=True)
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def file_data_uri(path: Path) -> str:
+    """A PNG file's bytes as a data URI."""
+    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
+
+
+def placeholder(size: int) -> Tensor:
+    """A grey square with a darker cross: shown where an image file cannot be read any more."""
+    image = torch.full((3, size, size), 0.85)
+    diagonal = torch.arange(size)
+    image[:, diagonal, diagonal] = 0.5
+    image[:, diagonal, size - 1 - diagonal] = 0.5
+    return image
+
+
+def thumbnail_uri(source: FeatureSource, row: int, size: int) -> tuple[str, bool]:
+    """Thumbnail of row ``row``'s image (read back from the input) and whether it could be read."""
+    try:
+        image = source.image(row)
+    except Exception:  # noqa: BLE001 - a report never fails on one image: it shows a placeholder
+        image = None
+    if image is None:
+        return png_data_uri(placeholder(size)), False
+    return png_data_uri(thumbnail(image, size)), True
+
+
+# ----------------------------------------------------------------------------- the page
+
+
+_STYLE = """
+body{font-family:system-ui,sans-serif;margin:1.5em;color:#222}
+table.stats{border-collapse:collapse;margin:0.5em 0}
+table.stats td,table.stats th{border:1px solid #ccc;padding:3px 8px;text-align:right}
+table.stats th:first-child,table.stats td:first-child{text-align:left}
+.row{display:flex;gap:10px;align-items:flex-start;margin:10px 0;padding-bottom:10px;border-bottom:1px solid #eee}
+figure{margin:0;width:var(--thumb);font-size:11px;overflow-wrap:anywhere}
+figure.gen img{outline:3px solid #888}
+figure.copy img{outline:3px solid #c22}
+figcaption .score{font-weight:bold;font-size:12px}
+.plots img{max-width:32%;margin-right:1%}
+"""
+
+
+def _row_order(ranking: Tensor) -> list[int]:
+    """Generation rows by top-1 score, highest first, ties by row."""
+    return torch.sort(ranking[:, 0], descending=True, stable=True).indices.tolist()
+
+
+def _caption(source: FeatureSource, row: int) -> str:
+    parts = []
+    labels, captions = source.labels_of([row]), source.captions_of([row])
+    if labels is not None and labels[0] is not None:
+        parts.append(f"class {labels[0]}")
+    if captions is not None and captions[0] is not None:
+        parts.append(f"“{captions[0]}”")
+    return " · ".join(html.escape(str(p)) for p in parts)
+
+
+def _figure(uri: str, title: str, key: str, caption: str, css: str) -> str:
+    short = html.escape(Path(key).name if "/" in key else key)
+    return (f'<figure class="{css}"><img src="{uri}" alt="{html.escape(key)}" title="{html.escape(key)}">'
+            f'<figcaption>{title}<br>{short}<br>{caption}</figcaption></figure>')
+
+
+def _stats_table(summary: dict[str, Any]) -> str:
+    top1, base = summary["top1"], summary["baseline"]
+    norm = summary.get("top1_normalized")
+    head = ["", "generations (top-1)", "training baseline"] + (["generations (normalised)"] if norm else [])
+    lines = ["<table class='stats'><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr>"]
+    names = [(f"rate@{t}", lambda s, t=t: s["rates"][t]) for t in top1["rates"]]
+    names += [(stat, lambda s, stat=stat: s[stat]) for stat in ("mean", "median", "p95", "max", "count")]
+    for name, get in names:
+        cells = [get(top1), get(base)] + ([get(norm)] if norm else [])
+        text = [f"{c:.4f}" if isinstance(c, float) else str(c) for c in cells]
+        lines.append(f"<tr><td>{html.escape(name)}</td>" + "".join(f"<td>{t}</td>" for t in text) + "</tr>")
+    lines.append("</table>")
+    sample = ("exact (every training image)" if base["exact"] else
+              f"on a seeded sample of {base['sample_size']} of {base['population']} training images (seed {base['seed']})")
+    lines.append(f"<p>Baseline: each training image's similarity to its nearest other training image, {sample}.</p>")
+    dup = summary["duplicates"]
+    lines.append(
+        f"<p>Duplicates (similarity &gt; {dup['threshold']:g}): a generation's top match has "
+        f"{dup['top_matches']['mean']:.2f} on average; a random training image "
+        f"{dup['random_training']['mean']:.2f} (n={dup['random_training']['count']}).</p>")
+    classes = summary.get("classes")
+    if classes:
+        r = "n/a" if classes["pearson"] is None else f"{classes['pearson']:.3f}"
+        slope = "n/a" if classes["slope"] is None else f"{classes['slope']:.3f}"
+        lines.append(f"<p>Per class ({classes['num_classes']} classes; generation classes from "
+                     f"{html.escape(str(classes['generation_classes']))}): Pearson r {r}, slope {slope}.</p>")
+    if summary.get("normalization", {}).get("method", "none") != "none":
+        n = summary["normalization"]
+        lines.append(f"<p>Scores normalised (SSCD): score − {n['beta']:g} × mean similarity to the {n['k']} nearest "
+                     f"of {n['background_rows']} background images ({html.escape(str(n['background']))}).</p>")
+    return "\n".join(lines)
+
+
+def render_report(result: ScanResult, summary: dict[str, Any], generations: FeatureSource,
+                  training: FeatureSource, *, report_rows: int, thumb: int, plots: dict[str, Path]) -> str:
+    """The HTML text of report.html."""
+    ranking = result.ranking_scores
+    normalized = result.normalized is not None
+    rows_html = []
+    unreadable = 0
+    for g in _row_order(ranking)[:report_rows]:
+        uri, ok = thumbnail_uri(generations, g, thumb)
+        unreadable += not ok
+        cells = [_figure(uri, f"generation {g}", generations.keys_of([g])[0], _caption(generations, g), "gen")]
+        for rank in range(result.top.scores.shape[1]):
+            t = int(result.top.indices[g, rank])
+            if t < 0:
+                continue
+            uri, ok = thumbnail_uri(training, t, thumb)
+            unreadable += not ok
+            score = float(result.top.scores[g, rank])
+            title = f'<span class="score">{score:.3f}</span>'
+            if normalized:
+                title += f" (norm. {float(ranking[g, rank]):.3f})"
+            css = "copy" if score > summary["thresholds"][0] else "match"
+            cells.append(_figure(uri, f"#{rank + 1} {title}", training.keys_of([t])[0], _caption(training, t), css))
+        rows_html.append('<div class="row">' + "".join(cells) + "</div>")
+    plot_html = "".join(f'<img src="{file_data_uri(path)}" alt="{html.escape(path.name)}">' for path in plots.values())
+    descriptor = summary["descriptor"]
+    skipped = summary["generations"]["skipped"] + summary["training"]["skipped"]
+    notes = []
+    if skipped:
+        notes.append(f"{skipped} unreadable images were skipped (listed in summary.json).")
+    if unreadable:
+        notes.append(f"{unreadable} thumbnails could not be read from their files and show a placeholder.")
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>lit scan report</title>
+<style>{_STYLE} :root{{--thumb:{thumb + 8}px}}</style></head>
+<body>
+<h1>lit scan: {summary['generations']['count']} generations vs {summary['training']['count']} training images</h1>
+<p>Descriptor <b>{html.escape(str(descriptor.get('display_name', descriptor.get('name'))))}</b>
+({html.escape(str(summary['similarity']))}); top-{summary['k']} training matches per generation.
+Files: <a href="matches.csv">matches.csv</a> · <a href="summary.json">summary.json</a></p>
+{''.join(f'<p><i>{html.escape(n)}</i></p>' for n in notes)}
+<h2>Summary</h2>
+{_stats_table(summary)}
+<h2>Plots</h2>
+<div class="plots">{plot_html}</div>
+<h2>Most similar generations</h2>
+<p>Each row: a generation (grey frame), then its nearest training images with their similarity
+(red frame: above {summary['thresholds'][0]:g}).{' Ordered by normalised score.' if normalized else ''}</p>
+{''.join(rows_html)}
+</body></html>
+"""
+
+
+def write_report(out: Path, result: ScanResult, summary: dict[str, Any], generations: FeatureSource,
+                 training: FeatureSource, *, report_rows: int, thumb: int, plots: dict[str, Path]) -> Path:
+    """report.html in ``out``, atomically."""
+    text = render_report(result, summary, generations, training, report_rows=report_rows, thumb=thumb, plots=plots)
+    return write_text_atomic(out / "report.html", text)

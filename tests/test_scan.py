@@ -1,0 +1,354 @@
+"""``lit scan`` end to end on tiny folders, against a brute-force numpy reference; and ``run_scan``
+on in-memory features (streamed in small blocks) against elementwise references."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+import torch
+from PIL import Image
+
+from datamodules.procedural import ProceduralScenes
+from lit.errors import UserError
+from lit.scan import ScanOptions, main, run_scan
+from lit.scan_sources import MemorySource
+
+SIZE = 32  # the pixel descriptor's input size: no resizing, so the reference is plain numpy
+
+
+def _save(image: torch.Tensor, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    array = (image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    Image.fromarray(array).save(path)
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """24 training scenes in 3 class folders; 8 generations (3 copies, 1 mirrored copy, 4 new scenes)
+    and one corrupt file, also listed with their prompts in gen.tsv."""
+    root = tmp_path_factory.mktemp("scan_folders")
+    training = ProceduralScenes(24, SIZE, seed=11)
+    for i in range(24):
+        _save(training[i]["image"], root / "train" / f"class{i % 3}" / f"t{i:02d}.png")
+    new = ProceduralScenes(4, SIZE, seed=12)
+    for i in range(3):
+        _save(training[5 * i]["image"], root / "gen" / f"copy{i}.png")
+    _save(training[7]["image"].flip(-1), root / "gen" / "mirror7.png")
+    for i in range(4):
+        _save(new[i]["image"], root / "gen" / f"new{i}.png")
+    (root / "gen" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    lines = [f"gen/{p.name}\ta prompt for {p.stem}" for p in sorted((root / "gen").glob("*.png"))]
+    (root / "gen.tsv").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def _pixel_features(paths: list[Path]) -> np.ndarray:
+    """The pixel descriptor, independently: RGB bytes / 255 in CHW order, minus the mean, L2-normalised."""
+    rows = []
+    for path in paths:
+        x = np.asarray(Image.open(path).convert("RGB"), dtype=np.float64).transpose(2, 0, 1).reshape(-1) / 255.0
+        x = x - x.mean()
+        rows.append(x / np.linalg.norm(x))
+    return np.stack(rows)
+
+
+def _top_k(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    return order, np.take_along_axis(scores, order, axis=1)
+
+
+@pytest.fixture(scope="module")
+def scanned(folders: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("scan_out") / "out"
+    main(["--generations", str(folders / "gen.tsv"), "--training", str(folders / "train"), "--out", str(out),
+          "--descriptor", "pixel", "--k", "3", "--dtype", "float32", "--device", "cpu", "--batch_size", "8",
+          "--report_rows", "4", "--thumb", "32", "--progress", "false"])
+    return out
+
+
+def test_matches_equal_brute_force(folders: Path, scanned: Path) -> None:
+    gen_paths = sorted(p for p in (folders / "gen").glob("*.png") if p.name != "broken.png")
+    train_paths = sorted((folders / "train").rglob("*.png"))
+    scores = _pixel_features(gen_paths) @ _pixel_features(train_paths).T
+    order, top = _top_k(scores, 3)
+    with open(scanned / "matches.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == len(gen_paths) * 3
+    assert set(rows[0]) == {"generation", "rank", "training", "score", "generation_caption", "training_label"}
+    for g, path in enumerate(gen_paths):
+        mine = [r for r in rows if r["generation"] == f"gen/{path.name}"]  # list keys: paths as listed
+        assert [int(r["rank"]) for r in mine] == [1, 2, 3]
+        assert [r["training"] for r in mine] == [str(train_paths[j]) for j in order[g]]
+        assert [float(r["score"]) for r in mine] == pytest.approx(top[g].tolist(), abs=1e-5)
+        assert mine[0]["training_label"] == train_paths[order[g][0]].parent.name
+        assert mine[0]["generation_caption"] == f"a prompt for {path.stem}"
+    copies = {r["generation"]: r["training"] for r in rows if r["rank"] == "1" and "copy" in r["generation"]}
+    assert copies["gen/copy1.png"].endswith("t05.png")
+
+
+def test_summary_fields(folders: Path, scanned: Path) -> None:
+    summary = json.loads((scanned / "summary.json").read_text())
+    gen_paths = sorted(p for p in (folders / "gen").glob("*.png") if p.name != "broken.png")
+    train_paths = sorted((folders / "train").rglob("*.png"))
+    train = _pixel_features(train_paths)
+    top1 = (_pixel_features(gen_paths) @ train.T).max(axis=1)
+    self_scores = train @ train.T
+    np.fill_diagonal(self_scores, -np.inf)
+    baseline = self_scores.max(axis=1)
+    assert summary["generations"]["count"] == 8 and summary["training"]["count"] == 24
+    assert summary["generations"]["skipped"] == 1
+    assert summary["generations"]["skipped_files"][0].endswith("broken.png")
+    assert list(summary["top1"]["rates"]) == ["0.5", "0.7", "0.8", "0.9", "0.95"]
+    for t, rate in summary["top1"]["rates"].items():
+        assert rate == pytest.approx(float(np.mean(top1 > float(t))))
+    assert summary["top1"]["rates"]["0.95"] >= 3 / 8  # the three exact copies
+    assert summary["top1"]["median"] == pytest.approx(float(np.median(top1)), abs=1e-5)
+    assert summary["baseline"]["exact"] is True and summary["baseline"]["sample_size"] == 24
+    assert summary["baseline"]["mean"] == pytest.approx(float(baseline.mean()), abs=1e-5)
+    assert summary["baseline"]["p95"] == pytest.approx(float(np.percentile(baseline, 95)), abs=1e-5)
+    assert summary["descriptor"]["name"] == "pixel"
+    assert summary["stores"]["training"]["kind"] == "store"
+    assert summary["stores"]["training"]["num_rows"] == 24
+    assert summary["normalization"] == {"method": "none"}
+    assert summary["classes"]["num_classes"] == 3
+    assert summary["classes"]["generation_classes"] == "label of the top-1 training match"
+    assert summary["duplicates"]["top_matches"]["count"] == 8
+    for name in ("similarity_histogram.png", "duplicates.png", "classes.png", "report.html"):
+        assert (scanned / name).stat().st_size > 1000
+
+
+def test_report_is_self_contained(scanned: Path) -> None:
+    text = (scanned / "report.html").read_text()
+    sources = re.findall(r'<img src="([^"]+)"', text)
+    assert len(sources) == 4 * 4 + 3  # 4 rows of generation + 3 matches, 3 plots
+    assert all(s.startswith("data:image/") for s in sources)
+    assert 'href="matches.csv"' in text and 'href="summary.json"' in text
+    assert "a prompt for copy" in text  # captions shown
+
+
+def test_second_run_reuses_stores_and_stores_are_inputs(folders: Path, scanned: Path,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    stores = sorted((scanned / "stores").iterdir())
+    stamps = {p: p.joinpath("manifest.json").stat().st_mtime_ns for p in stores}
+    before = (scanned / "matches.csv").read_text()
+    args = ["--out", str(scanned), "--k", "3", "--dtype", "float32", "--device", "cpu", "--report_rows", "2",
+            "--thumb", "16", "--progress", "false"]
+    main(["--generations", str(folders / "gen.tsv"), "--training", str(folders / "train"), *args])
+    assert capsys.readouterr().out.count("reused feature store") == 2
+    assert {p: p.joinpath("manifest.json").stat().st_mtime_ns for p in stores} == stamps
+    assert (scanned / "matches.csv").read_text() == before
+    gen_store = next(p for p in stores if p.name.startswith("generations"))
+    train_store = next(p for p in stores if p.name.startswith("training"))
+    main(["--generations", str(gen_store), "--training", str(train_store), *args])
+    assert (scanned / "matches.csv").read_text() == before
+
+
+def test_refuses_foreign_out(folders: Path, tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match=re.escape(str(tmp_path))):
+        main(["--generations", str(folders / "gen"), "--training", str(folders / "train"), "--out", str(tmp_path)])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--k", "0"], "--k must be >= 1"),
+    (["--dtype", "int8"], "--dtype must be one of"),
+    (["--gen", "x"], "unrecognized arguments"),
+    (["--descriptor", "nonexistent"], "--descriptor nonexistent"),
+])
+def test_user_errors(folders: Path, tmp_path: Path, extra: list[str], message: str) -> None:
+    with pytest.raises(UserError, match=re.escape(message)):
+        main(["--generations", str(folders / "gen"), "--training", str(folders / "train"),
+              "--out", str(tmp_path / "out"), *extra])
+
+
+def test_missing_input_is_a_user_error(folders: Path, tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="--training .*not found"):
+        main(["--generations", str(folders / "gen"), "--training", str(tmp_path / "nope"),
+              "--out", str(tmp_path / "out")])
+    assert not (tmp_path / "out" / "stores").exists()  # checked before anything is extracted
+
+
+# ----------------------------------------------------------------------------- run_scan on tensors
+
+
+def _unit(rows: torch.Tensor) -> torch.Tensor:
+    return rows / rows.norm(dim=1, keepdim=True)
+
+
+def _memory(name: str, features: torch.Tensor, labels: list[str] | None = None) -> MemorySource:
+    return MemorySource(name, features, [f"{name}{i}" for i in range(features.shape[0])], labels=labels)
+
+
+def _reference_scores(q: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """Cosine from explicit elementwise products in float64 (no BLAS)."""
+    q, g = _unit(q.double()), _unit(g.double())
+    return (q[:, None, :] * g[None, :, :]).sum(-1)
+
+
+@pytest.mark.parametrize("chunk_bytes", [None, 4 * 8 * 3], ids=["one-query-chunk", "3-row-query-chunks"])
+def test_run_scan_streams_blocks_like_brute_force(chunk_bytes: int | None, monkeypatch: pytest.MonkeyPatch) -> None:
+    if chunk_bytes is not None:
+        monkeypatch.setattr("lit.scan.QUERY_CHUNK_BYTES", chunk_bytes)
+    generator = torch.Generator().manual_seed(5)
+    train = torch.randn(53, 8, generator=generator)
+    train[10] = train[3] * 2.0  # a duplicate pair (cosine 1)
+    train[11] = train[3] + 0.01 * torch.randn(8, generator=generator)
+    gens = torch.cat([train[[3, 20]] + 0.001, torch.randn(5, 8, generator=generator)])
+    labels = [f"c{i % 4}" for i in range(53)]
+    options = ScanOptions(k=4, block_rows=7, baseline_sample=None, random_sample=20, progress=False)
+    result = run_scan(_memory("g", gens), _memory("t", train, labels), options)
+
+    scores = _reference_scores(gens, train)
+    assert torch.allclose(result.top.scores.double(), torch.sort(scores, dim=1, descending=True).values[:, :4],
+                          atol=1e-5)
+    assert result.top.indices[:, 0].tolist() == scores.argmax(dim=1).tolist()
+
+    self_scores = _reference_scores(train, train)
+    self_scores.fill_diagonal_(float("-inf"))
+    assert torch.allclose(result.baseline.double(), self_scores.max(dim=1).values, atol=1e-5)
+
+    duplicates = (self_scores > 0.95).sum(dim=1)
+    assert result.match_duplicates.tolist() == duplicates[result.top.indices[:, 0]].tolist()
+    assert result.match_duplicates[0].item() == 2  # generation 0 copies row 3, which rows 10 and 11 duplicate
+    assert result.random_duplicates.tolist() == duplicates[result.random_rows.rows].tolist()
+    assert result.random_rows.rows.numel() == 20 and not result.random_rows.exact
+
+    # per class: within-class top-1 from the reference, classes of the generations' top matches
+    within = {}
+    for c in range(4):
+        rows = [i for i in range(53) if i % 4 == c]
+        block = self_scores[rows][:, rows]
+        within[f"c{c}"] = float(block.max(dim=1).values.mean())
+    assert result.classes is not None
+    for label, mean in zip(result.classes.classes, result.classes.mean_within.tolist()):
+        assert mean == pytest.approx(within[label], abs=1e-5)
+    best: dict[str, float] = {}
+    for g in range(gens.shape[0]):
+        label = labels[int(scores[g].argmax())]
+        best[label] = max(best.get(label, -1.0), float(scores[g].max()))
+    assert dict(zip(result.classes.classes, result.classes.max_generation.tolist())) == pytest.approx(
+        {c: best[c] for c in result.classes.classes}, abs=1e-5)
+
+
+def test_run_scan_sampled_baseline_and_normalisation() -> None:
+    generator = torch.Generator().manual_seed(6)
+    train = torch.randn(40, 6, generator=generator)
+    gens = torch.randn(6, 6, generator=generator)
+    background = torch.randn(15, 6, generator=generator)
+    options = ScanOptions(k=2, block_rows=9, baseline_sample=12, random_sample=5, norm_k=3, norm_beta=0.5,
+                          progress=False)
+    result = run_scan(_memory("g", gens), _memory("t", train), options, background=_memory("b", background))
+    assert result.baseline_sample.record()["sample_size"] == 12 and not result.baseline_sample.exact
+    self_scores = _reference_scores(train, train)
+    self_scores.fill_diagonal_(float("-inf"))
+    expected = self_scores.max(dim=1).values[result.baseline_sample.rows]
+    assert torch.allclose(result.baseline.double(), expected, atol=1e-5)
+    bias = torch.sort(_reference_scores(gens, background), dim=1, descending=True).values[:, :3].mean(dim=1)
+    assert result.normalized is not None
+    assert torch.allclose(result.normalized.double(), result.top.scores.double() - 0.5 * bias[:, None], atol=1e-5)
+    assert result.normalization is not None and result.normalization["k"] == 3
+    assert result.classes is None
+
+
+# ----------------------------------------------------------------------------- configs
+
+SCAN_CONFIGS = [c for c in sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+                if "model" not in (yaml.safe_load(c.read_text()) or {})]
+
+
+@pytest.mark.parametrize("config", SCAN_CONFIGS, ids=lambda c: c.name)
+def test_scan_config_prints_every_option(config: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from lit.scan import build_parser
+
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args(["--config", str(config), "--print_config"])
+    assert exit_info.value.code in (0, None)
+    printed = yaml.safe_load(capsys.readouterr().out)
+    source = yaml.safe_load(config.read_text())
+    assert source and printed == {**printed, **source}  # every key of the file, with its value
+
+
+def test_scan_config_has_a_scan_config() -> None:
+    assert any(c.name == "scan.yaml" for c in SCAN_CONFIGS)
+
+
+def test_webdataset_training_shard(tmp_path: Path) -> None:
+    """A LAION-layout tar (key.png + key.txt) as the training set: keys, captions, thumbnails from the tar."""
+    import io
+    import tarfile
+
+    scenes = ProceduralScenes(12, SIZE, seed=21)
+    with tarfile.open(tmp_path / "train-000.tar", "w") as archive:
+        for i in range(12):
+            buffer = io.BytesIO()
+            array = (scenes[i]["image"].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+            Image.fromarray(array).save(buffer, format="PNG")
+            for suffix, data in (("png", buffer.getvalue()), ("txt", f"caption {i}".encode())):
+                info = tarfile.TarInfo(f"{i:05d}.{suffix}")
+                info.size = len(data)
+                archive.addfile(info, io.BytesIO(data))
+    _save(scenes[6]["image"], tmp_path / "gen" / "copy6.png")
+    _save(ProceduralScenes(1, SIZE, seed=22)[0]["image"], tmp_path / "gen" / "new.png")
+    out = tmp_path / "out"
+    main(["--generations", str(tmp_path / "gen"), "--training", str(tmp_path / "train-000.tar"), "--out", str(out),
+          "--k", "2", "--device", "cpu", "--progress", "false", "--thumb", "16"])
+    with open(out / "matches.csv", newline="") as handle:
+        rows = {r["generation"]: r for r in csv.DictReader(handle) if r["rank"] == "1"}
+    copy = rows[str(tmp_path / "gen" / "copy6.png")]
+    assert copy["training"] == "00006" and copy["training_caption"] == "caption 6"
+    assert float(copy["score"]) > 0.99
+    report = (out / "report.html").read_text()
+    assert "placeholder" not in report and "caption 6" in report
+
+
+def test_run_scan_on_token_features_uses_split_product() -> None:
+    """(N, T, D) features: scores are max over tokens of per-token cosine (token normalisation)."""
+    generator = torch.Generator().manual_seed(7)
+    train = torch.randn(19, 3, 5, generator=generator)
+    gens = torch.cat([train[[4]] * 1.5, torch.randn(3, 3, 5, generator=generator)])
+    options = ScanOptions(k=3, block_rows=6, baseline_sample=None, random_sample=4, progress=False)
+    result = run_scan(_memory("g", gens), _memory("t", train), options)
+    q = gens.double() / gens.double().norm(dim=-1, keepdim=True)
+    g = train.double() / train.double().norm(dim=-1, keepdim=True)
+    reference = (q[:, None, :, :] * g[None, :, :, :]).sum(-1).max(dim=-1).values  # (Q, G)
+    assert torch.allclose(result.top.scores.double(), torch.sort(reference, dim=1, descending=True).values[:, :3],
+                          atol=1e-5)
+    assert result.top.indices[0, 0].item() == 4
+    self_ref = (g[:, None] * g[None, :]).sum(-1).max(dim=-1).values
+    self_ref.fill_diagonal_(float("-inf"))
+    assert torch.allclose(result.baseline.double(), self_ref.max(dim=1).values, atol=1e-5)
+    assert result.match_duplicates.tolist() == (self_ref > 0.95).sum(dim=1)[result.top.indices[:, 0]].tolist()
+
+
+def test_background_normalisation_end_to_end(folders: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    main(["--generations", str(folders / "gen"), "--training", str(folders / "train"), "--out", str(out),
+          "--background", str(folders / "train"), "--norm_k", "2", "--norm_beta", "0.5", "--k", "2",
+          "--dtype", "float32", "--device", "cpu", "--progress", "false", "--thumb", "16"])
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["normalization"]["method"] == "sscd"
+    assert summary["normalization"]["k"] == 2 and summary["normalization"]["beta"] == 0.5
+    assert summary["normalization"]["background_rows"] == 24
+    with open(out / "matches.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    train = _pixel_features(sorted((folders / "train").rglob("*.png")))
+    for row in rows[:4]:
+        gen = _pixel_features([Path(row["generation"])])
+        bias = np.sort(gen @ train.T, axis=1)[0, ::-1][:2].mean()  # the background is the training set here
+        assert float(row["score_normalized"]) == pytest.approx(float(row["score"]) - 0.5 * bias, abs=1e-5)
+    assert "Scores normalised (SSCD)" in (out / "report.html").read_text()
+    assert summary["top1_normalized"]["count"] == 8
+
+
+def test_store_of_another_descriptor_is_refused(scanned: Path, tmp_path: Path) -> None:
+    train_store = next(p for p in (scanned / "stores").iterdir() if p.name.startswith("training"))
+    with pytest.raises(UserError, match="does not match the descriptor of this scan.*input_size 32 vs 16"):
+        main(["--generations", str(train_store), "--training", str(train_store), "--out", str(tmp_path / "out"),
+              "--input_size", "16"])
