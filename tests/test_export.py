@@ -146,8 +146,10 @@ def test_overwrite_only_an_earlier_export(trained: dict[str, Any], tmp_path: Pat
     out = tmp_path / "mine.safetensors"
     lit_main(["export", "--ckpt_path", ckpt, "--out", str(out)])  # through the lit command table
     assert "--model.init_args.descriptor mocov3" in capsys.readouterr().out
-    with pytest.raises(UserError, match="pass --overwrite"):
+    with pytest.raises(SystemExit) as exited:  # the lit command ends a user error in one line, status 2
         lit_main(["export", "--ckpt_path", ckpt, "--out", str(out)])
+    assert exited.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith("pass --overwrite to replace it")
     out.write_bytes(b"")  # a truncated export is no longer recognised as ours
     with pytest.raises(UserError, match="not written by lit export"):
         export_descriptor(ckpt, out, overwrite=True)
