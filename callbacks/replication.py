@@ -185,10 +185,12 @@ class ReplicationMonitor(Callback):
         return self._generate_state_key(descriptor=self.descriptor_name, seeds=(self.seeds[0], len(self.seeds)))
 
     def state_dict(self) -> dict[str, Any]:
-        return {"history": [dict(row) for row in self.history]}
+        return {"history": [dict(row) for row in self.history], "timings": dict(self.timings)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Continue the checkpoint's history (its steps are never checked again) and its time totals."""
         self.history = [dict(row) for row in state_dict.get("history", [])]
+        self.timings = {**dict.fromkeys(PHASES, 0.0), **state_dict.get("timings", {})}
 
     def checked_steps(self) -> list[int]:
         """Training steps at which a check was recorded, in order."""
@@ -262,7 +264,7 @@ class ReplicationMonitor(Callback):
 
     # ------------------------------------------------------------------ cadence
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.check_at_start:
+        if self.check_at_start and trainer.global_step == 0:  # the untrained model, not a resumed one
             self._maybe_check(trainer, pl_module)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
