@@ -235,9 +235,11 @@ class TrainImagesDataModule(pl.LightningDataModule):
             self._train_seed = run_seed()
         sampler = ResumableShuffleSampler(dataset, seed=self._train_seed, num_replicas=shard.get("num_replicas", 1),
                                           rank=shard.get("rank", 0))
-        if self._resume_position is not None:
-            epoch, batches = self._resume_position["epoch"], self._resume_position["batches"]
-            sampler.resume(epoch, batches * self.batch_size)
+        # the checkpoint's position (the datamodule is restored before any loader is built); else the
+        # trainer's own count (a checkpoint without one, or a loader rebuilt during the fit)
+        position = self._resume_position or (self.train_position() if trainer is not None else None)
+        if position is not None:
+            sampler.resume(position["epoch"], position["batches"] * self.batch_size)
             self._resume_position = None
         return ResumableDataLoader(dataset, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
                                    persistent_workers=self.num_workers > 0, position=self.train_position)

@@ -21,7 +21,7 @@ from torch.utils.data import DistributedSampler
 
 from callbacks.replication import ReplicationMonitor
 from datamodules.images import ProceduralTrainData, TrainingImages
-from datamodules.samplers import ResumableShuffleSampler, epoch_order
+from datamodules.samplers import ResumableDataLoader, ResumableShuffleSampler, epoch_order
 from lit.resume import close_finished_epoch, derive_seed
 from models.ddpm import DDPMModule
 from tests.test_replication_monitor import TINY, RecordingLogger
@@ -85,6 +85,16 @@ def test_resume_continues_the_uninterrupted_order() -> None:
     assert rolled.epoch == 2 and list(rolled) == epochs[2]
     with pytest.raises(ValueError, match="rank"):
         ResumableShuffleSampler(data, num_replicas=2, rank=2)
+    # the loader Lightning sees: its state is the trainer's position, loading it resumes the sampler
+    class Rows(list):  # a dataset that returns the index it was asked for
+        def __getitem__(self, key: Any) -> Any:
+            return key[0]
+
+    loader = ResumableDataLoader(Rows(data), batch_size=2, sampler=ResumableShuffleSampler(data, seed=3, num_replicas=2, rank=1),
+                                 position=lambda: {"epoch": 1, "batches": 1})
+    assert loader.state_dict() == {"epoch": 1, "batches": 1}
+    loader.load_state_dict(loader.state_dict())
+    assert [i for batch in loader for i in batch.tolist()] == [i for i, _ in epochs[1][2:]]
 
 
 def test_augmentation_is_a_function_of_the_draw_seed() -> None:
