@@ -16,6 +16,10 @@ kept in memory as uint8; training items get a random crop to ``resolution`` and
 a random horizontal flip, as in the paper (``random_crop: false`` takes the
 centre crop instead, diffusers' ``--center_crop``).
 Each item is ``{"image": (3, R, R) float in [0, 1], "index": subset row}``.
+The order is a :class:`datamodules.samplers.ResumableShuffleSampler` (a function of
+the run seed and the epoch, sharded over DDP ranks) and each crop and flip is drawn
+from a seed of its own draw, so a run resumed from a checkpoint (even mid-epoch)
+sees the batches and crops the uninterrupted run would have seen.
 
 The chosen subset is recorded three ways: the datamodule's hyper-parameters,
 ``training_subset.tsv`` (index, path) in the log dir, and the checkpoint

@@ -4,6 +4,9 @@
 ``DDPMScheduler`` (1000 steps, linear betas, epsilon prediction by default) with
 an MSE loss, AdamW and a linear learning-rate warmup, and keeps an exponential
 moving average of the weights (diffusers ``EMAModel``, saved in the checkpoint).
+Each batch's noise and timesteps are drawn from generators seeded by the run seed
+and the batch's place in the fit, so a resumed run (``--ckpt_path``) draws exactly
+what the uninterrupted run drew (``lit.resume``).
 
 :meth:`DDPMModule.sample` draws images with the DDPM or DDIM sampler from the
 EMA weights. Every seed owns one ``torch.Generator`` (on the CPU) for its
