@@ -27,9 +27,10 @@ scores are gathered and deduplicated by seed position
 (``lit.distributed.dedupe_by_index``), so 1 and N processes give the same
 numbers. Files, figures and prints come from rank 0 only.
 
-Resume: the history of checks is the callback's ``state_dict``; a run resumed
-with ``--ckpt_path`` continues it, and a step already checked is never checked
-twice.
+Resume: the history of checks (and the time totals) is the callback's
+``state_dict``; a run resumed with ``--ckpt_path`` continues it, a step already
+checked is never checked twice, and ``check_at_start`` checks the untrained model
+only (step 0), not the resumed one.
 """
 
 from __future__ import annotations

@@ -90,8 +90,8 @@ def test_resume_continues_the_uninterrupted_order() -> None:
         def __getitem__(self, key: Any) -> Any:
             return key[0]
 
-    loader = ResumableDataLoader(Rows(data), batch_size=2, sampler=ResumableShuffleSampler(data, seed=3, num_replicas=2, rank=1),
-                                 position=lambda: {"epoch": 1, "batches": 1})
+    sampler = ResumableShuffleSampler(data, seed=3, num_replicas=2, rank=1)
+    loader = ResumableDataLoader(Rows(data), batch_size=2, sampler=sampler, position=lambda: {"epoch": 1, "batches": 1})
     assert loader.state_dict() == {"epoch": 1, "batches": 1}
     loader.load_state_dict(loader.state_dict())
     assert [i for batch in loader for i in batch.tolist()] == [i for i, _ in epochs[1][2:]]
@@ -121,7 +121,8 @@ def test_close_finished_epoch() -> None:
         "epoch_progress": {"total": progress(2, 2, 2, 1), "current": progress(2, 2, 2, 1)},
         "epoch_loop.batch_progress": {"total": progress(8, 8, 8, 8), "current": progress(4, 4, 4, 4),
                                       "is_last_batch": True},
-        "epoch_loop.scheduler_progress": {"total": {"ready": 8, "completed": 8}, "current": {"ready": 4, "completed": 4}},
+        "epoch_loop.scheduler_progress": {"total": {"ready": 8, "completed": 8},
+                                          "current": {"ready": 4, "completed": 4}},
         "epoch_loop.automatic_optimization.optim_progress": {"optimizer": {
             "step": {"total": {"ready": 8, "completed": 8}, "current": {"ready": 4, "completed": 4}}}},
     }}}
@@ -132,7 +133,8 @@ def test_close_finished_epoch() -> None:
     assert fit["epoch_loop.batch_progress"]["current"] == progress(0, 0, 0, 0)
     assert fit["epoch_loop.batch_progress"]["total"] == progress(8, 8, 8, 8)  # totals kept
     assert not fit["epoch_loop.batch_progress"]["is_last_batch"]
-    assert fit["epoch_loop.automatic_optimization.optim_progress"]["optimizer"]["step"]["current"] == {"ready": 0, "completed": 0}
+    optimizer = fit["epoch_loop.automatic_optimization.optim_progress"]["optimizer"]
+    assert optimizer["step"]["current"] == {"ready": 0, "completed": 0}
     again = copy.deepcopy(fixed)
     assert not close_finished_epoch(again) and again == fixed  # idempotent
     mid_epoch = copy.deepcopy(saved_at_epoch_end)
@@ -162,11 +164,13 @@ class Batches(pl.Callback):
     def __init__(self) -> None:
         self.seen: list[tuple[int, list[int]]] = []
 
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
         self.seen.append((trainer.global_step, batch["index"].tolist()))
 
 
-def _fit(root: Path, folder: str, max_steps: int, extra: list[pl.Callback], ckpt_path: Path | None = None) -> dict[str, Any]:
+def _fit(root: Path, folder: str, max_steps: int, extra: list[pl.Callback],
+         ckpt_path: Path | None = None) -> dict[str, Any]:
     pl.seed_everything(0)
     model = DDPMModule(**{**TINY, "sample_steps": 2})
     monitor = ReplicationMonitor(num_samples=4, top_k=2, num_copies_shown=2, every_n_epochs=2, verbose=False)
@@ -199,8 +203,8 @@ def test_killed_and_resumed_fit_equals_the_uninterrupted_one(tmp_path: Path) -> 
     assert sorted(p.name for p in (tmp_path / "killed" / "mid").glob("*.ckpt")) == [
         "epoch=1-step=5.ckpt", "epoch=2-step=10.ckpt"]
     assert torch.load(tmp_path / "killed" / "last.ckpt", weights_only=False)["global_step"] == 8
-    assert sorted(p.name for p in (tmp_path / "straight").glob("*.ckpt")) == ["epoch=1-step=8.ckpt", "epoch=3-step=14.ckpt",
-                                                                            "last.ckpt"]
+    assert sorted(p.name for p in (tmp_path / "straight").glob("*.ckpt")) == [
+        "epoch=1-step=8.ckpt", "epoch=3-step=14.ckpt", "last.ckpt"]
     reference = _by_step(straight["logged"])
     for name, checkpoint, first in (("epoch_end", tmp_path / "killed" / "last.ckpt", 8),
                                     ("mid_epoch", tmp_path / "killed" / "mid" / "epoch=2-step=10.ckpt", 10)):
@@ -215,7 +219,8 @@ def test_killed_and_resumed_fit_equals_the_uninterrupted_one(tmp_path: Path) -> 
         logged = _by_step(resumed["logged"])
         assert min(logged) > first and sum(len(m) for m in logged.values()) == sum(len(m) for _, m in resumed["logged"])
         expected = {s: m for s, m in reference.items() if s > first}
-        assert {s: _reproducible(m) for s, m in logged.items()} == {s: _reproducible(m) for s, m in expected.items()}, name
+        assert ({s: _reproducible(m) for s, m in logged.items()}
+                == {s: _reproducible(m) for s, m in expected.items()}), name
         # no second checkpoint of an epoch already saved (the bug wrote epoch=1-step=9.ckpt)
         assert sorted(p.name for p in (tmp_path / name).glob("*.ckpt")) == ["epoch=3-step=14.ckpt", "last.ckpt"], name
 
