@@ -4,18 +4,23 @@ Pure parts: the resumable sampler (order a function of seed and epoch; DDP shard
 ``torch.utils.data.DistributedSampler``; resume continues the order), per-draw augmentation,
 the epoch-end checkpoint repair. End to end: a tiny fit killed after its last checkpoint and
 resumed from an epoch-end and from a mid-epoch checkpoint gives bit-identical weights, EMA
-weights and replication-monitor history on CPU, the same logged steps, no second checkpoint.
+weights and replication-monitor history on CPU, the same logged steps, no second checkpoint;
+the same for 2 DDP processes resumed mid-epoch.
 """
 
 from __future__ import annotations
 
 import copy
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import pytorch_lightning as pl
 import torch
+import yaml
 from pytorch_lightning.callbacks import ModelCheckpoint
 from torch.utils.data import DistributedSampler
 
@@ -24,7 +29,7 @@ from datamodules.images import ProceduralTrainData, TrainingImages
 from datamodules.samplers import ResumableDataLoader, ResumableShuffleSampler, epoch_order
 from lit.resume import close_finished_epoch, derive_seed
 from models.ddpm import DDPMModule
-from tests.test_replication_monitor import TINY, RecordingLogger
+from tests.test_replication_monitor import REPO, TINY, RecordingLogger
 
 # --------------------------------------------------------------------------- sampler
 
@@ -237,3 +242,47 @@ def _by_step(calls: list[tuple[int | None, dict[str, float]]]) -> dict[int, dict
 def _reproducible(metrics: dict[str, float]) -> dict[str, float]:
     """All but wall-clock times."""
     return {k: v for k, v in metrics.items() if not k.startswith("replication_time/")}
+
+
+def _ddp_config(tmp_path: Path) -> Path:
+    """A tiny 2-process CPU fit: 13 images on 2 ranks (7 each, one padded), batch 2, random 16 px crops."""
+    config = {
+        "seed_everything": 0,
+        "trainer": {
+            "accelerator": "cpu", "devices": 2, "strategy": "ddp", "max_steps": 15, "enable_progress_bar": False,
+            "enable_model_summary": False, "logger": False,
+            "callbacks": [
+                {"class_path": "pytorch_lightning.callbacks.ModelCheckpoint",
+                 "init_args": {"dirpath": str(tmp_path / "ckpt"), "every_n_train_steps": 5, "save_top_k": -1,
+                               "filename": "{step}"}},
+                {"class_path": "callbacks.replication.ReplicationMonitor",
+                 "init_args": {"num_samples": 3, "top_k": 1, "every_n_steps": 7, "verbose": False}}],
+        },
+        "model": {"class_path": "models.ddpm.DDPMModule", "init_args": {**TINY, "sample_steps": 2}},
+        "data": {"class_path": "datamodules.images.ProceduralTrainData",
+                 "init_args": {"num_images": 13, "resolution": 16, "load_size": 20, "batch_size": 2}},
+    }
+    path = tmp_path / "ddp.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_ddp_resume_mid_epoch_equals_the_uninterrupted_run(tmp_path: Path) -> None:
+    """Two processes: a fit resumed from its step-10 checkpoint (mid-epoch: each rank skips its own
+    share of the epoch) ends with the weights, EMA and monitor history of the straight 2-process fit."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "lit.cli", "fit", "-c", str(_ddp_config(tmp_path))]
+    straight = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    final = torch.load(tmp_path / "ckpt" / "step=15.ckpt", weights_only=False)
+    (tmp_path / "ckpt" / "step=15.ckpt").rename(tmp_path / "straight.ckpt")
+    resumed = subprocess.run([*command, "--ckpt_path", str(tmp_path / "ckpt" / "step=10.ckpt")], cwd=tmp_path, env=env,
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    again = torch.load(tmp_path / "ckpt" / "step=15.ckpt", weights_only=False)
+    assert all(torch.equal(final["state_dict"][k], again["state_dict"][k]) for k in final["state_dict"])
+    assert all(torch.equal(a, b) for a, b in zip(final["ema"]["shadow_params"], again["ema"]["shadow_params"]))
+    history, history_again = ([state["history"] for key, state in checkpoint["callbacks"].items()
+                               if key.startswith("ReplicationMonitor")] for checkpoint in (final, again))
+    assert history == history_again
+    assert [row["step"] for row in history[0]] == [0, 7, 14]  # the end-of-fit check comes after the last checkpoint
