@@ -38,9 +38,10 @@ scores are gathered and deduplicated by seed position
 (``lit.distributed.dedupe_by_index``), so 1 and N processes give the same
 numbers. Files, figures and prints come from rank 0 only.
 
-Resume: the history of checks is the callback's ``state_dict``; a run resumed
-with ``--ckpt_path`` continues it, and a step already checked is never checked
-twice.
+Resume: the history of checks (and the time totals) is the callback's
+``state_dict``; a run resumed with ``--ckpt_path`` continues it, a step already
+checked is never checked twice, and ``check_at_start`` checks the untrained model
+only (step 0), not the resumed one.
 """
 
 from __future__ import annotations
@@ -203,10 +204,12 @@ class ReplicationMonitor(Callback):
         return self._generate_state_key(descriptor=self.descriptor_name, seeds=(self.seeds[0], len(self.seeds)))
 
     def state_dict(self) -> dict[str, Any]:
-        return {"history": [dict(row) for row in self.history]}
+        return {"history": [dict(row) for row in self.history], "timings": dict(self.timings)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Continue the checkpoint's history (its steps are never checked again) and its time totals."""
         self.history = [dict(row) for row in state_dict.get("history", [])]
+        self.timings = {**dict.fromkeys(PHASES, 0.0), **state_dict.get("timings", {})}
 
     def checked_steps(self) -> list[int]:
         """Training steps at which a check was recorded, in order."""
@@ -283,7 +286,7 @@ class ReplicationMonitor(Callback):
 
     # ------------------------------------------------------------------ cadence
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.check_at_start:
+        if self.check_at_start and trainer.global_step == 0:  # the untrained model, not a resumed one
             self._maybe_check(trainer, pl_module)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,

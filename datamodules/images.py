@@ -21,6 +21,10 @@ kept in memory as uint8; training items get a random crop to ``resolution`` and
 a random horizontal flip, as in the paper (``random_crop: false`` takes the
 centre crop instead, diffusers' ``--center_crop``).
 Each item is ``{"image": (3, R, R) float in [0, 1], "index": subset row}``.
+The order is a :class:`datamodules.samplers.ResumableShuffleSampler` (a function of
+the run seed and the epoch, sharded over DDP ranks) and each crop and flip is drawn
+from a seed of its own draw, so a run resumed from a checkpoint (even mid-epoch)
+sees the batches and crops the uninterrupted run would have seen.
 
 The chosen subset is recorded three ways: the datamodule's hyper-parameters,
 ``training_subset.tsv`` (index, path) in the log dir, and the checkpoint
@@ -42,16 +46,17 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-import torchvision.transforms.v2 as v2
 import torchvision.transforms.v2.functional as TF
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from datamodules.procedural import ProceduralScenes
+from datamodules.samplers import ResumableDataLoader, ResumableShuffleSampler
 from lit.errors import UserError
 from lit.io import ImageLoadError, load_image, scan_images, shorten, to_uint8
 from lit.report import write_text_atomic
+from lit.resume import run_seed
 
 SUBSET_FILE = "training_subset.tsv"
 SKIPPED_FILE = "skipped_images.tsv"
@@ -82,6 +87,11 @@ class TrainingImages(Dataset):
     flip (training); otherwise a centre crop (the reference images). ``repeats`` lists the set that many
     times per epoch (fewer, longer epochs for tiny sets); ``index`` stays the
     image's subset row.
+
+    An item is asked for by ``index`` or by ``(index, draw_seed)`` (what
+    ``datamodules.samplers.ResumableShuffleSampler`` yields): with a draw seed the crop and
+    flip come from a generator seeded by it, so the same draw gives the same crop in any
+    worker, process or resumed run; with a bare index they come from torch's global generator.
     """
 
     def __init__(self, images: Sequence[Tensor], resolution: int, augment: bool,
@@ -94,18 +104,32 @@ class TrainingImages(Dataset):
         self.images = list(images)
         self.resolution = resolution
         self.repeats = repeats
-        steps: list[v2.Transform] = [v2.RandomCrop(resolution) if augment and random_crop else v2.CenterCrop(resolution)]
-        if augment and random_flip:
-            steps.append(v2.RandomHorizontalFlip())
-        self.transform = v2.Compose(steps)
+        self.random_crop = augment and random_crop
+        self.random_flip = augment and random_flip
 
     def __len__(self) -> int:
         return len(self.images) * self.repeats
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
+        index, draw_seed = (key if isinstance(key, tuple) else (key, None))
         row = int(index) % len(self.images)
-        image = self.transform(self.images[row])
+        generator = None if draw_seed is None else torch.Generator().manual_seed(int(draw_seed))
+        image = self._crop_and_flip(self.images[row], generator)
         return {"image": image.float() / 255.0, "index": row}
+
+    def _crop_and_flip(self, image: Tensor, generator: torch.Generator | None) -> Tensor:
+        """A ``resolution`` square (random window or centre), mirrored with probability 1/2 when flipping."""
+        height, width = image.shape[-2:]
+        size = self.resolution
+        if self.random_crop:
+            top = int(torch.randint(0, height - size + 1, (1,), generator=generator))
+            left = int(torch.randint(0, width - size + 1, (1,), generator=generator))
+            image = image[..., top:top + size, left:left + size]
+        else:
+            image = TF.center_crop(image, [size])
+        if self.random_flip and bool(torch.rand(1, generator=generator) < 0.5):
+            image = image.flip(-1)
+        return image
 
 
 class GenerationSeeds(pl.LightningDataModule):
@@ -161,6 +185,8 @@ class TrainImagesDataModule(pl.LightningDataModule):
         self.images: list[Tensor] | None = None
         self.names: list[str] = []
         self.skipped: list[tuple[str, str]] = []  # (file, reason) of files that could not be used
+        self._train_seed: int | None = None  # the run seed, kept in the checkpoint
+        self._resume_position: dict[str, int] | None = None  # from a checkpoint, for the next train_dataloader
 
     # subclasses -----------------------------------------------------------
     def load_subset(self) -> tuple[list[Tensor], list[str]]:
@@ -225,18 +251,55 @@ class TrainImagesDataModule(pl.LightningDataModule):
         return TrainingImages(self.images, self.resolution, augment=False)
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.train_dataset(), batch_size=self.batch_size, shuffle=True,
-                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+        """Shuffled by a :class:`ResumableShuffleSampler` (order a function of the run seed and the
+        epoch, sharded over DDP ranks); a run resumed from a checkpoint starts after the batches
+        that checkpoint had already trained on."""
+        dataset = self.train_dataset()
+        trainer = getattr(self, "trainer", None)
+        shard = (trainer.distributed_sampler_kwargs if trainer is not None else None) or {}
+        if self._train_seed is None:
+            self._train_seed = run_seed()
+        sampler = ResumableShuffleSampler(dataset, seed=self._train_seed, num_replicas=shard.get("num_replicas", 1),
+                                          rank=shard.get("rank", 0))
+        # the checkpoint's position (the datamodule is restored before any loader is built); else the
+        # trainer's own count (a checkpoint without one, or a loader rebuilt during the fit)
+        position = self._resume_position or (self.train_position() if trainer is not None else None)
+        if position is not None:
+            sampler.resume(position["epoch"], position["batches"] * self.batch_size)
+            self._resume_position = None
+        return ResumableDataLoader(dataset, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
+                                   persistent_workers=self.num_workers > 0, position=self.train_position)
+
+    def train_position(self) -> dict[str, int]:
+        """Where training stands in the loader: ``{"epoch", "batches"}`` already trained on in that
+        epoch, from the trainer's count of all batches trained (every epoch has
+        ``num_training_batches``; Lightning's per-epoch counters are not reliable after a resume)."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return {"epoch": 0, "batches": 0}
+        done = int(trainer.fit_loop.epoch_loop.batch_progress.total.processed)
+        per_epoch = trainer.num_training_batches
+        if not isinstance(per_epoch, int) or per_epoch < 1:
+            return {"epoch": int(trainer.fit_loop.epoch_progress.current.processed), "batches": 0}
+        epoch, batches = divmod(done, per_epoch)
+        return {"epoch": epoch, "batches": batches}
 
     def predict_dataloader(self) -> DataLoader:
         return DataLoader(self.seeds, batch_size=self.batch_size, shuffle=False)
 
     # checkpoint ------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {"subset": list(self.names), "skipped": [list(entry) for entry in self.skipped]}
+        state: dict[str, Any] = {"subset": list(self.names), "skipped": [list(entry) for entry in self.skipped]}
+        if getattr(self, "trainer", None) is not None:
+            state.update(train_seed=self._train_seed, train_position=self.train_position())
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Refuse to resume a run on a different training subset than it was trained on."""
+        """Take the loader position and seed of the checkpoint (resume: the next ``train_dataloader``
+        continues there), and refuse to resume on a different training subset than it was trained on."""
+        if state_dict.get("train_position") is not None:
+            self._resume_position = dict(state_dict["train_position"])
+            self._train_seed = state_dict.get("train_seed", self._train_seed)
         saved = list(state_dict.get("subset", []))
         if self.images is None or not saved:
             self.names = saved or self.names

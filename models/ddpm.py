@@ -4,6 +4,9 @@
 ``DDPMScheduler`` (1000 steps, linear betas, epsilon prediction by default) with
 an MSE loss, AdamW and a linear learning-rate warmup, and keeps an exponential
 moving average of the weights (diffusers ``EMAModel``, saved in the checkpoint).
+Each batch's noise and timesteps are drawn from generators seeded by the run seed
+and the batch's place in the fit, so a resumed run (``--ckpt_path``) draws exactly
+what the uninterrupted run drew (``lit.resume``).
 
 :meth:`DDPMModule.sample` draws images with the DDPM or DDIM sampler from the
 EMA weights. Every seed owns one ``torch.Generator`` (on the CPU) for its
@@ -34,6 +37,7 @@ from pytorch_lightning.utilities import rank_zero_info
 from torch import Tensor
 
 from lit.grids import save_png
+from lit.resume import close_finished_epoch, derive_seed, run_seed
 
 Sampler = Literal["ddpm", "ddim"]
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
@@ -135,19 +139,36 @@ class DDPMModule(pl.LightningModule):
         self.ema = EMAModel(self.unet.parameters(), decay=ema_decay, use_ema_warmup=True,
                             inv_gamma=1.0, power=ema_power, foreach=True)
         self._predict_path: Path | None = None
+        self._run_seed: int | None = None  # seed of the training noise draws (lit.resume.run_seed at first use)
 
     # ------------------------------------------------------------------ training
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        """MSE between the UNet's prediction and its target for random timesteps."""
+        """MSE between the UNet's prediction and its target for random timesteps.
+
+        The noise, the timesteps (and dropout) come from torch's generators re-seeded for this
+        batch by ``(run seed, rank, index of the batch in the fit)`` and restored afterwards: a run resumed
+        from a checkpoint draws what the uninterrupted run drew, whatever ran in between.
+        """
         clean = batch["image"] * 2.0 - 1.0  # [0, 1] -> [-1, 1]
-        noise = torch.randn_like(clean)
-        steps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps,
-                              (clean.shape[0],), device=clean.device, dtype=torch.long)
-        noisy = self.noise_scheduler.add_noise(clean, noise, steps)
-        prediction = self.unet(noisy, steps, return_dict=False)[0]
+        with seeded_rng(self._step_seed(batch_idx), clean.device):
+            noise = torch.randn_like(clean)
+            steps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps,
+                                  (clean.shape[0],), device=clean.device, dtype=torch.long)
+            noisy = self.noise_scheduler.add_noise(clean, noise, steps)
+            prediction = self.unet(noisy, steps, return_dict=False)[0]
         loss = F.mse_loss(prediction.float(), self._target(clean, noise, steps).float())
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=clean.shape[0])
         return loss
+
+    def _step_seed(self, batch_idx: int) -> int:
+        """Seed of one training batch: the run seed (kept in checkpoints), the rank, and the
+        batch's index among all batches of the fit (``batch_idx`` outside a trainer)."""
+        if self._run_seed is None:
+            self._run_seed = run_seed()
+        trainer = self._trainer
+        if trainer is None:
+            return derive_seed(self._run_seed, 0, batch_idx)
+        return derive_seed(self._run_seed, trainer.global_rank, trainer.fit_loop.epoch_loop.total_batch_idx)
 
     def _target(self, clean: Tensor, noise: Tensor, steps: Tensor) -> Tensor:
         kind = self.noise_scheduler.config.prediction_type
@@ -183,11 +204,17 @@ class DDPMModule(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["ema"] = self.ema.state_dict()
+        checkpoint["ddpm_run_seed"] = self._run_seed
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Restore the EMA and the run seed of the noise draws; a checkpoint written at an
+        epoch's end resumes at the next epoch's first batch (``lit.resume.close_finished_epoch``)."""
         if "ema" not in checkpoint:
             raise ValueError("checkpoint has no 'ema' entry: it was not written by DDPMModule")
         self.ema.load_state_dict(checkpoint["ema"])
+        if checkpoint.get("ddpm_run_seed") is not None:
+            self._run_seed = int(checkpoint["ddpm_run_seed"])
+        close_finished_epoch(checkpoint)
 
     # ------------------------------------------------------------------ sampling
     @contextlib.contextmanager
@@ -325,6 +352,27 @@ def load_pretrained_unet(path: str | Path) -> UNet2DModel:
     except Exception as error:  # noqa: BLE001 - any failure becomes one line naming the folder
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ValueError(f"cannot load pretrained UNet from {folder} (expected {expected}): {first}") from error
+
+
+@contextlib.contextmanager
+def seeded_rng(seed: int, device: torch.device) -> Iterator[None]:
+    """Run a block with torch's CPU generator (and that of ``device``, on an accelerator)
+    seeded by ``seed``; their previous states come back on exit (``torch.random.fork_rng``)."""
+    if device.type in ("cpu", "meta"):
+        with torch.random.fork_rng(devices=[], device_type="cpu"):
+            torch.default_generator.manual_seed(seed)
+            yield
+        return
+    module = torch.get_device_module(device.type)
+    index = device.index if device.index is not None else module.current_device()
+    with torch.random.fork_rng(devices=[index], device_type=device.type):
+        torch.default_generator.manual_seed(seed)
+        if hasattr(module, "device"):
+            with module.device(index):
+                module.manual_seed(seed)  # this device only (manual_seed_all would touch the others)
+        else:
+            module.manual_seed(seed)
+        yield
 
 
 def _as_seed(value: Any) -> int:
