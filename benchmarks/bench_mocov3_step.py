@@ -130,11 +130,11 @@ def run_lightning(model_args: dict, data_args: dict, steps: int) -> list[float]:
     return times
 
 
-def child(variant: str, config: Path, steps: int, warmup: int, cutmix: str | None) -> None:
+def child(variant: str, config: Path, steps: int, warmup: int, cutmix: str | None, threads: int) -> None:
     """Run one variant and print its timing as JSON (called in a subprocess)."""
     import torch
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(threads)
     started = time.perf_counter()
     model_args, data_args = load_config(config)
     if cutmix is not None:
@@ -155,13 +155,15 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--config", type=Path, default=REPO / "configs" / "demo_mocov3.yaml")
     parser.add_argument("--cutmix", choices=["none", "copy", "mix"], default=None, help="override the config's form")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads per variant (1: stable under CPU contention; 2 on free cores)")
     parser.add_argument("--child", choices=["plain", "lightning"])
     args = parser.parse_args()
     if args.child:
-        child(args.child, args.config, args.steps, args.warmup, args.cutmix)
+        child(args.child, args.config, args.steps, args.warmup, args.cutmix, args.threads)
         return
     results: dict[str, list[dict[str, float]]] = {"plain": [], "lightning": []}
-    extra = ["--cutmix", args.cutmix] if args.cutmix else []
+    extra = (["--cutmix", args.cutmix] if args.cutmix else []) + ["--threads", str(args.threads)]
     for round_ in range(args.rounds):
         for variant in ("plain", "lightning") if round_ % 2 == 0 else ("lightning", "plain"):
             command = [sys.executable, __file__, "--child", variant, "--steps", str(args.steps),
