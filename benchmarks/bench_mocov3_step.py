@@ -16,25 +16,20 @@ its own subprocess (so peak RSS is its own), the variants alternate for ``--roun
 from __future__ import annotations
 
 import argparse
-import json
-import resource
-import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-import yaml
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from step_timing import (  # noqa: E402 - benchmarks are scripts, not a package
+    REPO,
+    compare_in_subprocesses,
+    lightning_step_times,
+    load_config,
+    print_child_result,
+)
 
-REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-
-
-def load_config(path: Path) -> tuple[dict, dict]:
-    """(model init_args, data init_args) of a training config."""
-    config = yaml.safe_load(path.read_text())
-    return config["model"]["init_args"], config["data"]["init_args"]
 
 
 def _loader(data_args: dict):  # noqa: ANN202
@@ -102,32 +97,16 @@ def run_plain(model_args: dict, data_args: dict, steps: int) -> list[float]:
 
 
 def run_lightning(model_args: dict, data_args: dict, steps: int) -> list[float]:
-    """MoCoV3Module under pl.Trainer (no checkpoint/progress bar; a TensorBoard logger writing
-    every 10 steps); per-step seconds between consecutive batch ends."""
+    """MoCoV3Module under pl.Trainer (see ``step_timing.lightning_step_times``); per-step seconds."""
     import pytorch_lightning as pl
 
     from datamodules.images import ProceduralTrainData
     from models.mocov3 import MoCoV3Module
 
-    times: list[float] = []
-
-    class Clock(pl.Callback):
-        def on_train_start(self, *args: object) -> None:
-            self.last = time.perf_counter()
-
-        def on_train_batch_end(self, *args: object) -> None:
-            now = time.perf_counter()
-            times.append(now - self.last)
-            self.last = now
-
     pl.seed_everything(0, verbose=False)
     model = MoCoV3Module(**model_args)
-    with tempfile.TemporaryDirectory(prefix="bench_mocov3_step_") as folder:
-        trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=steps, log_every_n_steps=10,
-                             logger=pl.loggers.TensorBoardLogger(folder), enable_checkpointing=False,
-                             enable_progress_bar=False, enable_model_summary=False, callbacks=[Clock()])
-        trainer.fit(model, datamodule=ProceduralTrainData(**{**data_args, "repeats": 1000}))
-    return times
+    data = ProceduralTrainData(**{**data_args, "repeats": 1000})
+    return lightning_step_times(model, data, steps, prefix="bench_mocov3_step_")
 
 
 def child(variant: str, config: Path, steps: int, warmup: int, cutmix: str | None, threads: int) -> None:
@@ -135,17 +114,11 @@ def child(variant: str, config: Path, steps: int, warmup: int, cutmix: str | Non
     import torch
 
     torch.set_num_threads(threads)
-    started = time.perf_counter()
     model_args, data_args = load_config(config)
     if cutmix is not None:
         model_args = {**model_args, "cutmix": cutmix}
-    times = (run_plain if variant == "plain" else run_lightning)(model_args, data_args, steps)
-    timed = times[warmup:]
-    print(json.dumps({
-        "variant": variant, "mean": statistics.fmean(timed), "median": statistics.median(timed),
-        "wall": time.perf_counter() - started, "steps": len(times),
-        "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-    }))
+    run = run_plain if variant == "plain" else run_lightning
+    print_child_result(variant, lambda: run(model_args, data_args, steps), warmup)
 
 
 def main() -> None:
@@ -162,30 +135,14 @@ def main() -> None:
     if args.child:
         child(args.child, args.config, args.steps, args.warmup, args.cutmix, args.threads)
         return
-    results: dict[str, list[dict[str, float]]] = {"plain": [], "lightning": []}
-    extra = (["--cutmix", args.cutmix] if args.cutmix else []) + ["--threads", str(args.threads)]
-    for round_ in range(args.rounds):
-        for variant in ("plain", "lightning") if round_ % 2 == 0 else ("lightning", "plain"):
-            command = [sys.executable, __file__, "--child", variant, "--steps", str(args.steps),
-                       "--warmup", str(args.warmup), "--config", str(args.config), *extra]
-            out = subprocess.run(command, cwd=REPO, capture_output=True, text=True, check=True).stdout
-            result = json.loads(out.strip().splitlines()[-1])
-            results[variant].append(result)
-            print(f"round {round_ + 1} {variant:>9}: {1000 * result['median']:.1f} ms/step median, "
-                  f"{1000 * result['mean']:.1f} mean, peak RSS {result['max_rss_mb']:.0f} MB", flush=True)
-    plain = statistics.median(r["median"] for r in results["plain"])
-    light = statistics.median(r["median"] for r in results["lightning"])
-    ratios = [lr["median"] / pr["median"] for lr, pr in zip(results["lightning"], results["plain"])]
     model_args, data_args = load_config(args.config)
-    print(f"\n{args.config.name}: {model_args.get('arch')} depth {model_args.get('depth')} at "
-          f"{model_args.get('img_size')}px, batch {data_args['batch_size']}, cutmix "
-          f"{args.cutmix or model_args.get('cutmix', 'none')}, {args.steps - args.warmup} timed steps x {args.rounds} rounds")
-    print(f"{'variant':>10} {'ms/step (median)':>17} {'peak RSS MB':>12}")
-    for name, value in (("plain", plain), ("lightning", light)):
-        rss = max(r["max_rss_mb"] for r in results[name])
-        print(f"{name:>10} {1000 * value:>17.1f} {rss:>12.0f}")
-    print(f"ratio lightning / plain: {light / plain:.3f} (per round: {', '.join(f'{r:.3f}' for r in ratios)}; "
-          "target <= 1.05)")
+    title = (f"{args.config.name}: {model_args.get('arch')} depth {model_args.get('depth')} at "
+             f"{model_args.get('img_size')}px, batch {data_args['batch_size']}, cutmix "
+             f"{args.cutmix or model_args.get('cutmix', 'none')}, {args.steps - args.warmup} timed steps x "
+             f"{args.rounds} rounds")
+    extra = (["--cutmix", args.cutmix] if args.cutmix else []) + ["--threads", str(args.threads)]
+    compare_in_subprocesses(__file__, ["--steps", str(args.steps), "--warmup", str(args.warmup),
+                                       "--config", str(args.config), *extra], args.rounds, title)
 
 
 if __name__ == "__main__":
