@@ -43,7 +43,7 @@ from lit.errors import UserError
 EXTRA_COMMANDS: dict[str, tuple[str, str, str]] = {
     "report": ("lit.table1", "main", "collect the metrics.json of lit test runs into the paper's Table 1"),
     "export": ("lit.export", "main", "write a checkpoint's trained backbone as a descriptor file (safetensors)"),
-    "scan": ("lit.scan", "main", "search generated images against a training set and report what was copied"),
+    "scan": ("lit.scan.command", "main", "search generated images against a training set and report what was copied"),
 }
 
 #: Where a run without a logger writes (under the trainer's ``default_root_dir``).

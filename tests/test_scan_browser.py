@@ -18,8 +18,8 @@ from PIL import Image
 
 from datamodules.procedural import ProceduralScenes
 from lit.grids import save_png
-from lit.scan import ScanOptions, prepare_out, run_scan, write_outputs
-from lit.scan_sources import MemorySource
+from lit.scan.command import ScanOptions, prepare_out, run_scan, write_outputs
+from lit.scan.sources import MemorySource
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 

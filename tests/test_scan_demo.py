@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from lit.errors import UserError
-from lit.scan_demo import main
+from lit.scan.demo import main
 
 
 def test_planted_copies_top_the_report(tmp_path: Path) -> None:

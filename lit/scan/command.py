@@ -5,7 +5,7 @@
 ``G`` and ``T`` are image folders (recursive; ``root/<class>/<image>`` gives class
 labels), ``.txt`` / ``.tsv`` file lists (with captions / labels), webdataset tar
 shards (img2dataset / LAION layout) or feature stores; all but stores are extracted
-to stores first (:mod:`lit.scan_sources`) and reused by the next scan. The scan
+to stores first (:mod:`lit.scan.sources`) and reused by the next scan. The scan
 (paper Sec. 6-7) finds every generation's top-k training images, the training set's
 self-similarity baseline (exact, or on a seeded sample of ``--baseline_sample``
 rows), how many training images duplicate each generation's top match against
@@ -41,7 +41,7 @@ from datamodules.scan_inputs import ImageSource
 from lit.errors import UserError
 from lit.replication import DUPLICATE_THRESHOLD
 from lit.report import write_json, write_text_atomic
-from lit.scan_analysis import (
+from lit.scan.analysis import (
     DEFAULT_THRESHOLDS,
     ClassSimilarity,
     RowSample,
@@ -54,7 +54,7 @@ from lit.scan_analysis import (
     score_summary,
     within_class_top1,
 )
-from lit.scan_sources import FeatureSource, StoreSource, extract_input
+from lit.scan.sources import FeatureSource, StoreSource, extract_input
 from lit.store import DTYPES, FeatureStore, is_store
 from lit.search import SearchResult, search, search_store
 from lit.similarity import SimilarityKind, TokenNormalization, cosine_similarity, split_product
@@ -354,7 +354,7 @@ def write_outputs(out: Path, result: ScanResult, generations: FeatureSource, tra
                   options: ScanOptions, descriptor: dict[str, Any], report_rows: int = 20, thumb: int = 96,
                   wall_s: float | None = None) -> dict[str, Path]:
     """matches.csv, summary.json, the plots and report.html in ``out``."""
-    from lit.scan_report import write_plots, write_report  # matplotlib/PIL only when writing
+    from lit.scan.report import write_plots, write_report  # matplotlib/PIL only when writing
 
     header, rows = matches_rows(result, generations, training)
     paths = {"matches": write_matches(out / "matches.csv", header, rows)}

@@ -1,6 +1,6 @@
 """The ``lit scan`` demo: planted copies among procedural "generations", found in a 20,000-image training set.
 
-    python -m lit.scan_demo --out runs/demo_scan
+    python -m lit.scan.demo --out runs/demo_scan
 
 Renders ``--training`` procedural scenes (``datamodules.procedural``) as PNG files,
 then ``--copies`` "generations" that copy a training scene (kornia colour jitter and
@@ -134,7 +134,7 @@ def prepare_root(root: Path) -> None:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Render the demo data, scan it, check the planted copies, print and record the figures."""
-    parser = argparse.ArgumentParser(prog="python -m lit.scan_demo", description=__doc__.splitlines()[0],
+    parser = argparse.ArgumentParser(prog="python -m lit.scan.demo", description=__doc__.splitlines()[0],
                                      allow_abbrev=False)
     parser.add_argument("--out", default="runs/demo_scan", help="demo folder (data/ and scan/ inside)")
     parser.add_argument("--training", type=int, default=20000, help="procedural training images")
@@ -160,7 +160,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                       "generation,source\n" + "".join(f"{g},{s}\n" for g, s in planted))
     timings["render_s"] = time.perf_counter() - clock
 
-    from lit.scan import main as scan
+    from lit.scan.command import main as scan
 
     clock = time.perf_counter()
     paths = scan(["--generations", str(root / "data" / "generations"), "--training", str(root / "data" / "training"),

@@ -28,8 +28,8 @@ from lit.plots import BASELINE_COLOUR, GENERATION_COLOUR, new_figure, save_figur
 from lit.report import write_text_atomic
 
 if TYPE_CHECKING:
-    from lit.scan import ScanOptions, ScanResult
-    from lit.scan_sources import FeatureSource
+    from lit.scan.command import ScanOptions, ScanResult
+    from lit.scan.sources import FeatureSource
 
 
 # ----------------------------------------------------------------------------- plots
