@@ -1,8 +1,13 @@
 #!/usr/bin/env bash
 # Create .venv and install the suite with its pinned dependencies.
 # Idempotent: a second run only checks a stamp and returns in a second.
+# --test: also install Debian's headless Chromium (best effort) for the report.html browser test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+if [ "${1:-}" = "--test" ] && [ ! -x /usr/bin/chromium ]; then
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >/dev/null 2>&1 \
+        || echo "setup: could not install chromium with apt-get; the report browser test will be skipped" >&2
+fi
 PY=${PYTHON:-python3}
 VENV=.venv
 STAMP=$VENV/.installed-$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)
