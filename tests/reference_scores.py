@@ -79,3 +79,19 @@ def split_product_scores(queries: Array, gallery: Array, mode: str) -> np.ndarra
         return (q[:, None] * g[None]).sum(axis=-1).max(axis=-1)
 
     return pairwise(queries, gallery, score)
+
+def reference_topk(
+    scores: np.ndarray, k: int, exclude: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Stable ranking by (-score, row); excluded rows removed; -1 / -inf padding."""
+    num_q, num_g = scores.shape
+    out_i = np.full((num_q, k), -1, dtype=np.int64)
+    out_s = np.full((num_q, k), -np.inf)
+    for r in range(num_q):
+        rows = np.arange(num_g)
+        if exclude is not None and exclude[r] >= 0:
+            rows = rows[rows != exclude[r]]
+        order = rows[np.lexsort((rows, -scores[r, rows]))][:k]
+        out_i[r, : len(order)] = order
+        out_s[r, : len(order)] = scores[r, order]
+    return out_s, out_i

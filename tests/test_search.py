@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from lit.search import SearchResult, search, self_search
-from tests.reference_scores import cosine_scores, split_product_scores
+from tests.reference_scores import cosine_scores, reference_topk, split_product_scores
 
 MODES = ["token", "global", "none"]
 
@@ -29,21 +29,6 @@ def split_product_matrix(q: torch.Tensor, g: torch.Tensor, mode: str) -> np.ndar
     return split_product_scores(q, g, mode)
 
 
-def reference_topk(
-    scores: np.ndarray, k: int, exclude: np.ndarray | None = None
-) -> tuple[np.ndarray, np.ndarray]:
-    """Stable ranking by (-score, row); excluded rows removed; -1 / -inf padding."""
-    num_q, num_g = scores.shape
-    out_i = np.full((num_q, k), -1, dtype=np.int64)
-    out_s = np.full((num_q, k), -np.inf)
-    for r in range(num_q):
-        rows = np.arange(num_g)
-        if exclude is not None and exclude[r] >= 0:
-            rows = rows[rows != exclude[r]]
-        order = rows[np.lexsort((rows, -scores[r, rows]))][:k]
-        out_i[r, : len(order)] = order
-        out_s[r, : len(order)] = scores[r, order]
-    return out_s, out_i
 
 
 def assert_matches(result: SearchResult, ref: tuple[np.ndarray, np.ndarray]) -> None:

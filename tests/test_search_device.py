@@ -19,6 +19,7 @@ import torch
 import lit.search as lit_search
 from lit.search import SearchResult, TensorRows, search, search_store, self_search
 from lit.similarity import split_product
+from tests.reference_scores import reference_topk
 
 PRECISIONS = ["float32", "tf32", "bf16"]
 
@@ -48,18 +49,6 @@ def split_product64(q: torch.Tensor, g: torch.Tensor, mode: str) -> np.ndarray:
     return (qn[:, None] * gn[None]).sum(-1).max(-1)
 
 
-def reference_topk(scores: np.ndarray, k: int, exclude: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Stable ranking by (-score, row), excluded rows removed, -1 / -inf padding."""
-    num_q, num_g = scores.shape
-    out_i = np.full((num_q, k), -1, dtype=np.int64)
-    out_s = np.full((num_q, k), -np.inf)
-    for r in range(num_q):
-        rows = np.arange(num_g)
-        if exclude is not None and exclude[r] >= 0:
-            rows = rows[rows != exclude[r]]
-        order = rows[np.lexsort((rows, -scores[r, rows]))][:k]
-        out_i[r, : len(order)], out_s[r, : len(order)] = order, scores[r, order]
-    return out_s, out_i
 
 
 def assert_matches(result: SearchResult, ref: tuple[np.ndarray, np.ndarray]) -> None:
