@@ -183,9 +183,8 @@ def build_index(
     size = min(num_rows, max(50_000, 40 * nlist)) if train_size is None else int(train_size)
     if not 1 <= size <= num_rows:
         raise ValueError(f"train_size must be in [1, {num_rows}], got {train_size}")
-    if path is None and getattr(source, "root", None) is not None:
-        root = Path(source.root)  # type: ignore[attr-defined]
-        path = root.with_name(f"{root.name}.index-{_slug(factory)}.faiss")
+    if path is None:
+        path = default_index_path(source, factory)
     if path is not None:
         _check_writable(Path(path), overwrite)  # before the long work
     if nprobe is not None and (isinstance(nprobe, bool) or not isinstance(nprobe, int) or nprobe < 1):
@@ -208,6 +207,16 @@ def build_index(
     if path is not None:
         ann.save(path, overwrite=overwrite)
     return ann
+
+
+def default_index_path(source: RowSource, factory: str) -> Path | None:
+    """Where :func:`build_index` saves an index by default: ``<root>.index-<factory>.faiss`` beside a
+    store's folder; None for a source without a ``root`` (held in memory)."""
+    root = getattr(source, "root", None)
+    if root is None:
+        return None
+    root = Path(root)
+    return root.with_name(f"{root.name}.index-{_slug(factory)}.faiss")
 
 
 def _nlist(index: faiss.Index) -> int:

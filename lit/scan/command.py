@@ -17,6 +17,11 @@ created before: it never writes into someone else's folder).
 
 The search streams the training set in blocks of ``--block_rows`` rows, so memory
 stays bounded by the block and the top-k lists, whatever the training set's size.
+It is exact by default; ``--index FACTORY`` (e.g. ``IVF4096,Flat``, ``IVF4096,PQ64np``)
+searches the generations through an approximate faiss index built once over the
+training store and saved beside it (:mod:`lit.scan.approx`), visiting ``--nprobe``
+lists and re-ranking a shortlist of ``k x --rerank_factor`` rows exactly from the
+store. The self-similarity baseline and the duplicate counts stay exact.
 """
 
 from __future__ import annotations
@@ -54,6 +59,7 @@ from lit.scan.analysis import (
     score_summary,
     within_class_top1,
 )
+from lit.scan.approx import IndexOptions, approximate_search, open_index
 from lit.scan.sources import FeatureSource, StoreSource, extract_input
 from lit.store import DTYPES, FeatureStore, is_store
 from lit.search import SearchResult, search, search_store
@@ -84,6 +90,7 @@ class ScanOptions:
     norm_k: int = 10
     norm_beta: float = 1.0
     progress: bool = True
+    index: IndexOptions | None = None  # None: exact generation search
 
 
 @dataclass
@@ -101,6 +108,7 @@ class ScanResult:
     class_source: str | None
     normalization: dict[str, Any] | None
     timings: dict[str, float] = field(default_factory=dict)
+    search: dict[str, Any] = field(default_factory=lambda: {"method": "exact"})
 
     @property
     def ranking_scores(self) -> Tensor:
@@ -182,7 +190,17 @@ def run_scan(generations: FeatureSource, training: FeatureSource, options: ScanO
     clock = time.perf_counter()
     k = min(options.k, training.num_rows)
     all_generations = torch.arange(generations.num_rows)
-    top = search_source(generations, all_generations, training, k, **search_kw)
+    search_record: dict[str, Any] = {"method": "exact"}
+    if options.index is None:
+        top = search_source(generations, all_generations, training, k, **search_kw)
+    else:
+        ann, search_record = open_index(training.row_source, options.index, progress=options.progress)
+        timings["index_s"] = time.perf_counter() - clock
+        clock = time.perf_counter()
+        found = [approximate_search(ann, generations.rows(chunk), training.row_source, k, search_record,
+                                    progress=options.progress)
+                 for chunk in query_chunks(all_generations, generations.feature_shape)]
+        top = SearchResult(torch.cat([f.scores for f in found]), torch.cat([f.indices for f in found]))
     timings["search_s"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
@@ -224,7 +242,7 @@ def run_scan(generations: FeatureSource, training: FeatureSource, options: ScanO
                          "note": "score - beta * mean similarity of the generation to its k nearest background items"}
         timings["normalization_s"] = time.perf_counter() - clock
     return ScanResult(top, normalized, baseline, sample, match_duplicates, random, random_duplicates,
-                      classes, class_source, normalization, timings)
+                      classes, class_source, normalization, timings, search_record)
 
 
 def _class_analysis(generations: FeatureSource, training: FeatureSource, top: SearchResult,
@@ -330,6 +348,7 @@ def build_summary(result: ScanResult, generations: FeatureSource, training: Feat
         "training": {"count": training.num_rows, "skipped": len(training.skipped),
                      "skipped_files": training.skipped},
         "k": int(result.top.scores.shape[1]),
+        "search": result.search,
         "thresholds": list(options.thresholds),
         "similarity": "cosine" if len(training.feature_shape) == 1 else "split_product",
         "token_normalization": options.token_normalization if len(training.feature_shape) == 2 else None,
@@ -420,6 +439,16 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--duplicate_threshold", type=float, default=DUPLICATE_THRESHOLD, help="duplicate similarity")
     parser.add_argument("--seed", type=int, default=0, help="seed of every sample")
     parser.add_argument("--block_rows", type=int, default=65536, help="training rows searched at a time")
+    parser.add_argument("--index", type=str | None, default=None,
+                        help="faiss factory string of an approximate index over the training store for the "
+                             "generation search, e.g. IVF4096,Flat or IVF4096,PQ64np (null: exact search; "
+                             "global features only; built once, saved beside the store, reused)")
+    parser.add_argument("--nprobe", type=int | None, default=None,
+                        help="IVF lists visited per generation (null: 16, the index's default)")
+    parser.add_argument("--rerank_factor", type=int, default=10,
+                        help="shortlist of k x this many rows from the index, re-ranked exactly from the store")
+    parser.add_argument("--index_train_size", type=int | None, default=None,
+                        help="training rows sampled (--seed) to train the index (null: max(50000, 40 x lists))")
     parser.add_argument("--report_rows", type=int, default=20, help="generations shown in report.html")
     parser.add_argument("--thumb", type=int, default=96, help="thumbnail side in report.html (pixels)")
     parser.add_argument("--device", type=str, default="auto", help="auto, cpu or cuda[:N]")
@@ -438,13 +467,19 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         args = parser.parse_args(list(argv))
     except argparse.ArgumentError as error:
         raise UserError(f"lit scan: {error}".replace("\n", " ")) from None
-    for name in ("k", "norm_k", "batch_size", "block_rows", "random_sample", "class_sample", "thumb"):
+    for name in ("k", "norm_k", "batch_size", "block_rows", "random_sample", "class_sample", "thumb",
+                 "rerank_factor"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name} must be >= 1, got {getattr(args, name)}")
     if args.report_rows < 0:
         raise UserError(f"--report_rows must be >= 0, got {args.report_rows}")
     if args.baseline_sample is not None and args.baseline_sample < 1:
         raise UserError(f"--baseline_sample must be >= 1 or null, got {args.baseline_sample}")
+    for name in ("nprobe", "index_train_size"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise UserError(f"--{name} must be >= 1 or null, got {getattr(args, name)}")
+    if args.index is not None and not args.index.strip():
+        raise UserError("--index must be a faiss factory string such as IVF1024,Flat, or null for exact search")
     if args.dtype not in DTYPES:
         raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, got {args.dtype!r}")
     if args.similarity not in ("auto", "cosine", "split_product"):
@@ -499,7 +534,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
                           random_sample=args.random_sample, class_sample=args.class_sample,
                           duplicate_threshold=args.duplicate_threshold, seed=args.seed, block_rows=args.block_rows,
                           device=str(device),
-                          norm_k=args.norm_k, norm_beta=args.norm_beta, progress=args.progress)
+                          norm_k=args.norm_k, norm_beta=args.norm_beta, progress=args.progress,
+                          index=None if args.index is None else IndexOptions(
+                              args.index.strip(), nprobe=args.nprobe, rerank_factor=args.rerank_factor,
+                              train_size=args.index_train_size, seed=args.seed))
     result = run_scan(generations, training, options, background)
     paths = write_outputs(out, result, generations, training, options, record, report_rows=args.report_rows,
                           thumb=args.thumb, wall_s=time.perf_counter() - start)

@@ -193,6 +193,17 @@ def _stats_table(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def search_line(search: dict[str, Any]) -> str:
+    """How the generations were searched, in words (the report's header line)."""
+    if search.get("method") != "approximate":
+        return "exact search"
+    probe = "" if search.get("nprobe") is None else f", nprobe {search['nprobe']}"
+    return (f"approximate search: faiss {search['factory']}{probe}, shortlist of k x {search['rerank_factor']} "
+            f"re-ranked exactly (index {'reused' if search.get('reused') else 'built'}"
+            f"{'' if search.get('index_path') is None else ': ' + Path(search['index_path']).name}); "
+            "baseline and duplicates exact")
+
+
 def render_report(result: ScanResult, summary: dict[str, Any], generations: FeatureSource,
                   training: FeatureSource, *, report_rows: int, thumb: int, plots: dict[str, Path]) -> str:
     """The HTML text of report.html."""
@@ -231,7 +242,8 @@ def render_report(result: ScanResult, summary: dict[str, Any], generations: Feat
 <body>
 <h1>lit scan: {summary['generations']['count']} generations vs {summary['training']['count']} training images</h1>
 <p>Descriptor <b>{html.escape(str(descriptor.get('display_name', descriptor.get('name'))))}</b>
-({html.escape(str(summary['similarity']))}); top-{summary['k']} training matches per generation.
+({html.escape(str(summary['similarity']))}); top-{summary['k']} training matches per generation;
+{html.escape(search_line(summary.get('search', {'method': 'exact'})))}.
 Files: <a href="matches.csv">matches.csv</a> · <a href="summary.json">summary.json</a></p>
 {''.join(f'<p><i>{html.escape(n)}</i></p>' for n in notes)}
 <h2>Summary</h2>
