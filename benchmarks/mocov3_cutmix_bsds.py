@@ -7,8 +7,11 @@ untrained backbone (random-init floor) and ``pixel`` on the Segmix, Cutmix and D
 sets built from ``val/`` exactly as ``benchmarks/table1_bsds.py`` builds them (its pieces
 are reused: layout, set arguments, builds, ``lit report``). ``--out`` is a new folder.
 
-    nice -n 10 .venv/bin/python benchmarks/mocov3_cutmix_bsds.py                 # 1 seed, ~20 min on 2 cores
-    nice -n 10 .venv/bin/python benchmarks/mocov3_cutmix_bsds.py --seeds 0 1     # 2 seeds
+    nice -n 10 .venv/bin/python benchmarks/mocov3_cutmix_bsds.py --seeds 0 1              # ~10-15 min on 2 cores
+    nice -n 10 .venv/bin/python benchmarks/mocov3_cutmix_bsds.py --datasets segmix cutmix  # no Dif-Patch build
+
+Each fit is 160 steps at 32 px (5 epochs x 32 steps, batch 64; ~40 s on 2 free cores). The
+untrained floor is the same module at the same seed saved before its first step.
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--forms", nargs="+", choices=CUTMIX_FORMS, default=list(CUTMIX_FORMS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--datasets", nargs="+", choices=t1.DATASETS, default=list(t1.DATASETS))
-    parser.add_argument("--epochs", type=int, default=6)
+    parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=10, help="passes over train/ per epoch")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--resolution", type=int, default=32, help="training / descriptor input size")
