@@ -20,6 +20,7 @@ import argparse
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -98,6 +99,7 @@ def train_config(args: argparse.Namespace, settings: t1.Settings, unet: Path, fo
                       "init_args": {"root": str(settings.data.train_images), "resolution": args.resolution,
                                     "random_crop": False, "random_flip": False, "batch_size": args.batch_size,
                                     "repeats": args.repeats}}
+    shutil.rmtree(settings.work / "train" / name / f"e{epochs}", ignore_errors=True)  # our own earlier run's logs
     path = settings.work / "configs" / f"{name}_e{epochs}.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(config, sort_keys=False))
