@@ -194,6 +194,7 @@ def main(argv: list[str] | None = None) -> None:
     evals += [(label, ["--model.init_args.descriptor=mocov3", f"--model.init_args.weights={path}"])
               for label, path in exports.items()]
     timings = []
+    shutil.rmtree(settings.work / "runs", ignore_errors=True)  # our own earlier runs' logs (lit test refuses them)
     for dataset in args.datasets:
         for label, model in evals:
             seconds = lit(test_args(dataset, settings, unet, label, model),
