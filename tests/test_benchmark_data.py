@@ -93,3 +93,21 @@ def test_replication_vs_size_on_any_folder_writes_a_new_result_folder(tmp_path: 
     assert (out / "replication_vs_size.png").is_file()
     with pytest.raises(SystemExit, match="already holds files"):
         replication_vs_size.main(["--data", str(tmp_path / "photos"), "--out", str(out)])
+
+
+def test_mocov3_cutmix_benchmark_refuses_a_users_work_folder_before_deleting_anything(tmp_path: Path) -> None:
+    """Its log clean-ups (``runs/``, ``train/<form>/``) run only inside a work folder it claimed:
+    a user's folder with files in those places is refused and left as it was."""
+    from benchmarks import mocov3_cutmix_bsds
+
+    user = tmp_path / "mine"
+    for name in ("runs/keep.txt", "train/none_s0/e5/notes.txt", "data.csv"):
+        (user / name).parent.mkdir(parents=True, exist_ok=True)
+        (user / name).write_text("user data")
+    for fresh in ([], ["--fresh"]):
+        with pytest.raises(SystemExit, match="holds files this script did not write"):
+            mocov3_cutmix_bsds.main(["--data", str(BSDS), "--work", str(user), "--out", str(tmp_path / "out"), *fresh])
+    assert sorted(str(p.relative_to(user)) for p in user.rglob("*") if p.is_file()) == [
+        "data.csv", "runs/keep.txt", "train/none_s0/e5/notes.txt"]
+    assert all(p.read_text() == "user data" for p in user.rglob("*") if p.is_file())
+    assert not (tmp_path / "out").exists()
