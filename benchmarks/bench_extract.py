@@ -24,7 +24,7 @@ import pytorch_lightning as pl
 import torch
 
 from callbacks.store_writer import StoreWriterCallback
-from datamodules.scan_inputs import ExtractionDataModule, crop_image
+from datamodules.extraction_inputs import ExtractionDataModule, crop_image
 from lit.io import list_images, load_image
 from lit.store import FeatureStore
 from models.extract import DescriptorExtractor

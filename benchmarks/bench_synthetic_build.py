@@ -42,16 +42,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
-
-from datamodules.cutmix import CutmixBuilder  # noqa: E402
-from datamodules.masks import FolderMaskSource, VocMaskSource, _LabelMapSource  # noqa: E402
-from datamodules.outpainting import OutpaintBuilder, kept_mask  # noqa: E402
-from datamodules.procedural import ProceduralScenes  # noqa: E402
-from datamodules.segmix import SegmixBuilder  # noqa: E402
-from datamodules.synthetic import (  # noqa: E402
-    PNG_COMPRESS_LEVEL, BuildReport, SyntheticBuilder, build_synthetic, folder_refs,
-)
 from table1_bsds import random_unet  # noqa: E402
+
+from datamodules.procedural import ProceduralScenes  # noqa: E402
+from datamodules.synthetic.base import (  # noqa: E402
+    PNG_COMPRESS_LEVEL,
+    BuildReport,
+    SyntheticBuilder,
+    build_synthetic,
+    folder_refs,
+)
+from datamodules.synthetic.cutmix import CutmixBuilder  # noqa: E402
+from datamodules.synthetic.masks import FolderMaskSource, VocMaskSource, _LabelMapSource  # noqa: E402
+from datamodules.synthetic.outpainting import OutpaintBuilder, kept_mask  # noqa: E402
+from datamodules.synthetic.segmix import SegmixBuilder  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "bsds300"
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -89,7 +89,7 @@ def train_config(args: argparse.Namespace, settings: t1.Settings, unet: Path, fo
     trainer["logger"] = {"class_path": "pytorch_lightning.loggers.CSVLogger",
                          "init_args": {"save_dir": str(settings.work / "train"), "name": name, "version": f"e{epochs}"}}
     callback = trainer["callbacks"][0]
-    callback["init_args"]["datamodule"] = {"class_path": "datamodules.cutmix.CutmixDataModule",
+    callback["init_args"]["datamodule"] = {"class_path": "datamodules.synthetic.cutmix.CutmixDataModule",
                                            "init_args": cutmix_set_args(settings, unet)}
     callback["init_args"]["batch_size"] = 50
     trainer["callbacks"] = [callback]
@@ -110,7 +110,7 @@ def fit_and_save(config: Path, ckpt: Path, threads: int) -> dict[str, float]:
     """``lit fit`` (in this forked child) from ``config``; save the final checkpoint to ``ckpt``."""
     import torch
 
-    from lit.cli import LitCLI
+    from lit.commands.cli import LitCLI
 
     torch.set_num_threads(threads)
     sys.argv = sys.argv[:1]
@@ -123,12 +123,12 @@ def fit_and_save(config: Path, ckpt: Path, threads: int) -> dict[str, float]:
 
 
 def lit(args: list[str], log: Path, threads: int) -> float:
-    """One ``python -m lit.cli ...`` subprocess (output to ``log``); its wall time. Raises on failure."""
+    """One ``python -m lit.commands.cli ...`` subprocess (output to ``log``); its wall time. Raises on failure."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "PYTHONPATH": str(REPO)}
     start = time.perf_counter()
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("w", encoding="utf-8") as handle:
-        code = subprocess.run([sys.executable, "-m", "lit.cli", *args], cwd=REPO, env=env, stdout=handle,
+        code = subprocess.run([sys.executable, "-m", "lit.commands.cli", *args], cwd=REPO, env=env, stdout=handle,
                               stderr=subprocess.STDOUT).returncode
     if code != 0:
         raise SystemExit(f"lit {args[0]} failed (rc {code}); see {log}")

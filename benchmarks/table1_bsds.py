@@ -11,7 +11,7 @@ the paste pool is a seeded half of the images, disjoint from the queries. Each s
 through the same ``lit`` config parser that ``lit test`` uses (so the runs find a
 matching manifest and reuse it), into ``--work`` (outside the repository by default).
 Every (dataset, descriptor) pair is then one real ``lit test`` subprocess
-(``python -m lit.cli test -c configs/X.yaml ...``) with ``OMP_NUM_THREADS=--threads``;
+(``python -m lit.commands.cli test -c configs/X.yaml ...``) with ``OMP_NUM_THREADS=--threads``;
 ``lit report`` pivots the metrics.json files into Table 1 (mAP, average rank) plus
 Recall@1/@10 and MRR tables, which are copied to ``--out`` with the build figures and
 the wall time and peak RSS of every run. ``--out`` defaults to a new timestamped folder
@@ -174,7 +174,7 @@ def build_set(dataset: str, settings: Settings, unet: Path) -> dict[str, object]
     :func:`in_fresh_process`)."""
     import torch
 
-    from lit.cli import LitCLI
+    from lit.commands.cli import LitCLI
 
     torch.set_num_threads(settings.threads)
     sys.argv = sys.argv[:1]  # a child process: LightningCLI warns when it sees args beside sys.argv
@@ -216,7 +216,7 @@ def run_one(dataset: str, descriptor: str, settings: Settings, unet: Path) -> Ru
     logs = settings.work / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     log_file = logs / f"{dataset}__{descriptor}.log"
-    command = [sys.executable, "-m", "lit.cli", "test", *cli_args(dataset, descriptor, settings, unet)]
+    command = [sys.executable, "-m", "lit.commands.cli", "test", *cli_args(dataset, descriptor, settings, unet)]
     env = {**os.environ, "OMP_NUM_THREADS": str(settings.threads), "MKL_NUM_THREADS": str(settings.threads),
            "PYTHONPATH": str(REPO)}
     stamp = manifest_stamp(settings, dataset)
@@ -236,7 +236,7 @@ def report(settings: Settings, out: Path) -> str:
     """``lit report`` over every run; copies its Markdown and CSV files into ``out``."""
     report_dir = settings.work / "report"
     shutil.rmtree(report_dir, ignore_errors=True)
-    command = [sys.executable, "-m", "lit.cli", "report", str(settings.work / "runs"), "--out", str(report_dir)]
+    command = [sys.executable, "-m", "lit.commands.cli", "report", str(settings.work / "runs"), "--out", str(report_dir)]
     subprocess.run(command, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, check=True,
                    stdout=subprocess.DEVNULL)
     for path in sorted(report_dir.iterdir()):

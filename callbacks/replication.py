@@ -61,6 +61,7 @@ from torch.utils.data import Dataset
 
 from lit.distributed import gather_by_index
 from lit.embedding import embed_dataset
+from lit.files import write_json, write_text_atomic
 from lit.plots import replication_summary, save_figure, similarity_histogram, top_copies_grid
 from lit.replication import (
     DUPLICATE_THRESHOLD,
@@ -73,7 +74,6 @@ from lit.replication import (
     stat_names,
     top_copies,
 )
-from lit.report import write_json, write_text_atomic
 from lit.similarity import SimilarityKind, TokenNormalization
 from models.descriptor_config import DescriptorConfig
 from models.extractors import Descriptor, get_spec

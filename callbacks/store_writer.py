@@ -1,7 +1,7 @@
 """Write ``lit predict`` features into a feature store, shard by shard, on every rank.
 
 Used with :class:`models.extract.DescriptorExtractor` and
-:class:`datamodules.scan_inputs.ExtractionDataModule`. Before predicting, rank 0 opens the
+:class:`datamodules.extraction_inputs.ExtractionDataModule`. Before predicting, rank 0 opens the
 store (creating it, or checking that an existing one was made by the same descriptor,
 weights and dtype) and lists the shards already written; every rank then gets its share of
 the remaining shards from the datamodule. Each rank accumulates the rows of a shard until
@@ -24,9 +24,11 @@ import torch
 from pytorch_lightning.callbacks import BasePredictionWriter
 from pytorch_lightning.utilities import rank_zero_info
 
+from datamodules.extraction_inputs import ExtractionDataModule
 from lit.distributed import all_gather_objects
 from lit.errors import UserError
 from lit.store import StoreWriter
+from models.extract import DescriptorExtractor
 
 DEFAULT_SHARD_BYTES = 64 * 2**20
 """Target size of a shard when ``shard_size`` is not given (bounds a rank's buffered rows)."""
@@ -98,15 +100,12 @@ class StoreWriterCallback(BasePredictionWriter):
         super().setup(trainer, pl_module, stage)
         if stage != "predict":
             return
-        from datamodules.scan_inputs import ExtractionDataModule
-        from models.extract import DescriptorExtractor
-
         if not isinstance(pl_module, DescriptorExtractor):
             raise UserError(f"StoreWriterCallback needs model models.extract.DescriptorExtractor, "
                             f"got {type(pl_module).__name__}")
         datamodule = trainer.datamodule
         if not isinstance(datamodule, ExtractionDataModule):
-            raise UserError(f"StoreWriterCallback needs data datamodules.scan_inputs.ExtractionDataModule, "
+            raise UserError(f"StoreWriterCallback needs data datamodules.extraction_inputs.ExtractionDataModule, "
                             f"got {type(datamodule).__name__}")
         trainer.predict_loop.return_predictions = False  # the store keeps them, not RAM
         record, shape = pl_module.record(), pl_module.feature_shape

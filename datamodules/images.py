@@ -54,8 +54,8 @@ from tqdm.auto import tqdm
 from datamodules.procedural import ProceduralScenes
 from datamodules.samplers import ResumableDataLoader, ResumableShuffleSampler
 from lit.errors import UserError
+from lit.files import write_text_atomic
 from lit.io import ImageLoadError, load_image, scan_images, shorten, to_uint8
-from lit.report import write_text_atomic
 from lit.resume import run_seed
 
 SUBSET_FILE = "training_subset.tsv"

@@ -17,7 +17,6 @@ decoded photo.
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -28,18 +27,13 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from lit.seeding import derive_seed
+
 BACKGROUNDS: tuple[str, ...] = ("gradient", "radial", "stripes", "checkerboard", "noise")
 SHAPES: tuple[str, ...] = ("disc", "ellipse", "rectangle", "triangle", "polygon", "star", "ring")
 TEXTURES: tuple[str, ...] = ("solid", "stripes", "gradient", "checker", "dots")
 
 _GRAIN = 0.015  # amplitude of the per-pixel film grain, in [0, 1] units
-
-
-def derive_seed(*parts: int | str) -> int:
-    """A stable 63-bit seed from ``parts`` (blake2b of their repr; independent of
-    ``PYTHONHASHSEED`` and of the platform), for per-item seeds such as ``(seed, i)``."""
-    digest = hashlib.blake2b(repr(parts).encode("utf-8"), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1
 
 
 def render_scene(
@@ -302,4 +296,4 @@ def _relabel(mask: Tensor, count: int) -> Tensor:
     return lookup[mask]
 
 
-__all__ = ["BACKGROUNDS", "SHAPES", "TEXTURES", "ProceduralScenes", "derive_seed", "render_scene"]
+__all__ = ["BACKGROUNDS", "SHAPES", "TEXTURES", "ProceduralScenes", "render_scene"]

@@ -31,8 +31,10 @@ from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from datamodules.procedural import ProceduralScenes, derive_seed
+from datamodules.procedural import ProceduralScenes
+from lit.errors import UserError
 from lit.io import DEFAULT_MAX_PIXELS, list_images, load_image, missing_files, shorten
+from lit.seeding import derive_seed
 
 _GROUND_TRUTH_KEYS = ("queries", "gallery", "positives")
 _OPTIONAL_KEYS = ("junk",)
@@ -138,8 +140,10 @@ class ImageFileDataset(Dataset):
                 "path": path}
 
 
-class DatasetLayoutError(ValueError):
-    """A dataset root is missing files or folders, or they do not have the expected form."""
+class DatasetLayoutError(UserError, ValueError):
+    """A dataset root is missing files or folders, or they do not have the expected form.
+
+    A :class:`~lit.errors.UserError`: ``lit`` ends with its one-line message."""
 
 
 def class_retrieval_set(

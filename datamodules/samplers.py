@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
-from lit.resume import derive_seed
+from lit.seeding import derive_seed
 
 SeededIndex = tuple[int, int]
 

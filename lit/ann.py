@@ -35,7 +35,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from lit.errors import UserError
-from lit.report import atomic_path, write_json
+from lit.files import atomic_path, write_json
 from lit.search import RowSource, SearchResult, _as_tensor, _normalized, _order, _rescore_rows, _validate_exclude
 
 FORMAT = "lit-ann-index"

@@ -3,7 +3,7 @@
 A :class:`UserError` (missing file, wrong option, unknown name, a folder the
 suite will not overwrite) ends a ``lit`` command with one line,
 ``error: <message>``, printed last, and exit status 2; the traceback is shown
-only with ``--debug`` or ``LIT_DEBUG=1`` (see :mod:`lit.cli`). Raise it with a
+only with ``--debug`` or ``LIT_DEBUG=1`` (see :mod:`lit.commands.cli`). Raise it with a
 message that names the file or option and says what would be right.
 """
 

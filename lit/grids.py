@@ -15,8 +15,8 @@ from PIL import Image
 from torch import Tensor
 from torchvision.utils import make_grid
 
+from lit.files import atomic_path
 from lit.io import to_uint8
-from lit.report import atomic_path
 
 GREEN = (0.1, 0.75, 0.1)
 RED = (0.85, 0.1, 0.1)

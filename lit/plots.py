@@ -22,7 +22,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure, SubFigure
 from torch import Tensor
 
-from lit.report import atomic_path
+from lit.files import atomic_path
 
 GENERATION_COLOUR = "tab:red"
 BASELINE_COLOUR = "tab:blue"

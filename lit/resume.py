@@ -1,8 +1,8 @@
 """Pieces that make ``lit fit --ckpt_path`` continue exactly where the checkpoint left off.
 
-- :func:`derive_seed`: one 63-bit seed from a tuple of integers (run seed, epoch, item,
-  rank, batch...), so every random draw of training is a pure function of where it happens
-  rather than of a process-global generator that a kill loses.
+- every random draw of training is seeded with :func:`lit.seeding.derive_seed` of where it
+  happens (run seed, epoch, item, rank, batch...) rather than by a process-global
+  generator that a kill loses.
 - :func:`run_seed`: the run's seed as Lightning's own ``DistributedSampler`` takes it
   (``seed_everything``'s ``PL_GLOBAL_SEED``, 0 when unset), the same on every rank.
 - :func:`close_finished_epoch`: repairs the loop progress of a checkpoint written in
@@ -15,17 +15,8 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 from typing import Any
-
-SEED_BITS = 63
-
-
-def derive_seed(*parts: int) -> int:
-    """A seed in ``[0, 2**63)`` that depends on every part and their order (BLAKE2b of the decimal tuple)."""
-    text = ":".join(str(int(p)) for p in parts).encode()
-    return int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "little") >> (64 - SEED_BITS)
 
 
 def run_seed() -> int:

@@ -24,10 +24,9 @@ tokens (197, 768) float16 are 296 KiB (303 kB) an image.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
-import os
 import re
-import tempfile
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -38,7 +37,7 @@ import numpy as np
 import torch
 
 from lit.errors import UserError
-from lit.report import _file_mode, write_json
+from lit.files import claim_folder, file_sha256, write_bytes_atomic, write_json
 
 FORMAT = "lit-feature-store"
 VERSION = 1
@@ -79,14 +78,6 @@ def _normalise_dtype(dtype: str | np.dtype | torch.dtype) -> str:
     if name not in DTYPES:
         raise UserError(f"feature store dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     return name
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(2**22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _is_store(root: Path) -> bool:
@@ -147,22 +138,15 @@ class StoreWriter:
         self._open()
 
     def _open(self) -> None:
-        if self.root.exists() and not self.root.is_dir():
-            raise UserError(f"feature store {self.root} is a file, not a folder; choose another --out")
-        if self.root.is_dir() and not _is_store(self.root):
-            foreign = [p.name for p in self.root.iterdir() if not _TEMP_FILE.match(p.name)]
-            if foreign:
-                raise UserError(
-                    f"refusing to write a feature store into {self.root}: it holds files the suite did not "
-                    f"create ({foreign[0]}{', ...' if len(foreign) > 1 else ''}); choose an empty or new folder"
-                )
-        if _is_store(self.root):
+        refusal = (f"refusing to write a feature store into {self.root}: it holds files the suite did not "
+                   "create ({found}); choose an empty or new folder")
+        if claim_folder(self.root, MARKER, label=f"feature store {self.root}", refusal=refusal, is_ours=_is_store,
+                        ignorable=_TEMP_FILE.match):
             marker = json.loads((self.root / MARKER).read_text())
             self._check_same(marker)
             if self.clean:
                 self._remove_temporaries()
             return
-        self.root.mkdir(parents=True, exist_ok=True)
         write_json(self.root / MARKER, {
             "format": FORMAT, "version": VERSION, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "descriptor": self.descriptor, "dtype": self.dtype, "feature_shape": list(self.feature_shape),
@@ -237,24 +221,19 @@ class StoreWriter:
             "info": None if info is None else dict(info),
         }
         npy, meta_path = self.root / f"shard-{name}.npy", self.root / f"shard-{name}.json"
-        fd, tmp_name = tempfile.mkstemp(dir=self.root, prefix=f".{npy.name}.", suffix=".tmp")
-        tmp = Path(tmp_name)
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                np.save(handle, stored, allow_pickle=False)
-            meta["sha256"] = _sha256(tmp)
-            if self.has_shard(name):
-                existing = json.loads(meta_path.read_text())
-                if existing == meta:
-                    return _shard_info(existing)  # the same shard again (a rerun): nothing to do
-                raise UserError(
-                    f"shard {npy} already exists with other content; remove the store {self.root} "
-                    "or write into a new folder"
-                )
-            os.chmod(tmp, _file_mode())
-            os.replace(tmp, npy)  # a row file without its .json (killed writer) is simply replaced
-        finally:
-            tmp.unlink(missing_ok=True)
+        buffer = io.BytesIO()
+        np.save(buffer, stored, allow_pickle=False)
+        data = buffer.getvalue()
+        meta["sha256"] = hashlib.sha256(data).hexdigest()
+        if self.has_shard(name):
+            existing = json.loads(meta_path.read_text())
+            if existing == meta:
+                return _shard_info(existing)  # the same shard again (a rerun): nothing to do
+            raise UserError(
+                f"shard {npy} already exists with other content; remove the store {self.root} "
+                "or write into a new folder"
+            )
+        write_bytes_atomic(npy, data)  # a row file without its .json (killed writer) is simply replaced
         write_json(meta_path, meta)
         return _shard_info(meta)
 
@@ -462,7 +441,7 @@ class FeatureStore:
     def verify(self) -> None:
         """Recompute every shard's SHA-256 against the manifest (reads the whole store from disk)."""
         for shard in self.shards:
-            actual = _sha256(self.root / shard.file)
+            actual = file_sha256(self.root / shard.file, cached=False)
             if actual != shard.sha256:
                 raise UserError(f"{self.root / shard.file} does not match its checksum in the manifest; "
                                 "the store is damaged: rerun the extraction into a new folder")

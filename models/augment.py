@@ -28,6 +28,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from lit.seeding import derive_seed
+
 
 @contextlib.contextmanager
 def seeded(seed: int, device: torch.device | None = None) -> Iterator[None]:
@@ -42,8 +44,6 @@ def seeded(seed: int, device: torch.device | None = None) -> Iterator[None]:
 
 def step_seed(seed: int, step: int, rank: int = 0) -> int:
     """A distinct 63-bit seed per (seed, training step, rank), stable across runs and machines."""
-    from datamodules.procedural import derive_seed
-
     return derive_seed("mocov3-augment", seed, step, rank)
 
 

@@ -37,7 +37,8 @@ from pytorch_lightning.utilities import rank_zero_info
 from torch import Tensor
 
 from lit.grids import save_png
-from lit.resume import close_finished_epoch, derive_seed, run_seed
+from lit.resume import close_finished_epoch, run_seed
+from lit.seeding import derive_seed
 
 Sampler = Literal["ddpm", "ddim"]
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")

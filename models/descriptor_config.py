@@ -11,12 +11,11 @@ the real descriptor.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, replace
-from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
 
+from lit.files import file_sha256
 from lit.similarity import SimilarityKind, TokenNormalization
 from models.extractors import Descriptor, build_descriptor, resolve_spec
 
@@ -82,19 +81,3 @@ class DescriptorConfig:
             "similarity": self.resolved_similarity(built),
             "token_normalization": self.token_normalization,
         }
-
-
-def file_sha256(path: str | Path) -> str:
-    """SHA-256 of a file's bytes (cached per path, size and modification time)."""
-    resolved = Path(path).expanduser().resolve()
-    stat = resolved.stat()
-    return _sha256_cached(str(resolved), stat.st_size, stat.st_mtime_ns)
-
-
-@lru_cache(maxsize=64)
-def _sha256_cached(path: str, size: int, mtime_ns: int) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(2**20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()

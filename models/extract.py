@@ -1,6 +1,6 @@
 """The descriptor as a LightningModule for ``lit predict``: batches of images -> features for a store.
 
-``predict_step`` embeds a batch of :mod:`datamodules.scan_inputs` and returns the features
+``predict_step`` embeds a batch of :mod:`datamodules.extraction_inputs` and returns the features
 (float32 on the CPU, whatever the trainer's precision) with the batch's keys, captions,
 labels and shard, for :class:`callbacks.store_writer.StoreWriterCallback` to write.
 
@@ -18,6 +18,7 @@ import pytorch_lightning as pl
 import torch
 from torch import Tensor
 
+from lit.errors import UserError
 from lit.similarity import TokenNormalization
 from models.descriptor_config import DescriptorConfig, SimilarityChoice
 from models.extractors import Preprocessing
@@ -55,8 +56,6 @@ class DescriptorExtractor(pl.LightningModule):
         try:
             self.descriptor = self.config.build()
         except ValueError as error:  # unknown name, bad input size, weights given to pixel...
-            from lit.errors import UserError
-
             raise UserError(str(error)) from error
         self.descriptor.requires_grad_(False)
         self.precision_choice: ExtractPrecision = precision
@@ -113,38 +112,3 @@ class DescriptorExtractor(pl.LightningModule):
                 features = self(images)
             features = features.float().cpu()
         return {**{k: v for k, v in batch.items() if k != "images"}, "features": features}
-
-
-def extract_to_store(
-    source: str,
-    output_dir: str,
-    config: DescriptorConfig,
-    *,
-    batch_size: int = 64,
-    num_workers: int = 0,
-    shard_size: int | None = None,
-    dtype: str = "float16",
-    labels_from_folders: bool = False,
-    precision: ExtractPrecision = "auto",
-    trainer_kwargs: dict[str, Any] | None = None,
-) -> Any:
-    """Embed ``source`` into the store ``output_dir`` (or complete it) with ``lit predict``'s machinery,
-    from Python (``lit scan`` extracts folders this way); returns the opened ``FeatureStore``.
-
-    ``trainer_kwargs`` go to ``pl.Trainer`` (default: one device of whatever accelerator is
-    there, no logger, no checkpoints)."""
-    from callbacks.store_writer import StoreWriterCallback
-    from datamodules.scan_inputs import ExtractionDataModule
-    from lit.store import FeatureStore
-
-    module = DescriptorExtractor(config.name, config.weights, config.random_init, config.input_size,
-                                 config.similarity, config.token_normalization, precision)
-    options: dict[str, Any] = {"accelerator": "auto", "devices": 1, "logger": False, "enable_checkpointing": False,
-                               "enable_model_summary": False, **(trainer_kwargs or {})}
-    callback = StoreWriterCallback(output_dir, dtype=dtype, shard_size=shard_size)  # type: ignore[arg-type]
-    options["callbacks"] = [*options.get("callbacks", []), callback]
-    trainer = pl.Trainer(**options)
-    datamodule = ExtractionDataModule(source, batch_size=batch_size, num_workers=num_workers,
-                                      labels_from_folders=labels_from_folders)
-    trainer.predict(module, datamodule=datamodule, return_predictions=False)
-    return FeatureStore.open(output_dir)

@@ -30,9 +30,10 @@ from torch import Tensor
 
 from lit.distributed import all_gather_objects, dedupe_by_index, gather_by_index
 from lit.errors import UserError
+from lit.files import write_json, write_text_atomic
 from lit.grids import retrieval_grid, save_png
 from lit.metrics import RetrievalMetrics
-from lit.report import metrics_markdown, write_json, write_text_atomic
+from lit.report import metrics_markdown
 from lit.retrieval_scoring import score_queries
 from lit.similarity import TokenNormalization
 from models.descriptor_config import DescriptorConfig

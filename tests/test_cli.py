@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lit import cli
+from lit.commands import cli
 from lit.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -112,7 +112,7 @@ def test_the_console_command_exits_2_with_the_error_last(tmp_path: Path) -> None
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     env.pop(cli.DEBUG_ENV, None)
     done = subprocess.run(
-        [sys.executable, "-m", "lit.cli", "test", "-c", str(_retrieval_config(tmp_path)), "--trainer.logger=false",
+        [sys.executable, "-m", "lit.commands.cli", "test", "-c", str(_retrieval_config(tmp_path)), "--trainer.logger=false",
          "--model.init_args.descriptor=sscd_resnet50", f"--model.init_args.weights={tmp_path / 'missing.pt'}"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
     )
@@ -132,7 +132,7 @@ def test_abbreviated_options_are_refused(tmp_path: Path, capsys: pytest.CaptureF
 
 
 def test_help_lists_every_command(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
-    monkeypatch.setitem(cli.EXTRA_COMMANDS, "frobnicate", ("lit.table1", "main", "a command added to the table"))
+    monkeypatch.setitem(cli.EXTRA_COMMANDS, "frobnicate", ("lit.commands.table1", "main", "a command added to the table"))
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["--help"])
     assert exit_info.value.code in (0, None)

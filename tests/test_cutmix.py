@@ -12,8 +12,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from datamodules.cutmix import CutmixBuilder, CutmixDataModule
-from datamodules.synthetic import SourceRef, build_synthetic, folder_refs, read_manifest
+from datamodules.synthetic.base import SourceRef, build_synthetic, folder_refs, read_manifest
+from datamodules.synthetic.cutmix import CutmixBuilder, CutmixDataModule
 from lit.io import load_image
 
 REPO = Path(__file__).resolve().parents[1]
@@ -105,7 +105,7 @@ def test_errors(tmp_path: Path) -> None:
 
 
 def _lit_test_cutmix(tmp_path: Path, root: Path, name: str, extra: list[str]) -> dict:
-    args = [sys.executable, "-m", "lit.cli", "test", "-c", str(REPO / "configs" / "cutmix.yaml"),
+    args = [sys.executable, "-m", "lit.commands.cli", "test", "-c", str(REPO / "configs" / "cutmix.yaml"),
             f"--data.init_args.root={root}", "--data.init_args.num_queries=null",
             "--data.init_args.mixes_per_query=2", f"--data.init_args.output_size={SIZE}",
             f"--data.init_args.output_dir={tmp_path / name / 'set'}", "--data.init_args.build_workers=0",
@@ -204,7 +204,7 @@ def test_every_skip_is_counted_in_metrics_json_with_its_reason(tmp_path: Path) -
 
 
 def test_strict_stops_at_the_first_bad_file_naming_it(tmp_path: Path) -> None:
-    from lit.cli import LitCLI
+    from lit.commands.cli import LitCLI
     from lit.io import ImageLoadError
 
     refs = folder_refs(BSDS)[:6]

@@ -7,7 +7,8 @@ import hashlib
 import pytest
 import torch
 
-from models.descriptor_config import DescriptorConfig, file_sha256
+from lit.files import file_sha256
+from models.descriptor_config import DescriptorConfig
 
 
 def test_record_without_build_equals_record_of_the_built_descriptor() -> None:

@@ -21,10 +21,10 @@ from safetensors.torch import load_file, save_file
 import lit
 from callbacks.replication import ReplicationMonitor
 from datamodules.images import ProceduralTrainData
-from lit.cli import LitCLI
-from lit.cli import main as lit_main
+from lit.commands.cli import LitCLI
+from lit.commands.cli import main as lit_main
+from lit.commands.export import export_descriptor
 from lit.errors import UserError
-from lit.export import export_descriptor
 from models.ddpm import DDPMModule
 from models.descriptor_config import DescriptorConfig
 from models.extractors import build_descriptor

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import json
 import os
 import signal
 import subprocess
@@ -19,12 +18,13 @@ import torch
 from PIL import Image
 
 from callbacks.store_writer import StoreWriterCallback, default_shard_size
-from datamodules.scan_inputs import ExtractionDataModule, ImageSource, expand_tar_pattern
+from datamodules.extraction_inputs import ExtractionDataModule, ImageSource, expand_tar_pattern
+from lit.commands.extract import extract_to_store
 from lit.errors import UserError
 from lit.io import load_image
 from lit.store import MARKER, FeatureStore
 from models.descriptor_config import DescriptorConfig
-from models.extract import DescriptorExtractor, extract_to_store
+from models.extract import DescriptorExtractor
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -240,8 +240,8 @@ def _cli(source: Path, out: Path, extra: list[str] = (), prelude: str = "") -> l
             "--trainer.callbacks.init_args.shard_size=3", f"--trainer.logger.init_args.save_dir={out.parent / 'runs'}",
             *extra]
     if not prelude:  # Lightning's DDP launcher reruns sys.argv in the other processes: no "-c" there
-        return [sys.executable, "-m", "lit.cli", *args]
-    return [sys.executable, "-c", f"{prelude}\nfrom lit.cli import main\nmain({args!r})"]
+        return [sys.executable, "-m", "lit.commands.cli", *args]
+    return [sys.executable, "-c", f"{prelude}\nfrom lit.commands.cli import main\nmain({args!r})"]
 
 
 def _env() -> dict[str, str]:
@@ -265,7 +265,7 @@ def test_kill_during_extraction_then_rerun_gives_the_same_store(tmp_path: Path) 
     with pytest.warns(UserWarning):
         _extract(root, tmp_path / "reference")
     out = tmp_path / "killed"
-    slow = ("import time, datamodules.scan_inputs as s\n_load = s.load_image\n"
+    slow = ("import time, datamodules.extraction_inputs as s\n_load = s.load_image\n"
             "def load(*a, **k):\n    time.sleep(0.4)\n    return _load(*a, **k)\ns.load_image = load")
     process = subprocess.Popen(_cli(root, out, prelude=slow), cwd=REPO, env=_env(),
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)

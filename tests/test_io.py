@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+from lit.errors import UserError
 from lit.io import (
     IMAGE_EXTENSIONS,
     ImageLoadError,
@@ -19,7 +20,6 @@ from lit.io import (
     load_image,
     scan_images,
 )
-from lit.errors import UserError
 
 BSDS = Path(__file__).resolve().parents[2] / "shared" / "data" / "bsds300"
 

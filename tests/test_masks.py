@@ -10,8 +10,12 @@ import pytest
 import torch
 from PIL import Image
 
-from datamodules.masks import (
-    CocoMaskSource, FolderMaskSource, VocMaskSource, canonical_instances, decode_coco_segmentation,
+from datamodules.synthetic.masks import (
+    CocoMaskSource,
+    FolderMaskSource,
+    VocMaskSource,
+    canonical_instances,
+    decode_coco_segmentation,
 )
 
 BSDS = Path(__file__).resolve().parents[2] / "shared" / "data" / "bsds300" / "val"

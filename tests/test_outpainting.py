@@ -14,11 +14,18 @@ import torch.nn.functional as F
 from diffusers import RePaintPipeline, RePaintScheduler, UNet2DModel
 from PIL import Image
 
-from datamodules.outpainting import (
-    OutpaintBuilder, OutpaintingDataModule, diagonal_mask, kept_mask, load_outpainting_model, model_fingerprint, patch_side,
-    repaint, sample_mask,
+from datamodules.synthetic.base import StageTimer, build_synthetic, folder_refs, random_square_resized
+from datamodules.synthetic.outpainting import (
+    OutpaintBuilder,
+    OutpaintingDataModule,
+    diagonal_mask,
+    kept_mask,
+    load_outpainting_model,
+    model_fingerprint,
+    patch_side,
+    repaint,
+    sample_mask,
 )
-from datamodules.synthetic import StageTimer, build_synthetic, folder_refs, random_square_resized
 
 RES = 16
 FAST = {"resolution": RES, "num_inference_steps": 4, "jump_length": 2, "jump_n_sample": 2}

@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from datamodules.procedural import ProceduralScenes, derive_seed, render_scene
+from datamodules.procedural import ProceduralScenes, render_scene
+from lit.seeding import derive_seed
 
 
 def test_same_seed_is_bitwise_identical() -> None:

@@ -13,11 +13,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from datamodules.cub import CUB200DataModule
-from datamodules.gpr1200 import GPR1200DataModule
-from datamodules.instre import INSTREDataModule
-from datamodules.oxford_paris import RevisitedOxfordParis, protocol_ground_truth
-from datamodules.real_sets import CroppedImageDataset, DatasetLayoutError, class_retrieval_set, crop_box
+from datamodules.real.common import CroppedImageDataset, DatasetLayoutError, class_retrieval_set, crop_box
+from datamodules.real.cub import CUB200DataModule
+from datamodules.real.gpr1200 import GPR1200DataModule
+from datamodules.real.instre import INSTREDataModule
+from datamodules.real.oxford_paris import RevisitedOxfordParis, protocol_ground_truth
 from datamodules.retrieval import RetrievalSet
 from lit.io import load_image
 from tests.reference_scores import cosine_scores

@@ -20,7 +20,7 @@ from pytorch_lightning.loggers.logger import Logger
 
 from callbacks.replication import HISTORY_FILE, SUMMARY_FILE, ReplicationMonitor
 from datamodules.images import ProceduralTrainData
-from lit.cli import LitCLI
+from lit.commands.cli import LitCLI
 from models.ddpm import DDPMModule
 
 REPO = Path(__file__).resolve().parents[1]
@@ -177,7 +177,7 @@ def test_ddp_two_processes_give_the_one_process_numbers(tmp_path: Path) -> None:
     DDPMModule(**TINY).unet.save_pretrained(tmp_path / "unet")
     LitCLI(args=["fit", "-c", str(_write_config(tmp_path, tmp_path / "unet", "one"))])
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    command = [sys.executable, "-m", "lit.cli", "fit", "-c", str(_write_config(tmp_path, tmp_path / "unet", "two")),
+    command = [sys.executable, "-m", "lit.commands.cli", "fit", "-c", str(_write_config(tmp_path, tmp_path / "unet", "two")),
                "--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.strategy=ddp"]
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]

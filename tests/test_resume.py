@@ -27,7 +27,8 @@ from torch.utils.data import DistributedSampler
 from callbacks.replication import ReplicationMonitor
 from datamodules.images import ProceduralTrainData, TrainingImages
 from datamodules.samplers import ResumableDataLoader, ResumableShuffleSampler, epoch_order
-from lit.resume import close_finished_epoch, derive_seed
+from lit.resume import close_finished_epoch
+from lit.seeding import derive_seed
 from models.ddpm import DDPMModule
 from tests.test_replication_monitor import REPO, TINY, RecordingLogger
 
@@ -271,7 +272,7 @@ def test_ddp_resume_mid_epoch_equals_the_uninterrupted_run(tmp_path: Path) -> No
     """Two processes: a fit resumed from its step-10 checkpoint (mid-epoch: each rank skips its own
     share of the epoch) ends with the weights, EMA and monitor history of the straight 2-process fit."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "lit.cli", "fit", "-c", str(_ddp_config(tmp_path))]
+    command = [sys.executable, "-m", "lit.commands.cli", "fit", "-c", str(_ddp_config(tmp_path))]
     straight = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert straight.returncode == 0, straight.stderr[-3000:]
     final = torch.load(tmp_path / "ckpt" / "step=15.ckpt", weights_only=False)

@@ -24,7 +24,7 @@ from torch import nn
 from callbacks.retrieval import GRID_TAG, ItemCache, RetrievalMetricsCallback, eval_mode
 from datamodules.images import ProceduralTrainData
 from datamodules.retrieval import FolderRetrievalDataModule, ProceduralRetrievalDataModule
-from lit.cli import LitCLI
+from lit.commands.cli import LitCLI
 from models.extractors import Descriptor, build_descriptor
 from models.retrieval import RetrievalEvaluator
 from tests.descriptor_standin import StandInDescriptorModule
@@ -248,7 +248,7 @@ def test_ddp_two_processes_match_one(tmp_path: Path) -> None:
     LitCLI(args=["fit", "-c", str(_config(tmp_path, "single"))])
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     done = subprocess.run(
-        [sys.executable, "-m", "lit.cli", "fit", "-c", str(_config(tmp_path, "ddp")),
+        [sys.executable, "-m", "lit.commands.cli", "fit", "-c", str(_config(tmp_path, "ddp")),
          "--trainer.devices=2", "--trainer.strategy=ddp"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
     )

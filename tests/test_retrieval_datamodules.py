@@ -313,7 +313,7 @@ def test_image_file_dataset_items(tmp_path: Path) -> None:
 
 
 def test_folder_strict_stops_at_the_broken_file_naming_it(tmp_path: Path) -> None:
-    from lit.cli import LitCLI
+    from lit.commands.cli import LitCLI
     from lit.io import ImageLoadError
 
     _folder_tree(tmp_path)
@@ -343,8 +343,8 @@ def test_every_datamodule_that_reads_images_has_a_strict_option() -> None:
     import datamodules
 
     found = []
-    for module in pkgutil.iter_modules(datamodules.__path__):
-        loaded = importlib.import_module(f"datamodules.{module.name}")
+    for module in pkgutil.walk_packages(datamodules.__path__, prefix="datamodules."):
+        loaded = importlib.import_module(module.name)
         for value in vars(loaded).values():
             if (isinstance(value, type) and issubclass(value, pl.LightningDataModule)
                     and value.__module__ == loaded.__name__ and not inspect.isabstract(value) and _reads_images(value)):

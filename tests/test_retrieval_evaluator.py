@@ -106,7 +106,7 @@ def test_folder_set_excludes_self_and_counts_skips(tmp_path: Path) -> None:
 
 def _run_cli(tmp_path: Path, name: str, extra: list[str]) -> dict:
     args = [
-        sys.executable, "-m", "lit.cli", "test", "-c", str(REPO / "configs" / "demo_retrieval.yaml"),
+        sys.executable, "-m", "lit.commands.cli", "test", "-c", str(REPO / "configs" / "demo_retrieval.yaml"),
         "--data.init_args.num_queries=7", "--data.init_args.copies_per_query=2",
         "--data.init_args.num_distractors=9", "--data.init_args.image_size=32",
         "--data.init_args.batch_size=3", "--trainer.accelerator=cpu",

@@ -10,14 +10,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 import torch
+import yaml
 from PIL import Image
 
 from datamodules.procedural import ProceduralScenes
+from lit.commands.scan.command import build_parser, main
+from lit.commands.scan.engine import run_scan
+from lit.commands.scan.sources import MemorySource
+from lit.commands.scan.types import ScanOptions
 from lit.errors import UserError
-from lit.scan.command import ScanOptions, main, run_scan
-from lit.scan.sources import MemorySource
 
 SIZE = 32  # the pixel descriptor's input size: no resizing, so the reference is plain numpy
 
@@ -195,7 +197,7 @@ def _reference_scores(q: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("chunk_bytes", [None, 4 * 8 * 3], ids=["one-query-chunk", "3-row-query-chunks"])
 def test_run_scan_streams_blocks_like_brute_force(chunk_bytes: int | None, monkeypatch: pytest.MonkeyPatch) -> None:
     if chunk_bytes is not None:
-        monkeypatch.setattr("lit.scan.command.QUERY_CHUNK_BYTES", chunk_bytes)
+        monkeypatch.setattr("lit.commands.scan.engine.QUERY_CHUNK_BYTES", chunk_bytes)
     generator = torch.Generator().manual_seed(5)
     train = torch.randn(53, 8, generator=generator)
     train[10] = train[3] * 2.0  # a duplicate pair (cosine 1)
@@ -265,7 +267,6 @@ SCAN_CONFIGS = [c for c in sorted((Path(__file__).resolve().parents[1] / "config
 
 @pytest.mark.parametrize("config", SCAN_CONFIGS, ids=lambda c: c.name)
 def test_scan_config_prints_every_option(config: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from lit.scan.command import build_parser
 
     with pytest.raises(SystemExit) as exit_info:
         build_parser().parse_args(["--config", str(config), "--print_config"])

@@ -1,4 +1,4 @@
-"""lit.scan.analysis against independent references (numpy, scipy, hand-computed cases)."""
+"""lit.commands.scan.analysis against independent references (numpy, scipy, hand-computed cases)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 from scipy import stats
 
-from lit.scan.analysis import (
+from lit.commands.scan.analysis import (
     DEFAULT_THRESHOLDS,
     background_bias,
     baseline_rows,

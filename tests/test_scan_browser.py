@@ -17,9 +17,11 @@ import torch
 from PIL import Image
 
 from datamodules.procedural import ProceduralScenes
+from lit.commands.scan.engine import run_scan
+from lit.commands.scan.outputs import prepare_out, write_outputs
+from lit.commands.scan.sources import MemorySource
+from lit.commands.scan.types import ScanOptions
 from lit.grids import save_png
-from lit.scan.command import ScanOptions, prepare_out, run_scan, write_outputs
-from lit.scan.sources import MemorySource
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from lit.commands.scan.demo import main
 from lit.errors import UserError
-from lit.scan.demo import main
 
 
 def test_planted_copies_top_the_report(tmp_path: Path) -> None:

@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 import yaml
 
+from lit.commands.scan.command import main
 from lit.errors import UserError
-from lit.scan.command import main
 from lit.store import StoreWriter
 from models.descriptor_config import DescriptorConfig
 

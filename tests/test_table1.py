@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from scipy.stats import rankdata
 
+from lit.commands.table1 import average_ranks, build_report, load_runs, main
 from lit.errors import UserError
-from lit.table1 import average_ranks, build_report, load_runs, main
 
 
 def _write_run(root: Path, descriptor: str, dataset: str, mean_ap: float, recall: float) -> None:
@@ -86,7 +86,7 @@ def test_repeated_pair_keeps_newest_and_warns(tmp_path: Path) -> None:
 
 
 def test_segmix_columns_name_their_mask_source(tmp_path: Path) -> None:
-    from datamodules.segmix import SegmixDataModule
+    from datamodules.synthetic.segmix import SegmixDataModule
 
     names = {fmt: SegmixDataModule(str(tmp_path), mask_format=fmt).name for fmt in ("coco", "voc", "folder")}
     assert names == {"coco": "COCO Segmix", "voc": "VOC Segmix", "folder": "Segmix"}

@@ -28,7 +28,7 @@ from typing import Any, Literal
 
 from pytorch_lightning.utilities import rank_zero_warn
 
-from datamodules.real_sets import Box, CroppedImageDataset, DatasetLayoutError, require_files, require_root
+from datamodules.real.common import Box, CroppedImageDataset, DatasetLayoutError, require_files, require_root
 from datamodules.retrieval import ImageFileDataset, RetrievalDataModule, RetrievalSet
 from lit.io import DEFAULT_MAX_PIXELS, shorten
 

@@ -1,6 +1,6 @@
 """The analyses of a scan (paper Sec. 6-7): pure functions of scores, rows and labels.
 
-``lit scan`` (:mod:`lit.scan.command`) streams stores through the search and hands the
+``lit scan`` (:mod:`lit.commands.scan.command`) streams stores through the search and hands the
 resulting tensors to these functions; they never read files. Definitions
 (``shared/DESIGN.md``):
 

@@ -4,7 +4,7 @@
 and ``--data`` take any LightningModule / LightningDataModule by ``class_path``, e.g.
 ``models.retrieval.RetrievalEvaluator``, with typed ``init_args``, so every option shows
 in ``--help`` and ``--print_config``). The commands of :data:`EXTRA_COMMANDS` sit beside
-them (``lit report RUNS...`` collects Table 1, see :mod:`lit.table1`).
+them (``lit report RUNS...`` collects Table 1, see :mod:`lit.commands.table1`).
 
 Safe by default:
 
@@ -41,9 +41,9 @@ from lit.errors import UserError
 #: ``lit NAME ...`` commands beside LightningCLI's fit/test/predict:
 #: name -> (module, function taking the remaining argv, one-line help).
 EXTRA_COMMANDS: dict[str, tuple[str, str, str]] = {
-    "report": ("lit.table1", "main", "collect the metrics.json of lit test runs into the paper's Table 1"),
-    "export": ("lit.export", "main", "write a checkpoint's trained backbone as a descriptor file (safetensors)"),
-    "scan": ("lit.scan.command", "main", "search generated images against a training set and report what was copied"),
+    "report": ("lit.commands.table1", "main", "collect the metrics.json of lit test runs into the paper's Table 1"),
+    "export": ("lit.commands.export", "main", "write a checkpoint's trained backbone as a descriptor file (safetensors)"),
+    "scan": ("lit.commands.scan.command", "main", "search generated images against a training set and report what was copied"),
 }
 
 #: Where a run without a logger writes (under the trainer's ``default_root_dir``).
@@ -125,7 +125,7 @@ class SafeSaveConfig(SaveConfigCallback):
 class LitCLI(LightningCLI):
     """LightningCLI with the suite's defaults: subclass mode, a run folder of its own, no abbreviations.
 
-    ``exit_on_error=False`` makes a parser error raise (``lit.cli.main`` prints it as one
+    ``exit_on_error=False`` makes a parser error raise (``lit.commands.cli.main`` prints it as one
     line); the default keeps jsonargparse's usage message and exit for Python callers.
     """
 
@@ -223,15 +223,10 @@ def _config_error(error: Exception) -> UserError | None:
     return None
 
 
-def _user_error_types() -> tuple[type[BaseException], ...]:
-    """Exceptions that report a user's mistake wherever they are raised."""
-    types: list[type[BaseException]] = [UserError, FileNotFoundError, NotADirectoryError, MisconfigurationException]
-    for module, name in (("datamodules.retrieval", "DatasetLayoutError"), ("lit.io", "ImageLoadError")):
-        try:
-            types.append(getattr(importlib.import_module(module), name))
-        except (ImportError, AttributeError):
-            pass
-    return tuple(types)
+#: Exceptions that report a user's mistake wherever they are raised (the suite's own are all
+#: :class:`UserError`: ``DatasetLayoutError``, ``ImageLoadError``...).
+USER_ERROR_TYPES: tuple[type[BaseException], ...] = (UserError, FileNotFoundError, NotADirectoryError,
+                                                     MisconfigurationException)
 
 
 _PARSER_NOISE = ("Does not validate against", "Subtypes:", "Errors:", "Given value", "Expected a <class 'NoneType'>")
@@ -272,9 +267,8 @@ def user_error_message(error: BaseException) -> str | None:
     for item in chain:
         if isinstance(item, argparse.ArgumentError):
             return parser_message(str(item))
-    known = _user_error_types()
     for item in chain:
-        if isinstance(item, known):
+        if isinstance(item, USER_ERROR_TYPES):
             message = str(item) if not isinstance(item, OSError) or item.filename is None else (
                 f"{item.strerror or 'not found'}: {item.filename}")
             return " ".join(message.split())

@@ -1,7 +1,7 @@
 """Cutmix copy detection (the paper's IN-Cutmix): a random square patch of a query pasted
 at a random place in an image of a disjoint pool.
 
-Each synthetic image, from its own generator (see ``datamodules.synthetic``):
+Each synthetic image, from its own generator (see ``datamodules.synthetic.base``):
 
 1. a patch side ``s = round(f * output_size)`` with ``f`` uniform in ``patch_fraction``;
 2. a random square of the query at the scale where its shorter side is ``output_size``
@@ -13,7 +13,7 @@ No photometric augmentation: the copy is the patch as it is. Items record the qu
 (query pixels), the pool image and its box, and the pasted box (output pixels).
 
 An unreadable query skips that query (counted with its reason); an unreadable pool image
-is replaced by a seeded redraw (:meth:`~datamodules.synthetic.SyntheticBuilder.load_pool_image`,
+is replaced by a seeded redraw (:meth:`~datamodules.synthetic.base.SyntheticBuilder.load_pool_image`,
 recorded in the item as ``replaced_pool``), so one bad pool file never costs a readable
 query. ``strict`` stops at the first unreadable file instead.
 """
@@ -26,9 +26,20 @@ from typing import Any
 import torch.nn.functional as F
 from torch import Tensor
 
-from datamodules.synthetic import (
-    QueryOutput, RenderedItem, SourceRef, StageTimer, SyntheticBuilder, SyntheticRetrievalDataModule,
-    folder_refs, randint, random_square, random_square_resized, require_disjoint, split_sources, uniform,
+from datamodules.synthetic.base import (
+    QueryOutput,
+    RenderedItem,
+    SourceRef,
+    StageTimer,
+    SyntheticBuilder,
+    SyntheticRetrievalDataModule,
+    folder_refs,
+    randint,
+    random_square,
+    random_square_resized,
+    require_disjoint,
+    split_sources,
+    uniform,
 )
 from lit.io import DEFAULT_MAX_PIXELS, ImageLoadError, load_image
 
@@ -135,7 +146,7 @@ class CutmixDataModule(SyntheticRetrievalDataModule):
         seed: seed of the split and of every paste.
         mixes_per_query, patch_fraction, output_size: see :class:`CutmixBuilder`.
         distractors, num_distractors, progress, build_workers, max_pixels, batch_size, num_workers, strict:
-            see :class:`~datamodules.synthetic.SyntheticRetrievalDataModule`.
+            see :class:`~datamodules.synthetic.base.SyntheticRetrievalDataModule`.
     """
 
     def __init__(self, root: str, pool: str | None = None, num_queries: int | None = None,

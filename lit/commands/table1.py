@@ -27,7 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from lit.errors import UserArgumentParser, UserError
-from lit.report import format_value, markdown_table, write_text_atomic
+from lit.files import write_text_atomic
+from lit.report import format_value, markdown_table
 
 
 @dataclass(frozen=True)

@@ -15,22 +15,25 @@ import html
 import io
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
 
+from lit.commands.scan.sources import FeatureSource
+from lit.commands.scan.types import ScanOptions, ScanResult
+from lit.files import write_text_atomic
 from lit.grids import thumbnail
 from lit.io import to_uint8
-from lit.plots import BASELINE_COLOUR, GENERATION_COLOUR, new_figure, save_figure, similarity_histogram
-from lit.report import write_text_atomic
-
-if TYPE_CHECKING:
-    from lit.scan.command import ScanOptions, ScanResult
-    from lit.scan.sources import FeatureSource
-
+from lit.plots import (
+    BASELINE_COLOUR,
+    GENERATION_COLOUR,
+    new_figure,
+    save_figure,
+    similarity_histogram,
+)
 
 # ----------------------------------------------------------------------------- plots
 

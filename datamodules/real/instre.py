@@ -14,7 +14,7 @@ from typing import Literal
 
 from pytorch_lightning.utilities import rank_zero_warn
 
-from datamodules.real_sets import DatasetLayoutError, class_retrieval_set, require_root
+from datamodules.real.common import DatasetLayoutError, class_retrieval_set, require_root
 from datamodules.retrieval import RetrievalDataModule, RetrievalSet
 from lit.io import DEFAULT_MAX_PIXELS, list_images, shorten
 

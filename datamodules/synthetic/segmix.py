@@ -42,12 +42,21 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from datamodules.masks import CocoMaskSource, FolderMaskSource, MaskSource, VocMaskSource
-from datamodules.synthetic import (
-    QueryOutput, RenderedItem, Skip, SourceRef, StageTimer, SyntheticBuilder,
-    SyntheticRetrievalDataModule, randint, random_square_resized, require_disjoint,
-    split_sources, uniform,
+from datamodules.synthetic.base import (
+    QueryOutput,
+    RenderedItem,
+    Skip,
+    SourceRef,
+    StageTimer,
+    SyntheticBuilder,
+    SyntheticRetrievalDataModule,
+    randint,
+    random_square_resized,
+    require_disjoint,
+    split_sources,
+    uniform,
 )
+from datamodules.synthetic.masks import CocoMaskSource, FolderMaskSource, MaskSource, VocMaskSource
 from lit.io import DEFAULT_MAX_PIXELS, ImageLoadError, load_image
 
 MaskFormat = Literal["coco", "voc", "folder"]
@@ -381,7 +390,7 @@ class SegmixDataModule(SyntheticRetrievalDataModule):
         mixes_per_query, object_probability, min_region_area, object_scale, max_rotation,
         augmentation, output_size: see :class:`SegmixBuilder`.
         distractors, num_distractors, progress, build_workers, max_pixels, batch_size, num_workers, strict:
-            see :class:`~datamodules.synthetic.SyntheticRetrievalDataModule`.
+            see :class:`~datamodules.synthetic.base.SyntheticRetrievalDataModule`.
     """
 
     def __init__(self, root: str, mask_format: MaskFormat = "voc", images: str = "images", masks: str = "masks",

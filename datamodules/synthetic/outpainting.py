@@ -1,7 +1,7 @@
 """Diffusion outpainting copy detection (the paper's IN-Dif-Patch and IN-Dif-Diagonal).
 
 For every query, ``mixes_per_query`` synthetic images; each, from its own generator
-(``datamodules.synthetic``: seeded from ``(seed, "outpaint", query id, mix)``):
+(``datamodules.synthetic.base``: seeded from ``(seed, "outpaint", query id, mix)``):
 
 1. the query's largest square at a random place, resized to ``resolution`` (the canvas);
 2. the **kept region**: ``patch`` mode, a square of side ``round(sqrt(patch_fraction) *
@@ -43,10 +43,21 @@ from diffusers.utils.torch_utils import randn_tensor
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from datamodules.synthetic import (
-    QueryOutput, RenderedItem, Skip, SourceRef, StageTimer, SyntheticBuilder, SyntheticRetrievalDataModule,
-    folder_refs, randint, random_square, random_square_resized, split_queries_and_pool,
+from datamodules.synthetic.base import (
+    QueryOutput,
+    RenderedItem,
+    Skip,
+    SourceRef,
+    StageTimer,
+    SyntheticBuilder,
+    SyntheticRetrievalDataModule,
+    folder_refs,
+    randint,
+    random_square,
+    random_square_resized,
+    split_queries_and_pool,
 )
+from lit.files import file_sha256
 from lit.io import DEFAULT_MAX_PIXELS, ImageLoadError, load_image
 from models.ddpm import WEIGHT_FILES, DDPMModule, load_pretrained_unet, unet_folder
 
@@ -229,12 +240,11 @@ def _scheduler_config_file(given: Path, folder: Path) -> Path | None:
 
 
 def _sha256(files: list[Path]) -> str:
+    """One checksum over several files: their names and their SHA-256s, in order."""
     digest = hashlib.sha256()
     for file in files:
         digest.update(file.name.encode())
-        with file.open("rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
+        digest.update(bytes.fromhex(file_sha256(file)))
     return digest.hexdigest()
 
 
@@ -376,7 +386,7 @@ class OutpaintingDataModule(SyntheticRetrievalDataModule):
         patch_fraction, mixes_per_query, resolution, num_inference_steps, jump_length,
         jump_n_sample, eta, use_ema: see :class:`OutpaintBuilder`.
         distractors, num_distractors, progress, build_workers, max_pixels, batch_size, num_workers, strict:
-            see :class:`~datamodules.synthetic.SyntheticRetrievalDataModule`.
+            see :class:`~datamodules.synthetic.base.SyntheticRetrievalDataModule`.
     """
 
     def __init__(self, root: str, unet: str | None = None, mode: OutpaintMode = "patch",

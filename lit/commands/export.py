@@ -39,8 +39,7 @@ from torch import Tensor
 
 import lit
 from lit.errors import UserError
-from lit.report import atomic_path
-from models.descriptor_config import file_sha256
+from lit.files import atomic_path, file_sha256
 from models.extractors import Descriptor, build_descriptor
 from models.weights import ExportMetadata, WeightsError, export_metadata_strings, lenient_torch_load
 

@@ -29,6 +29,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from datamodules.extraction_inputs import ImageSource
+from lit.commands.extract import extract_to_store
 from lit.io import load_image, load_image_bytes
 from lit.search import RowSource, TensorRows
 from lit.store import COMPATIBILITY_FIELDS, FeatureStore
@@ -260,8 +262,6 @@ def _tar_image(tar_path: str, key: str) -> Tensor | None:
 def input_fingerprint(spec: str) -> tuple[str, str, bool]:
     """``(kind, sha256, all_in_subfolders)`` of an input: over every image's (or list / tar file's)
     relative path, size and modification time, so it changes when the input does."""
-    from datamodules.scan_inputs import ImageSource
-
     source = ImageSource.resolve(spec)
     digest = hashlib.sha256(f"{source.kind}\0{Path(source.location).expanduser().resolve()}\n".encode())
     files = [Path(t) for t in source.tars] if source.kind == "tars" else [item.path for item in source.items]
@@ -289,13 +289,11 @@ def extract_input(role: str, spec: str, store_dir: Path, config: DescriptorConfi
                   dtype: str = "float16", progress: bool = True) -> tuple[FeatureStore, bool]:
     """The store of input ``spec`` under ``store_dir`` (extracted now, or reused: second value True).
 
-    Extraction is :func:`models.extract.extract_to_store` (``lit predict``'s module, datamodule
+    Extraction is :func:`lit.commands.extract.extract_to_store` (``lit predict``'s module, datamodule
     and store writer) on one device. Folders whose images all lie in sub-folders get those as
     class labels; ``.tsv`` lists and tars bring captions (and labels) of their own.
     Unreadable images are skipped, listed in their shard and counted.
     """
-    from models.extract import extract_to_store
-
     _, fingerprint, nested = input_fingerprint(spec)
     target = store_dir / store_folder_name(role, fingerprint, record, dtype)
     if (target / "manifest.json").is_file():

@@ -1,6 +1,6 @@
 """The ``lit scan`` demo: planted copies among procedural "generations", found in a 20,000-image training set.
 
-    python -m lit.scan.demo --out runs/demo_scan
+    python -m lit.commands.scan.demo --out runs/demo_scan
 
 Renders ``--training`` procedural scenes (``datamodules.procedural``) as PNG files,
 then ``--copies`` "generations" that copy a training scene (kornia colour jitter and
@@ -28,9 +28,13 @@ from typing import Any
 
 import torch
 
+from datamodules.procedural import ProceduralScenes
+from lit.commands.scan.command import main as scan
 from lit.errors import UserError
+from lit.files import claim_folder, write_json, write_text_atomic
 from lit.grids import save_png
-from lit.report import write_json, write_text_atomic
+from lit.io import load_image
+from lit.seeding import derive_seed
 
 MARKER = ".lit-scan-demo"
 
@@ -50,8 +54,6 @@ def copy_of(image: torch.Tensor, seed: int) -> torch.Tensor:
 
 def _render_range(job: tuple[int, int, int, int, str]) -> int:
     """Render scenes [start, stop) of seed ``seed`` at ``size`` px into ``folder`` (existing files kept)."""
-    from datamodules.procedural import ProceduralScenes
-
     start, stop, size, seed, folder = job
     torch.set_num_threads(1)
     scenes = ProceduralScenes(stop, size, seed=seed)
@@ -82,9 +84,6 @@ def render_generations(folder: Path, training: Path, count: int, copies: int, ne
                        seed: int) -> list[tuple[str, str]]:
     """``copies`` near copies of random training scenes shuffled among ``new`` new scenes;
     returns ``(generation file, source training file or "")`` per generation."""
-    from datamodules.procedural import ProceduralScenes, derive_seed
-    from lit.io import load_image
-
     folder.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
     sources = rng.sample(range(count), copies)
@@ -126,15 +125,13 @@ def check_planted(matches: Path, planted: Sequence[tuple[str, str]]) -> dict[str
 
 def prepare_root(root: Path) -> None:
     """Create the demo folder, or accept one the demo made; refuse any other non-empty folder."""
-    if root.is_dir() and any(root.iterdir()) and not (root / MARKER).is_file():
-        raise UserError(f"--out {root} is not empty and was not made by the scan demo: choose a new folder")
-    root.mkdir(parents=True, exist_ok=True)
-    (root / MARKER).touch()
+    claim_folder(root, MARKER, label=f"--out {root}", note="made by the lit scan demo\n",
+                 refusal=f"--out {root} is not empty and was not made by the scan demo: choose a new folder")
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Render the demo data, scan it, check the planted copies, print and record the figures."""
-    parser = argparse.ArgumentParser(prog="python -m lit.scan.demo", description=__doc__.splitlines()[0],
+    parser = argparse.ArgumentParser(prog="python -m lit.commands.scan.demo", description=__doc__.splitlines()[0],
                                      allow_abbrev=False)
     parser.add_argument("--out", default="runs/demo_scan", help="demo folder (data/ and scan/ inside)")
     parser.add_argument("--training", type=int, default=20000, help="procedural training images")
@@ -159,8 +156,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     write_text_atomic(root / "data" / "planted.csv",
                       "generation,source\n" + "".join(f"{g},{s}\n" for g, s in planted))
     timings["render_s"] = time.perf_counter() - clock
-
-    from lit.scan.command import main as scan
 
     clock = time.perf_counter()
     paths = scan(["--generations", str(root / "data" / "generations"), "--training", str(root / "data" / "training"),

@@ -73,12 +73,11 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from datamodules.procedural import derive_seed
 from datamodules.retrieval import ImageFileDataset, RetrievalDataModule, RetrievalSet
 from lit.distributed import world_size
-from lit.errors import UserError
+from lit.files import claim_folder, write_bytes_atomic, write_json, write_text_atomic
 from lit.io import DEFAULT_MAX_PIXELS, ImageLoadError, list_images, load_image, to_uint8
-from lit.report import write_bytes_atomic, write_json, write_text_atomic
+from lit.seeding import derive_seed
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -336,16 +335,12 @@ def claim_output_dir(root: Path) -> None:
     with a manifest / interrupted build of this suite from before the mark existed, is
     ours already. Any other non-empty folder raises :class:`UserError` naming it: a
     user's files there must never be deleted or replaced."""
-    if root.exists() and not root.is_dir():
-        raise UserError(f"output_dir {root} is a file, not a folder; choose an empty or new folder for the "
-                        "synthetic set")
-    if (root / OWNER_MARK).is_file():
-        return
-    if root.is_dir() and any(root.iterdir()) and not _legacy_suite_folder(root):
-        raise UserError(f"output_dir {root} is not empty and was not created by lit (no {OWNER_MARK} file): "
-                        "its files are left alone; choose an empty or new folder for the synthetic set")
-    root.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(root / OWNER_MARK, "This folder holds a synthetic set written by lit-replication; lit "
+    claim_folder(root, OWNER_MARK, label=f"output_dir {root}",
+                 is_ours=lambda folder: (folder / OWNER_MARK).is_file() or _legacy_suite_folder(folder),
+                 refusal=f"output_dir {root} is not empty and was not created by lit (no {OWNER_MARK} file): "
+                         "its files are left alone; choose an empty or new folder for the synthetic set")
+    if not (root / OWNER_MARK).is_file():
+        write_text_atomic(root / OWNER_MARK, "This folder holds a synthetic set written by lit-replication; lit "
                       "rebuilds may replace its images/ and manifest.json.\n")
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-from datamodules.real_sets import DatasetLayoutError, class_retrieval_set, require_root
+from datamodules.real.common import DatasetLayoutError, class_retrieval_set, require_root
 from datamodules.retrieval import RetrievalDataModule, RetrievalSet
 from lit.io import DEFAULT_MAX_PIXELS, list_images, shorten
 

@@ -1,0 +1,7 @@
+"""The ``lit`` command and its subcommands: the top floor of the suite.
+
+Everything here assembles the layers below (``lit`` core < ``models`` < ``datamodules``
+< ``callbacks``) into commands: the LightningCLI (:mod:`lit.commands.cli`), ``lit export``,
+``lit report`` (Table 1), ``lit scan`` and extraction into feature stores. Nothing below
+imports from here (``tests/test_layers.py``).
+"""

@@ -1,0 +1,12 @@
+"""``lit scan``: audit a generator's images against its training set (the paper's Sec. 6-7).
+
+- :mod:`lit.commands.scan.command`: the command line (options, inputs) that runs the rest;
+- :mod:`lit.commands.scan.types`: the scan's options and result records;
+- :mod:`lit.commands.scan.engine`: the search, baseline, duplicate and class analyses over feature sources;
+- :mod:`lit.commands.scan.outputs`: the claimed ``--out`` folder, ``matches.csv`` and ``summary.json``;
+- :mod:`lit.commands.scan.approx`: approximate search through a faiss index beside the training store;
+- :mod:`lit.commands.scan.sources`: generations, training and background sets as feature stores or in memory;
+- :mod:`lit.commands.scan.analysis`: the statistics as pure functions (rates, baseline, duplicates, per class);
+- :mod:`lit.commands.scan.report`: the plots and the self-contained ``report.html``;
+- :mod:`lit.commands.scan.demo`: planted copies among procedural generations (``python -m lit.commands.scan.demo``).
+"""

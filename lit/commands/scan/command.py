@@ -1,0 +1,211 @@
+"""``lit scan``: search generated images against a training set and report what was copied.
+
+    lit scan --generations G --training T --descriptor NAME [--weights FILE] --out OUT
+
+``G`` and ``T`` are image folders (recursive; ``root/<class>/<image>`` gives class
+labels), ``.txt`` / ``.tsv`` file lists (with captions / labels), webdataset tar
+shards (img2dataset / LAION layout) or feature stores; all but stores are extracted
+to stores first (:mod:`lit.commands.scan.sources`) and reused by the next scan. The scan
+(paper Sec. 6-7) finds every generation's top-k training images, the training set's
+self-similarity baseline (exact, or on a seeded sample of ``--baseline_sample``
+rows), how many training images duplicate each generation's top match against
+random training images (Fig. 11 right), per class the best generation score
+against the within-class self-similarity (Fig. 6), and optionally SSCD-style
+normalised scores. It writes ``matches.csv``, ``summary.json``, PNG plots and one
+self-contained ``report.html`` into ``OUT`` (a folder it creates, or one it
+created before: it never writes into someone else's folder).
+
+The search streams the training set in blocks of ``--block_rows`` rows, so memory
+stays bounded by the block and the top-k lists, whatever the training set's size.
+It is exact by default; ``--index FACTORY`` (e.g. ``IVF4096,Flat``, ``IVF4096,PQ64np``)
+searches the generations through an approximate faiss index built once over the
+training store and saved beside it (:mod:`lit.commands.scan.approx`), visiting ``--nprobe``
+lists and re-ranking a shortlist of ``k x --rerank_factor`` rows exactly from the
+store. The self-similarity baseline and the duplicate counts stay exact.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from jsonargparse import ActionConfigFile, ArgumentParser
+
+from datamodules.extraction_inputs import ImageSource
+from lit.commands.scan.analysis import (
+    DEFAULT_THRESHOLDS,
+)
+from lit.commands.scan.approx import IndexOptions
+from lit.commands.scan.engine import run_scan
+from lit.commands.scan.outputs import prepare_out, write_outputs
+from lit.commands.scan.sources import FeatureSource, StoreSource, extract_input
+from lit.commands.scan.types import ScanOptions
+from lit.errors import UserError
+from lit.replication import DUPLICATE_THRESHOLD
+from lit.store import DTYPES, FeatureStore, is_store
+from models.descriptor_config import DescriptorConfig
+
+
+def open_source(role: str, spec: str, record: dict[str, Any], config: DescriptorConfig, *, store_dir: Path,
+                device: torch.device, batch_size: int, num_workers: int, dtype: str,
+                progress: bool = True) -> FeatureSource:
+    """The features of one input: a feature store as it is, or an image folder, file list or
+    webdataset tars extracted to a store under ``store_dir`` (reused when the input and the
+    descriptor are unchanged)."""
+    path = Path(spec).expanduser()
+    if is_store(path):
+        store = FeatureStore.open(path)
+        store.check_compatible(record, what=f"the descriptor of this scan ({record.get('display_name')})")
+        print(f"{role}: feature store {path} ({store.num_rows} rows)")
+        return StoreSource(role, store)
+    try:
+        store, reused = extract_input(role, spec, store_dir, config, record,
+                                      accelerator="gpu" if device.type == "cuda" else "cpu",
+                                      device_index=device.index if device.type == "cuda" else None,
+                                      batch_size=batch_size, num_workers=num_workers, dtype=dtype, progress=progress)
+    except UserError as error:
+        raise UserError(f"--{role} {spec}: {error}") from None
+    print(f"{role}: {'reused' if reused else 'extracted'} feature store {store.root} ({store.num_rows} rows, "
+          f"{len(store.skipped)} unreadable images skipped)")
+    return StoreSource(role, store)
+
+
+def build_parser() -> ArgumentParser:
+    """The options of ``lit scan`` (also readable from a YAML file with ``--config``)."""
+    parser = ArgumentParser(prog="lit scan", description=__doc__.splitlines()[0], exit_on_error=False,
+                            allow_abbrev=False)
+    parser.add_argument("--config", action=ActionConfigFile, help="YAML file with any of these options")
+    parser.add_argument("--generations", type=str, required=True, help="image folder or feature store of the generations")
+    parser.add_argument("--training", type=str, required=True, help="image folder or feature store of the training set")
+    parser.add_argument("--out", type=str, required=True, help="output folder (new, empty, or made by lit scan)")
+    parser.add_argument("--descriptor", type=str, default="pixel", help="descriptor registry name")
+    parser.add_argument("--weights", type=str | None, default=None, help="local weights file of the descriptor")
+    parser.add_argument("--random_init", type=bool, default=False, help="random weights (tests; labelled in reports)")
+    parser.add_argument("--input_size", type=int | None, default=None, help="descriptor input size override")
+    parser.add_argument("--similarity", type=str, default="auto", help="auto, cosine or split_product")
+    parser.add_argument("--token_normalization", type=str, default="token", help="token, global or none")
+    parser.add_argument("--background", type=str | None, default=None,
+                        help="image folder / store for SSCD score normalisation (off when not given)")
+    parser.add_argument("--norm_k", type=int, default=10, help="background neighbours averaged for normalisation")
+    parser.add_argument("--norm_beta", type=float, default=1.0, help="weight of the background mean")
+    parser.add_argument("--k", type=int, default=5, help="training matches per generation")
+    parser.add_argument("--thresholds", type=list[float], default=list(DEFAULT_THRESHOLDS), help="replication thresholds")
+    parser.add_argument("--baseline_sample", type=int | None, default=10000,
+                        help="training rows for the self-similarity baseline (all when the set is not larger; null: all)")
+    parser.add_argument("--random_sample", type=int, default=1000, help="random training rows for the duplicate comparison")
+    parser.add_argument("--class_sample", type=int, default=1000, help="training rows per class for within-class similarity")
+    parser.add_argument("--duplicate_threshold", type=float, default=DUPLICATE_THRESHOLD, help="duplicate similarity")
+    parser.add_argument("--seed", type=int, default=0, help="seed of every sample")
+    parser.add_argument("--block_rows", type=int, default=65536, help="training rows searched at a time")
+    parser.add_argument("--index", type=str | None, default=None,
+                        help="faiss factory string of an approximate index over the training store for the "
+                             "generation search, e.g. IVF4096,Flat or IVF4096,PQ64np (null: exact search; "
+                             "global features only; built once, saved beside the store, reused)")
+    parser.add_argument("--nprobe", type=int | None, default=None,
+                        help="IVF lists visited per generation (null: 16, the index's default)")
+    parser.add_argument("--rerank_factor", type=int, default=10,
+                        help="shortlist of k x this many rows from the index, re-ranked exactly from the store")
+    parser.add_argument("--index_train_size", type=int | None, default=None,
+                        help="training rows sampled (--seed) to train the index (null: max(50000, 40 x lists))")
+    parser.add_argument("--report_rows", type=int, default=20, help="generations shown in report.html")
+    parser.add_argument("--thumb", type=int, default=96, help="thumbnail side in report.html (pixels)")
+    parser.add_argument("--device", type=str, default="auto", help="auto, cpu or cuda[:N]")
+    parser.add_argument("--batch_size", type=int, default=64, help="images per embedding batch")
+    parser.add_argument("--num_workers", type=int, default=0, help="image loading workers")
+    parser.add_argument("--store_dir", type=str | None, default=None, help="where folders are extracted (default OUT/stores)")
+    parser.add_argument("--dtype", type=str, default="float16", help="dtype of extracted stores: float16 or float32")
+    parser.add_argument("--progress", type=bool, default=True, help="progress bars")
+    return parser
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    """Parsed options; mistakes become one-line :class:`UserError`s."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(list(argv))
+    except argparse.ArgumentError as error:
+        raise UserError(f"lit scan: {error}".replace("\n", " ")) from None
+    for name in ("k", "norm_k", "batch_size", "block_rows", "random_sample", "class_sample", "thumb",
+                 "rerank_factor"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.report_rows < 0:
+        raise UserError(f"--report_rows must be >= 0, got {args.report_rows}")
+    if args.baseline_sample is not None and args.baseline_sample < 1:
+        raise UserError(f"--baseline_sample must be >= 1 or null, got {args.baseline_sample}")
+    for name in ("nprobe", "index_train_size"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise UserError(f"--{name} must be >= 1 or null, got {getattr(args, name)}")
+    if args.index is not None and not args.index.strip():
+        raise UserError("--index must be a faiss factory string such as IVF1024,Flat, or null for exact search")
+    if args.dtype not in DTYPES:
+        raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, got {args.dtype!r}")
+    if args.similarity not in ("auto", "cosine", "split_product"):
+        raise UserError(f"--similarity must be auto, cosine or split_product, got {args.similarity!r}")
+    if args.token_normalization not in ("token", "global", "none"):
+        raise UserError(f"--token_normalization must be token, global or none, got {args.token_normalization!r}")
+    return args
+
+
+def _device(choice: str) -> torch.device:
+    if choice == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(choice)
+    except RuntimeError as error:
+        raise UserError(f"--device {choice!r}: {error}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {choice}: CUDA is not available here (use --device cpu)")
+    return device
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
+    """``lit scan``: parse, embed or open the inputs, scan, write the outputs, print where they are."""
+    start = time.perf_counter()
+    args = parse_args([] if argv is None else argv)
+    out = Path(args.out).expanduser()
+    config = DescriptorConfig(name=args.descriptor, weights=args.weights, random_init=args.random_init,
+                              input_size=args.input_size, similarity=args.similarity,
+                              token_normalization=args.token_normalization)
+    device = _device(args.device)
+    try:
+        record = config.record()
+    except (KeyError, ValueError, FileNotFoundError, OSError) as error:
+        raise UserError(f"--descriptor {args.descriptor}: {error}") from None
+    inputs = {"generations": args.generations, "training": args.training, "background": args.background}
+    for role, spec in inputs.items():  # every input readable before anything is extracted
+        if spec is not None and not is_store(Path(spec).expanduser()):
+            try:
+                ImageSource.resolve(spec)
+            except UserError as error:
+                raise UserError(f"--{role} {spec}: {error}") from None
+    prepare_out(out)
+    store_dir = Path(args.store_dir).expanduser() if args.store_dir else out / "stores"
+    common = {"store_dir": store_dir, "device": device, "batch_size": args.batch_size,
+              "num_workers": args.num_workers, "dtype": args.dtype, "progress": args.progress}
+    generations = open_source("generations", args.generations, record, config, **common)
+    training = open_source("training", args.training, record, config, **common)
+    background = None if args.background is None else open_source("background", args.background, record,
+                                                                   config, **common)
+    options = ScanOptions(k=args.k, thresholds=tuple(args.thresholds), similarity=record["similarity"],
+                          token_normalization=args.token_normalization, baseline_sample=args.baseline_sample,
+                          random_sample=args.random_sample, class_sample=args.class_sample,
+                          duplicate_threshold=args.duplicate_threshold, seed=args.seed, block_rows=args.block_rows,
+                          device=str(device),
+                          norm_k=args.norm_k, norm_beta=args.norm_beta, progress=args.progress,
+                          index=None if args.index is None else IndexOptions(
+                              args.index.strip(), nprobe=args.nprobe, rerank_factor=args.rerank_factor,
+                              train_size=args.index_train_size, seed=args.seed))
+    result = run_scan(generations, training, options, background)
+    paths = write_outputs(out, result, generations, training, options, record, report_rows=args.report_rows,
+                          thumb=args.thumb, wall_s=time.perf_counter() - start)
+    top1 = result.top.scores[:, 0]
+    rates = ", ".join(f"rate@{t:g} {float((top1 > t).double().mean()):.3f}" for t in options.thresholds)
+    print(f"lit scan: {generations.num_rows} generations vs {training.num_rows} training images; {rates}")
+    print(f"report: {paths['report']} (matches.csv, summary.json and plots beside it)")
+    return paths
+

@@ -1,0 +1,120 @@
+"""What a scan writes: its claimed output folder, ``matches.csv``, ``summary.json`` and, through
+:mod:`lit.commands.scan.report`, the plots and ``report.html``."""
+
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+from typing import Any
+
+from lit.commands.scan.analysis import (
+    duplicate_comparison,
+    score_summary,
+)
+from lit.commands.scan.report import write_plots, write_report
+from lit.commands.scan.sources import FeatureSource
+from lit.commands.scan.types import ScanOptions, ScanResult
+from lit.files import claim_folder, write_json, write_text_atomic
+
+#: File that marks an output folder as made by ``lit scan`` (only such folders are written into again).
+MARKER = ".lit-scan"
+
+
+def prepare_out(out: Path) -> None:
+    """Create ``out`` (marked as the scan's own) or accept one a scan made; refuse any other non-empty folder."""
+    claim_folder(out, MARKER, label=f"--out {out}", note="made by lit scan\n",
+                 refusal=f"--out {out} is not empty and was not made by lit scan: choose a new or empty folder")
+
+
+def matches_rows(result: ScanResult, generations: FeatureSource, training: FeatureSource) -> tuple[list[str], list[list[Any]]]:
+    """Header and rows of matches.csv: one row per (generation, rank), generations in row order."""
+    header = ["generation", "rank", "training", "score"]
+    normalized = result.normalized is not None
+    if normalized:
+        header.append("score_normalized")
+    scores, indices = result.top.scores, result.top.indices
+    gen_rows = list(range(scores.shape[0]))
+    train_rows = sorted({int(t) for t in indices.flatten().tolist() if t >= 0})
+    position = {t: i for i, t in enumerate(train_rows)}
+    columns = {  # name -> (values, generation side?); only what the inputs know
+        "generation_caption": (generations.captions_of(gen_rows), True),
+        "generation_label": (generations.labels_of(gen_rows), True),
+        "training_caption": (training.captions_of(train_rows), False),
+        "training_label": (training.labels_of(train_rows), False),
+    }
+    extras = [(name, values, gen_side) for name, (values, gen_side) in columns.items()
+              if values is not None and any(v is not None for v in values)]
+    header += [name for name, _, _ in extras]
+    gen_keys, train_keys = generations.keys_of(gen_rows), training.keys_of(train_rows)
+    rows: list[list[Any]] = []
+    for g in gen_rows:
+        for rank in range(scores.shape[1]):
+            t = int(indices[g, rank])
+            if t < 0:
+                continue
+            row: list[Any] = [gen_keys[g], rank + 1, train_keys[position[t]], f"{float(scores[g, rank]):.6f}"]
+            if normalized:
+                row.append(f"{float(result.normalized[g, rank]):.6f}")  # type: ignore[index]
+            for _, values, gen_side in extras:
+                value = values[g] if gen_side else values[position[t]]
+                row.append("" if value is None else value)
+            rows.append(row)
+    return header, rows
+
+
+def write_matches(path: Path, header: list[str], rows: list[list[Any]]) -> Path:
+    """matches.csv, atomically."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(header)
+    writer.writerows(rows)
+    return write_text_atomic(path, buffer.getvalue())
+
+
+def build_summary(result: ScanResult, generations: FeatureSource, training: FeatureSource,
+                  options: ScanOptions, descriptor: dict[str, Any], wall_s: float | None = None) -> dict[str, Any]:
+    """summary.json's content."""
+    top1 = result.top.scores[:, 0]
+    summary: dict[str, Any] = {
+        "generations": {"count": generations.num_rows, "skipped": len(generations.skipped),
+                        "skipped_files": generations.skipped},
+        "training": {"count": training.num_rows, "skipped": len(training.skipped),
+                     "skipped_files": training.skipped},
+        "k": int(result.top.scores.shape[1]),
+        "search": result.search,
+        "thresholds": list(options.thresholds),
+        "similarity": "cosine" if len(training.feature_shape) == 1 else "split_product",
+        "token_normalization": options.token_normalization if len(training.feature_shape) == 2 else None,
+        "top1": score_summary(top1, options.thresholds),
+        "baseline": {**score_summary(result.baseline, options.thresholds), **result.baseline_sample.record()},
+        "normalization": result.normalization or {"method": "none"},
+        "duplicates": {**duplicate_comparison(result.match_duplicates, result.random_duplicates,
+                                              options.duplicate_threshold),
+                       "random_sample": result.random_rows.record()},
+        "classes": None if result.classes is None else {**result.classes.record(), "generation_classes": result.class_source,
+                                                        "class_sample": options.class_sample},
+        "descriptor": descriptor,
+        "stores": {"generations": generations.manifest, "training": training.manifest},
+        "timings_s": {**result.timings, **({"wall": wall_s} if wall_s is not None else {})},
+    }
+    if result.normalized is not None:
+        summary["top1_normalized"] = score_summary(result.normalized[:, 0].double(), options.thresholds)
+    return summary
+
+
+def write_outputs(out: Path, result: ScanResult, generations: FeatureSource, training: FeatureSource,
+                  options: ScanOptions, descriptor: dict[str, Any], report_rows: int = 20, thumb: int = 96,
+                  wall_s: float | None = None) -> dict[str, Path]:
+    """matches.csv, summary.json, the plots and report.html in ``out``."""
+    header, rows = matches_rows(result, generations, training)
+    paths = {"matches": write_matches(out / "matches.csv", header, rows)}
+    summary = build_summary(result, generations, training, options, descriptor, wall_s)
+    paths["summary"] = write_json(out / "summary.json", summary)
+    paths.update(write_plots(out, result, options))
+    paths["report"] = write_report(out, result, summary, generations, training, report_rows=report_rows,
+                                   thumb=thumb, plots={k: v for k, v in paths.items() if k.startswith("plot_")})
+    return paths
+
+
