@@ -76,7 +76,8 @@ from lit.replication import (
 )
 from lit.similarity import SimilarityKind, TokenNormalization
 from models.descriptor_config import DescriptorConfig
-from models.extractors import Descriptor, get_spec
+from models.descriptor import Descriptor
+from models.registry import get_spec
 
 HISTORY_FILE = "replication_history.csv"
 SUMMARY_FILE = "replication_summary.png"
@@ -91,11 +92,10 @@ class ReplicationMonitor(Callback):
     yielding ``{"image", "index"}`` (e.g. ``datamodules.images.ProceduralTrainData``).
 
     Args:
-        descriptor: registry name (``models.extractors.available_descriptors``).
+        descriptor: registry name (``models.registry.available_descriptors``).
         descriptor_weights: local weights file of the descriptor (none for ``pixel``).
         random_init: random descriptor weights (smoke runs and tests only).
         input_size: override of the descriptor's input resolution.
-        similarity: ``auto`` takes the descriptor's default.
         token_normalization: normalisation for split-product descriptors.
         match_mirrors: a training image also matches through its horizontal mirror
             (for models trained with random flips; also applies to the baseline).
@@ -123,7 +123,6 @@ class ReplicationMonitor(Callback):
         descriptor_weights: str | None = None,
         random_init: bool = False,
         input_size: int | None = None,
-        similarity: Literal["auto", "cosine", "split_product"] = "auto",
         token_normalization: TokenNormalization = "token",
         match_mirrors: bool = True,
         every_n_epochs: int | None = None,
@@ -160,13 +159,12 @@ class ReplicationMonitor(Callback):
         get_spec(descriptor)  # an unknown name fails here, with the list of names, not at fit start
         self.descriptor_config = DescriptorConfig(
             name=descriptor, weights=descriptor_weights, random_init=random_init, input_size=input_size,
-            similarity=similarity, token_normalization=token_normalization,
+            token_normalization=token_normalization,
         )
         self.descriptor_name = descriptor
         self.descriptor_weights = descriptor_weights
         self.random_init = random_init
         self.input_size = input_size
-        self.similarity_choice = similarity
         self.token_normalization: TokenNormalization = token_normalization
         self.match_mirrors = match_mirrors
         self.every_n_epochs = every_n_epochs if every_n_epochs is not None or every_n_steps is not None else 1

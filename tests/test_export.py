@@ -27,7 +27,7 @@ from lit.commands.export import export_descriptor
 from lit.errors import UserError
 from models.ddpm import DDPMModule
 from models.descriptor_config import DescriptorConfig
-from models.extractors import build_descriptor
+from models.registry import build_descriptor
 from models.weights import EXPORT_FORMAT, ExportMetadata, WeightsError
 from tests.descriptor_standin import StandInDescriptorModule
 
