@@ -88,7 +88,7 @@ class RetrievalEvaluator(pl.LightningModule):
         self.similarity = self.descriptor.similarity
         self.precision_choice: Precision = precision
         self.metrics = RetrievalMetrics(ks=tuple(ks), ap=ap)
-        self._buffers: dict[int, FeatureBuffer] = {}
+        self._loaders: dict[int, FeatureBuffer] = {}  # embedded rows of each test loader (queries, gallery)
         self._skipped: list[str] = []
         self._grid_rows: list[tuple[int, list[int], list[bool]]] = []
         self._written: set[Path] = set()
@@ -112,7 +112,7 @@ class RetrievalEvaluator(pl.LightningModule):
             )
 
     def on_test_epoch_start(self) -> None:
-        self._buffers = {QUERIES: FeatureBuffer(), GALLERY: FeatureBuffer()}
+        self._loaders = {QUERIES: FeatureBuffer(), GALLERY: FeatureBuffer()}
         self._skipped = []
         self._grid_rows = []
         self.metrics.reset()
@@ -121,18 +121,18 @@ class RetrievalEvaluator(pl.LightningModule):
         self._skipped.extend(batch.get("skipped", []))
         if len(batch["index"]) == 0:
             return
-        self._buffers[dataloader_idx].add(batch["index"], self.embedder()(batch["image"]))
+        self._loaders[dataloader_idx].add(batch["index"], self.embedder()(batch["image"]))
 
     def embedder(self) -> Embedder:
         """The suite's one embedding path for this module's descriptor, device and precision."""
-        precision = step_precision(self.precision_choice, str(self.trainer.precision) if self._trainer else "32-true")
-        return Embedder(self.descriptor, self.device, precision)
+        trainer_precision = str(self.trainer.precision) if self._trainer is not None else "32-true"
+        return Embedder(self.descriptor, self.device, step_precision(self.precision_choice, trainer_precision))
 
     # ------------------------------------------------------------------ scoring
     def on_test_epoch_end(self) -> None:
         retrieval_set = self.trainer.datamodule.retrieval_set  # type: ignore[union-attr]
-        query_ids, query_features = self._buffers[QUERIES].local()  # this rank's queries, searched here
-        gallery_ids, gallery_features = self._buffers[GALLERY].gather(
+        query_ids, query_features = self._loaders[QUERIES].local()  # this rank's queries, searched here
+        gallery_ids, gallery_features = self._loaders[GALLERY].gather(
             self.device, nothing="no gallery image could be loaded: nothing to search")
         query_ids = query_ids.to(self.device)
         scored = torch.zeros(0, dtype=torch.long, device=self.device)
