@@ -110,6 +110,7 @@ def test_compared_fields_keep_existing_store_folders() -> None:
     assert DescriptorConfig.COMPARED == ("name", "weights_sha256", "random_init", "input_size", "preprocessing",
                                          "similarity", "token_normalization")
     assert DescriptorConfig.compared(_record(display_name="x")) == {f: _record()[f] for f in DescriptorConfig.COMPARED}
-    assert store_folder_name("training", "abc", DescriptorConfig("pixel").record(), "float16") == "training-08ea9ee5de9c"
+    pixel = DescriptorConfig("pixel").record()
+    assert store_folder_name("training", "abc", pixel, "float16") == "training-08ea9ee5de9c"
     tokens = DescriptorConfig("dino_vit_b16", random_init=True, input_size=32).record()
     assert store_folder_name("training", "abc", tokens, "float32") == "training-eeb5e96f0b16"

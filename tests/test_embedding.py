@@ -4,12 +4,17 @@ identical features for the same descriptor and images (exactly, on the CPU)."""
 
 from __future__ import annotations
 
+import multiprocessing
+import socket
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from PIL import Image
 from torch import Tensor
 
@@ -93,6 +98,48 @@ def test_embed_dataset_skips_unreadable_items_and_orders_by_index() -> None:
     assert torch.equal(embedded.features, images[[0, 1, 3, 4]].flatten(1))
     with pytest.raises(ValueError, match="no item of the 1 could be loaded"):
         embed_dataset(lambda x: x, [{"image": None, "index": 0}], batch_size=1, desc="train")  # type: ignore[arg-type]
+
+
+def _ddp_worker(rank: int, port: int, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                            timeout=timedelta(seconds=60))
+    try:
+        rows = torch.arange(30, dtype=torch.float32).view(5, 3, 2)  # token-like rows (5, 3, 2)
+        only_rank0 = FeatureBuffer()
+        if rank == 0:  # rank 1 embedded nothing: it takes the shape (3, 2) from rank 0, no probe
+            only_rank0.add(torch.tensor([3, 0, 4]), rows[[3, 0, 4]])
+        padded = FeatureBuffer()  # DistributedSampler-like shards of 5 rows: index 0 repeated as padding
+        padded.add(torch.tensor([[0, 2, 4], [1, 3, 0]][rank]), rows[[[0, 2, 4], [1, 3, 0]][rank]])
+        items = [{"image": None if i == 3 else rows[i, None].expand(3, 3, 2).clone(), "index": i, "path": f"i{i}"}
+                 for i in range(5)]
+        embedded = embed_dataset(lambda x: x.flatten(1), items, batch_size=2,  # type: ignore[arg-type]
+                                 rank=rank, world_size=2)
+        torch.save({"only_rank0": only_rank0.gather(), "padded": padded.gather(),
+                    "embedded": (embedded.index, embedded.features, embedded.skipped)},
+                   Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_processes_gather_the_rows_of_one(tmp_path: Path) -> None:
+    """gloo on the CPU: every rank gets every row once, ordered by index, also from a rank with none."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    mp.start_processes(_ddp_worker, args=(port, str(tmp_path)), nprocs=2, join=True, start_method=method)
+    rows = torch.arange(30, dtype=torch.float32).view(5, 3, 2)
+    images = rows[:, None].expand(5, 3, 3, 2)
+    for rank in range(2):
+        got = torch.load(tmp_path / f"rank{rank}.pt")
+        index, features = got["only_rank0"]
+        assert index.tolist() == [0, 3, 4] and torch.equal(features, rows[[0, 3, 4]])
+        index, features = got["padded"]
+        assert index.tolist() == [0, 1, 2, 3, 4] and torch.equal(features, rows)
+        index, features, skipped = got["embedded"]
+        assert index.tolist() == [0, 1, 2, 4] and skipped == ["i3"]
+        assert torch.equal(features, images[[0, 1, 2, 4]].flatten(1))
 
 
 # ----------------------------------------------------------------------------- every caller, one path

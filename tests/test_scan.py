@@ -166,7 +166,7 @@ def test_refuses_foreign_out(folders: Path, tmp_path: Path) -> None:
     (["--descriptor.name", "sscd_resnet50", "--descriptor.weights", "/no/such/sscd.pt"],
      "--descriptor.weights: weights file not found: /no/such/sscd.pt (expected the SSCD TorchScript file"),
     (["--descriptor.token_normalization", "l2"], "descriptor.token_normalization"),
-    (["--descriptor", "pixel"], "--descriptor"),  # the old flat spelling: the descriptor is a group now
+    (["--descriptor", "pixel"], "name the descriptor with --descriptor.name NAME"),  # the flat spelling of before
 ])
 def test_user_errors(folders: Path, tmp_path: Path, extra: list[str], message: str) -> None:
     with pytest.raises(UserError, match=re.escape(message)):

@@ -124,6 +124,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     try:
         args = parser.parse_args(list(argv))
     except argparse.ArgumentError as error:
+        if 'key "descriptor": Unable to load config' in str(error):  # the flat spelling of before
+            raise UserError("lit scan: --descriptor takes a YAML file of the descriptor's options; name the "
+                            "descriptor with --descriptor.name NAME (and --descriptor.weights FILE)") from None
         raise UserError(f"lit scan: {error}".replace("\n", " ")) from None
     for name in ("k", "norm_k", "batch_size", "block_rows", "random_sample", "class_sample", "thumb",
                  "rerank_factor"):
