@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from torch import Tensor
 
 from datamodules.procedural import ProceduralScenes
 
@@ -102,7 +103,7 @@ def _write_split(folder: Path, split: str, count: int) -> None:
         {"images": images, "annotations": annotations, "categories": categories}))
 
 
-def _crop(image, mask, portrait: bool) -> tuple[np.ndarray, np.ndarray]:
+def _crop(image: Tensor, mask: Tensor, portrait: bool) -> tuple[np.ndarray, np.ndarray]:
     """The centre 2:3 (portrait) or 3:2 (landscape) part of a square scene, as uint8 arrays
     ((H, W, 3) pixels, (H, W) labels)."""
     short = LONG_SIDE * 2 // 3
