@@ -1,6 +1,6 @@
 """Replication statistics (paper Sec. 5 and 7): pure functions of similarity scores.
 
-Definitions (``shared/DESIGN.md``):
+Definitions:
 
 - **top-1 similarity** of a generation: its largest similarity to any training image;
 - **self-similarity baseline**: for each training image, its largest similarity

@@ -2,7 +2,7 @@
 
 ``lit scan`` (:mod:`lit.commands.scan.command`) streams stores through the search and hands the
 resulting tensors to these functions; they never read files. Definitions
-(``shared/DESIGN.md``):
+(README, "Definitions"):
 
 - **top-1 similarity** of a generation: its largest similarity to any training
   image; summarised by :func:`score_summary` (rates at thresholds, strictly
