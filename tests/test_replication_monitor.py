@@ -98,7 +98,7 @@ def test_logs_expected_keys_and_files(tmp_path: Path) -> None:
 
 def test_numbers_match_a_hand_computation(tmp_path: Path) -> None:
     """Top-1 scores = max over training images of the pixel descriptor's cosine (mean-centred pixels)."""
-    watch = monitor(every_n_steps=2, thresholds=[0.1, 0.3])
+    watch = monitor(every_n_steps=2, thresholds=[0.1, 0.3], match_mirrors=True)
     trainer, model = fit(tmp_path, [watch], max_steps=2)
     data = ProceduralTrainData(num_images=7, resolution=16)
     train = torch.stack([data.reference_dataset()[i]["image"] for i in range(7)])
@@ -216,10 +216,10 @@ def test_descriptor_is_recorded_and_random_init_is_named(tmp_path: Path) -> None
 
     from models.descriptor_config import DescriptorConfig
 
-    watch = monitor(every_n_steps=2, random_init=True, input_size=16)
+    watch = monitor(every_n_steps=2, descriptor=DescriptorConfig(name="pixel", random_init=True, input_size=16))
     tensorboard = TensorBoardLogger(tmp_path, name="tb", version=0)
     trainer, _ = fit(tmp_path, [watch], max_steps=1, loggers=[tensorboard])
     recorded = json.loads((Path(tensorboard.log_dir) / "replication" / "descriptor.json").read_text())
-    config = DescriptorConfig("pixel", random_init=True, input_size=16)
+    config = DescriptorConfig(name="pixel", random_init=True, input_size=16)
     assert recorded["descriptor"] == config.record(config.build())
     assert "pixel (random init) descriptor" in watch.summary_text(trainer)

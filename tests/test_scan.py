@@ -197,7 +197,7 @@ def _reference_scores(q: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("chunk_bytes", [None, 4 * 8 * 3], ids=["one-query-chunk", "3-row-query-chunks"])
 def test_run_scan_streams_blocks_like_brute_force(chunk_bytes: int | None, monkeypatch: pytest.MonkeyPatch) -> None:
     if chunk_bytes is not None:
-        monkeypatch.setattr("lit.commands.scan.engine.QUERY_CHUNK_BYTES", chunk_bytes)
+        monkeypatch.setattr("lit.replication.QUERY_CHUNK_BYTES", chunk_bytes)
     generator = torch.Generator().manual_seed(5)
     train = torch.randn(53, 8, generator=generator)
     train[10] = train[3] * 2.0  # a duplicate pair (cosine 1)
