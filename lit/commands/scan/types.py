@@ -9,7 +9,13 @@ from torch import Tensor
 
 from lit.commands.scan.analysis import ClassSimilarity
 from lit.commands.scan.approx import IndexOptions
-from lit.replication import DEFAULT_THRESHOLDS, DUPLICATE_THRESHOLD, MATCH_MIRRORS, Matches, RowSample
+from lit.replication import (
+    DEFAULT_THRESHOLDS,
+    DUPLICATE_THRESHOLD,
+    MATCH_MIRRORS,
+    Matches,
+    RowSample,
+)
 from lit.similarity import TokenNormalization
 
 
