@@ -44,6 +44,7 @@ from callbacks.replication import ReplicationMonitor  # noqa: E402
 from datamodules.images import ImageFolderTrainData  # noqa: E402
 from lit.plots import draw_similarity_histogram, new_figure, save_figure  # noqa: E402
 from models.ddpm import DDPMModule  # noqa: E402
+from models.descriptor_config import DescriptorConfig  # noqa: E402
 
 DEFAULT_OUT_BASE = REPO / "runs" / "replication_vs_size"
 DEMO = REPO / "configs" / "demo.yaml"
@@ -56,7 +57,8 @@ def train(images: Path, size: int, resolution: int, random_crop: bool, steps: in
     demo = yaml.safe_load(DEMO.read_text())
     model_args = {**demo["model"]["init_args"], "resolution": resolution}
     pl.seed_everything(0, verbose=False)
-    monitor = ReplicationMonitor(descriptor=descriptor, descriptor_weights=weights, every_n_steps=max(steps // checks, 1),
+    monitor = ReplicationMonitor(descriptor=DescriptorConfig(name=descriptor, weights=weights),
+                                 every_n_steps=max(steps // checks, 1),
                                  num_samples=samples, sample_steps=20, thresholds=THRESHOLDS, top_k=3, verbose=False)
     trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=steps, enable_progress_bar=False,
                          enable_model_summary=False, enable_checkpointing=False, logger=False,
