@@ -7,8 +7,8 @@ Three rates on the same images, in one run:
   ``StoreWriterCallback`` (shards, checksums, manifest), ``--workers`` loader processes;
 - reference: a plain loop in one process (load, crop, stack, descriptor, ``np.save``).
 
-    .venv/bin/python benchmarks/bench_extract.py --source /work/shared/data/bsds300/train/images
-    .venv/bin/python benchmarks/bench_extract.py --descriptor sscd_resnet50 --random-init --limit 64
+    .venv/bin/python benchmarks/bench_extract.py --source /path/to/bsds300/train/images
+    .venv/bin/python benchmarks/bench_extract.py --source /my/photos --descriptor sscd_resnet50 --random-init --limit 64
 """
 
 from __future__ import annotations
@@ -33,7 +33,8 @@ from models.extract import DescriptorExtractor
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--source", default="/work/shared/data/bsds300/train/images")
+    parser.add_argument("--source", required=True,
+                        help="a folder of images (benchmarks/README.md: the 200 BSDS300 train JPEGs, 481 x 321)")
     parser.add_argument("--descriptor", default="pixel")
     parser.add_argument("--random-init", action="store_true")
     parser.add_argument("--limit", type=int, default=None, help="first N images only")

@@ -3,8 +3,9 @@
 Sets: Segmix, Cutmix, Dif-Patch and Dif-Diagonal (outpainting with diffusers' RePaint and a
 seeded random-init 64 px UNet: the outpainted area is noise, the kept region is exact).
 
-``--source bsds`` (default) builds from ``../shared/data/bsds300``: the 100 val images are
-the queries and the 200 train images the (disjoint) pool, ``--mixes`` items per query
+``--source bsds`` (default) builds from the BSDS300-like root given as ``--data`` (see
+``benchmarks/data_layout.py``): the 100 val images are the queries and the 200 train images
+the (disjoint) pool, ``--mixes`` items per query
 (default 10, so 1,000 synthetic images per set). ``--source procedural`` renders
 ``--queries`` procedural scenes with instance masks (plus half as many pool scenes) into a
 temporary image+mask folder first: bsds300 has 300 images, this is how a 1,000-query build
@@ -18,10 +19,10 @@ and peak RSS. With ``--grids`` saves a grid per set to ``benchmarks/results/<set
 source, region mask, pool crop, synthetic (pasted box in red) for Segmix / Cutmix; source
 (crop box in red), kept-region mask, kept pixels, synthetic for the outpainting sets.
 
-    .venv/bin/python benchmarks/bench_synthetic_build.py --grids     # bsds300, 1,000 items per set
+    .venv/bin/python benchmarks/bench_synthetic_build.py --data /path/to/bsds300 --grids   # 1,000 items per set
     .venv/bin/python benchmarks/bench_synthetic_build.py --source procedural --queries 1000 --mixes 1 \
         --sets segmix cutmix dif_patch dif_diagonal                   # 1,000 queries per set
-    .venv/bin/python benchmarks/bench_synthetic_build.py --queries 10 --mixes 2   # quick look
+    .venv/bin/python benchmarks/bench_synthetic_build.py --source procedural --queries 10 --mixes 2  # quick look
 """
 
 from __future__ import annotations
@@ -57,7 +58,6 @@ from datamodules.synthetic.masks import FolderMaskSource, VocMaskSource, _LabelM
 from datamodules.synthetic.outpainting import OutpaintBuilder, kept_mask  # noqa: E402
 from datamodules.synthetic.segmix import SegmixBuilder  # noqa: E402
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "bsds300"
 RESULTS = Path(__file__).resolve().parent / "results"
 STAGES = ("decode", "resize", "augment", "composite", "mask", "load_model", "diffusion", "encode", "write")
 OUTPAINT = {"dif_patch": "patch", "dif_diagonal": "diagonal"}
@@ -77,10 +77,13 @@ def render_procedural(folder: Path, count: int, size: int, seed: int) -> tuple[P
     return images, masks
 
 
-def make_sources(source: str, queries: int, size: int, seed: int, work: Path) -> tuple[_LabelMapSource, Path]:
-    """(query images with instance masks, pool folder) from bsds300 or freshly rendered scenes."""
+def make_sources(source: str, data: Path | None, queries: int, size: int, seed: int,
+                 work: Path) -> tuple[_LabelMapSource, Path]:
+    """(query images with instance masks, pool folder) from the BSDS300-like ``data`` or freshly
+    rendered scenes."""
     if source == "bsds":
-        return VocMaskSource(DATA / "val" / "images", DATA / "val" / "masks"), DATA / "train" / "images"
+        assert data is not None, "--source bsds needs --data"
+        return VocMaskSource(data / "val" / "images", data / "val" / "masks"), data / "train" / "images"
     start = time.perf_counter()
     images, masks = render_procedural(work / "procedural_queries", queries, size, seed)
     pool, _ = render_procedural(work / "procedural_pool", max(1, queries // 2), size, seed + 1)
@@ -253,6 +256,8 @@ def save_outpaint_grid(root: Path, builder: OutpaintBuilder, out: Path, rows: in
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--source", choices=["bsds", "procedural"], default="bsds")
+    parser.add_argument("--data", type=Path, default=None,
+                        help="BSDS300-like root (train/images, val/images + val/masks) for --source bsds")
     parser.add_argument("--queries", type=int, default=100)
     parser.add_argument("--mixes", type=int, default=10)
     parser.add_argument("--output-size", type=int, default=256)
@@ -268,6 +273,9 @@ def main() -> None:
                         help="torch threads of the main process (workers always use 1)")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
     args = parser.parse_args()
+    if args.source == "bsds" and args.data is None:
+        parser.error("--source bsds builds from a BSDS300-like root: pass --data /path/to/bsds300 "
+                     "(train/images, val/images + val/masks), or --source procedural")
     torch.set_num_threads(args.threads)
     baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}, "
@@ -275,7 +283,7 @@ def main() -> None:
     rows = []
     work = Path(tempfile.mkdtemp(prefix="bench_synthetic_"))
     try:
-        source, pool_dir = make_sources(args.source, args.queries, args.output_size, args.seed, work)
+        source, pool_dir = make_sources(args.source, args.data, args.queries, args.output_size, args.seed, work)
         for name in args.sets:
             builder = make_builder(name, source, pool_dir, args, work)
             for workers in args.workers:

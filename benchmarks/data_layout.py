@@ -6,6 +6,12 @@
 - :func:`output_dir`: a new timestamped folder under the default base unless ``--out``
   is given; an existing non-empty ``--out`` is refused without ``--overwrite``, so a run
   never writes over results committed in ``benchmarks/results/`` by accident.
+
+The figures in ``benchmarks/README.md`` were measured on BSDS300 (the Berkeley Segmentation
+Dataset's 200 train and 100 val photographs, 481 x 321) laid out as ``<split>/images/<id>.jpg``,
+``<split>/masks/<id>.png`` (VOC ``SegmentationObject`` palette PNGs: 0 background, 1..N one
+region each) and ``<split>/annotations.json`` (the same regions as a COCO instances file, RLE).
+No folder is assumed: the scripts that need photographs require ``--data`` (:data:`DATA_HELP`).
 """
 
 from __future__ import annotations
@@ -15,6 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lit.io import IMAGE_EXTENSIONS
+
+DATA_HELP = ("image folder: a BSDS300-like root (train/images and val/images, masks/ and annotations.json "
+             "beside them), an images/ (+ masks/) folder, or a flat folder of images")
+"""The ``--data`` help of every benchmark that reads photographs."""
 
 
 @dataclass(frozen=True)

@@ -7,8 +7,9 @@ untrained backbone (random-init floor) and ``pixel`` on the Segmix, Cutmix and D
 sets built from ``val/`` exactly as ``benchmarks/table1_bsds.py`` builds them (its pieces
 are reused: layout, set arguments, builds, ``lit report``). ``--out`` is a new folder.
 
-    nice -n 10 .venv/bin/python benchmarks/mocov3_cutmix_bsds.py --seeds 0 1              # ~10-15 min on 2 cores
-    nice -n 10 .venv/bin/python benchmarks/mocov3_cutmix_bsds.py --datasets segmix cutmix  # no Dif-Patch build
+    nice -n 10 .venv/bin/python benchmarks/mocov3_cutmix_bsds.py --data /path/to/bsds300 --seeds 0 1  # ~10-15 min
+    nice -n 10 .venv/bin/python benchmarks/mocov3_cutmix_bsds.py --data /path/to/bsds300 \
+        --datasets segmix cutmix                                                # no Dif-Patch build
 
 Each fit is 160 steps at 32 px (5 epochs x 32 steps, batch 64; ~40 s on 2 free cores). The
 untrained floor is the same module at the same seed saved before its first step.
@@ -30,7 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks import table1_bsds as t1  # noqa: E402
-from benchmarks.data_layout import output_dir  # noqa: E402
+from benchmarks.data_layout import DATA_HELP, output_dir  # noqa: E402
 
 DEFAULT_OUT_BASE = REPO / "runs" / "mocov3_cutmix"
 CUTMIX_FORMS = ("none", "copy", "mix")
@@ -39,7 +40,7 @@ CUTMIX_FORMS = ("none", "copy", "mix")
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options (see ``--help``)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, default=t1.BSDS, help="BSDS300-like root (train/, val/)")
+    parser.add_argument("--data", type=Path, required=True, help=DATA_HELP)
     parser.add_argument("--work", type=Path, default=Path("/tmp/mocov3_cutmix_work"),
                         help="sets, checkpoints, exports, run logs (outside the repository)")
     parser.add_argument("--out", type=Path, default=None,

@@ -1,8 +1,9 @@
 """The paper's trend at small scale: a DDPM trained on fewer images copies more (Sec. 5, Fig. 5).
 
 Trains the demo's UNet and optimiser (``configs/demo.yaml``) on the images of
-``--data`` (default: the ``../shared/data/bsds300`` training photos; any folder of
-images, flat or with an ``images/`` sub-folder, works) downsampled to 16x16 by default
+``--data`` (required: the BSDS300 training photos for the figures in
+``benchmarks/README.md``; any folder of images, flat or with an ``images/`` sub-folder,
+works) downsampled to 16x16 by default
 (shorter side 16, centre 16x16 crop + random flip: diffusers' ``--center_crop
 --random_flip``; ``--random-crop`` for the paper's random crops, which need more
 steps to be memorised; 32x32 costs 4x per step, too slow for a 10-minute CPU run),
@@ -18,8 +19,8 @@ Other descriptors of the registry need weight files (none ship offline); pass
 Results go to a new timestamped folder under ``runs/replication_vs_size/`` unless
 ``--out`` names one (an existing non-empty ``--out`` is refused without ``--overwrite``).
 
-    .venv/bin/python benchmarks/replication_vs_size.py                 # ~8-10 min on 2 cores
-    .venv/bin/python benchmarks/replication_vs_size.py --steps 400 --sizes 16 50 200
+    .venv/bin/python benchmarks/replication_vs_size.py --data /path/to/bsds300   # ~8-10 min on 2 cores
+    .venv/bin/python benchmarks/replication_vs_size.py --data /path/to/bsds300 --steps 400 --sizes 16 50 200
     .venv/bin/python benchmarks/replication_vs_size.py --data /my/photos --sizes 8 64
 """
 
@@ -38,13 +39,13 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.data_layout import detect_layout, output_dir  # noqa: E402
+from benchmarks.data_layout import DATA_HELP, detect_layout, output_dir  # noqa: E402
 from callbacks.replication import ReplicationMonitor  # noqa: E402
 from datamodules.images import ImageFolderTrainData  # noqa: E402
 from lit.plots import draw_similarity_histogram, new_figure, save_figure  # noqa: E402
 from models.ddpm import DDPMModule  # noqa: E402
+from models.descriptor_config import DescriptorConfig  # noqa: E402
 
-BSDS = REPO.parent / "shared" / "data" / "bsds300"
 DEFAULT_OUT_BASE = REPO / "runs" / "replication_vs_size"
 DEMO = REPO / "configs" / "demo.yaml"
 THRESHOLDS = [0.5, 0.8, 0.9, 0.95]
@@ -56,7 +57,8 @@ def train(images: Path, size: int, resolution: int, random_crop: bool, steps: in
     demo = yaml.safe_load(DEMO.read_text())
     model_args = {**demo["model"]["init_args"], "resolution": resolution}
     pl.seed_everything(0, verbose=False)
-    monitor = ReplicationMonitor(descriptor=descriptor, descriptor_weights=weights, every_n_steps=max(steps // checks, 1),
+    monitor = ReplicationMonitor(descriptor=DescriptorConfig(name=descriptor, weights=weights),
+                                 every_n_steps=max(steps // checks, 1),
                                  num_samples=samples, sample_steps=20, thresholds=THRESHOLDS, top_k=3, verbose=False)
     trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=steps, enable_progress_bar=False,
                          enable_model_summary=False, enable_checkpointing=False, logger=False,
@@ -77,8 +79,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--samples", type=int, default=32)
     parser.add_argument("--descriptor", default="pixel")
     parser.add_argument("--weights", default=None)
-    parser.add_argument("--data", type=Path, default=BSDS,
-                        help="image folder (flat, images/ (+ masks/), or BSDS300-like: its train/images)")
+    parser.add_argument("--data", type=Path, required=True, help=f"{DATA_HELP} (a BSDS300-like root: its train/images)")
     parser.add_argument("--out", type=Path, default=None,
                         help=f"result folder (default: a new timestamped folder under {DEFAULT_OUT_BASE})")
     parser.add_argument("--overwrite", action="store_true", help="allow an --out that already holds files")

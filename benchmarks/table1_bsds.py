@@ -2,7 +2,7 @@
 Dif-Patch, for every descriptor usable without downloaded weights (``pixel``, and
 random-init networks as a floor).
 
-``--data`` (default ``../shared/data/bsds300``) is any image folder (see
+``--data`` (required) is any image folder (see
 ``benchmarks/data_layout.py``): a BSDS300-like root (queries = the 100 val images,
 Segmix and Cutmix paste into the 200 train images, VOC masks), an ``images/`` +
 ``masks/`` folder (Segmix with ``--mask-format``, default ``folder``), or a flat folder
@@ -25,11 +25,12 @@ then structured noise, and Dif-Patch measures how well a descriptor matches the 
 patch only. Pass ``--unet`` (a diffusers UNet folder or a ``models.ddpm.DDPMModule``
 checkpoint, with ``--resolution`` equal to its training resolution) to use a trained one.
 
-    .venv/bin/python benchmarks/table1_bsds.py --fresh          # full run, ~24-28 min on 2 cores
+    .venv/bin/python benchmarks/table1_bsds.py --data /path/to/bsds300 --fresh    # full run, ~24-28 min on 2 cores
     .venv/bin/python benchmarks/table1_bsds.py --data /my/photos --datasets cutmix --descriptors pixel
-    .venv/bin/python benchmarks/table1_bsds.py --fresh --out benchmarks/results/table1 --overwrite  # the committed one
-    .venv/bin/python benchmarks/table1_bsds.py --resume         # re-render, keeping finished runs
-    .venv/bin/python benchmarks/table1_bsds.py --descriptors pixel vit_s16_in1k   # a quick look
+    .venv/bin/python benchmarks/table1_bsds.py --data /path/to/bsds300 --fresh \
+        --out benchmarks/results/table1 --overwrite                                # the committed one
+    .venv/bin/python benchmarks/table1_bsds.py --data /path/to/bsds300 --resume   # re-render, keeping finished runs
+    .venv/bin/python benchmarks/table1_bsds.py --data /path/to/bsds300 --descriptors pixel vit_s16_in1k  # a quick look
 """
 
 from __future__ import annotations
@@ -53,9 +54,8 @@ from typing import TypeVar
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.data_layout import ImageLayout, detect_layout, output_dir  # noqa: E402
+from benchmarks.data_layout import DATA_HELP, ImageLayout, detect_layout, output_dir  # noqa: E402
 
-BSDS = REPO.parent / "shared" / "data" / "bsds300"
 DEFAULT_OUT_BASE = REPO / "runs" / "table1"
 WORK_MARK = ".table1-work"
 """File that marks a --work folder as this script's own (``--fresh`` deletes only such a folder)."""
@@ -287,8 +287,7 @@ def write_csv(path: Path, rows: list[dict[str, object]]) -> None:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options (see ``--help``)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", "--bsds", type=Path, default=BSDS, dest="data",
-                        help="image folder: BSDS300-like (train/, val/), images/ (+ masks/), or flat")
+    parser.add_argument("--data", "--bsds", type=Path, required=True, dest="data", help=DATA_HELP)
     parser.add_argument("--pool", type=Path, default=None,
                         help="paste targets for Segmix / Cutmix (default: BSDS train/images, else a seeded half)")
     parser.add_argument("--mask-format", choices=("voc", "folder", "coco"), default=None,
@@ -408,7 +407,7 @@ def main(argv: list[str] | None = None) -> None:
             "descriptors": args.descriptors, "datasets": args.datasets, "this_call_wall_s": round(total, 1),
             "builds_plus_runs_s": round(full, 1),
             "command": " ".join([".venv/bin/python", "benchmarks/table1_bsds.py", *(argv or sys.argv[1:])]),
-            "reproduce": ".venv/bin/python benchmarks/table1_bsds.py --fresh",
+            "reproduce": f".venv/bin/python benchmarks/table1_bsds.py --data {args.data} --fresh",
             "data_layout": {k: str(v) for k, v in asdict(settings.data).items()},
             "failed": [asdict(r) for r in records if r.returncode != 0]}
     (args.out / "run_info.json").write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")

@@ -8,7 +8,7 @@ never made it into the list count as misses. Optional ``junk`` marks items that
 are removed from the list before ranks are counted (revisited Oxford/Paris);
 ``num_positives`` excludes junk.
 
-Definitions (``shared/DESIGN.md``), with ``r_i`` the 1-based rank of the
+Definitions, with ``r_i`` the 1-based rank of the
 ``i``-th retrieved positive after junk removal and ``R = num_positives``:
 
 - AP (standard, non-interpolated) = ``(1/R) * sum_i i / r_i``;

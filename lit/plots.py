@@ -44,8 +44,10 @@ def save_figure(figure: Figure, path: str | Path) -> Path:
 
 def draw_similarity_histogram(ax: Axes, generation: Tensor, baseline: Tensor,
                               thresholds: Sequence[float] = (), bins: int = 40,
-                              title: str = "top-1 similarity") -> None:
-    """Overlay density histograms of generation top-1 scores and the training self-similarity."""
+                              title: str = "top-1 similarity",
+                              baseline_label: str = "training vs training") -> None:
+    """Overlay density histograms of generation top-1 scores and the training self-similarity
+    (``baseline_label`` names the latter in the legend, e.g. when it was sampled)."""
     gen = generation.detach().double().cpu().numpy()
     base = baseline.detach().double().cpu().numpy()
     values = np.concatenate([gen, base])
@@ -54,7 +56,7 @@ def draw_similarity_histogram(ax: Axes, generation: Tensor, baseline: Tensor,
         low, high = low - 0.05, high + 0.05
     edges = np.linspace(low, high, bins + 1)
     ax.hist(base, bins=edges, density=True, alpha=0.5, color=BASELINE_COLOUR,
-            label=f"training vs training (n={base.size})")
+            label=f"{baseline_label} (n={base.size})")
     ax.hist(gen, bins=edges, density=True, alpha=0.5, color=GENERATION_COLOUR,
             label=f"generations vs training (n={gen.size})")
     for t in thresholds:
@@ -67,10 +69,12 @@ def draw_similarity_histogram(ax: Axes, generation: Tensor, baseline: Tensor,
 
 
 def similarity_histogram(generation: Tensor, baseline: Tensor, thresholds: Sequence[float] = (),
-                         bins: int = 40, title: str = "top-1 similarity") -> Figure:
+                         bins: int = 40, title: str = "top-1 similarity",
+                         baseline_label: str = "training vs training") -> Figure:
     """The paper's Fig. 5: generation top-1 similarity over the self-similarity baseline."""
     figure = new_figure(6.0, 4.0)
-    draw_similarity_histogram(figure.add_subplot(1, 1, 1), generation, baseline, thresholds, bins, title)
+    draw_similarity_histogram(figure.add_subplot(1, 1, 1), generation, baseline, thresholds, bins, title,
+                              baseline_label)
     return figure
 
 
@@ -136,7 +140,7 @@ def replication_summary(steps: Sequence[int], series: Mapping[str, Sequence[floa
                         labels: Sequence[str] | None = None,
                         match_labels: Sequence[Sequence[str]] | None = None,
                         baseline_rates: Mapping[str, float] | None = None,
-                        title: str = "") -> Figure:
+                        title: str = "", baseline_label: str = "training vs training") -> Figure:
     """Rates over time above the latest histogram overlay (left), the latest top copies (right)."""
     rows = max(int(scores.shape[0]), 1)
     k = int(scores.shape[1]) if scores.ndim == 2 else 0
@@ -146,7 +150,8 @@ def replication_summary(steps: Sequence[int], series: Mapping[str, Sequence[floa
     left, right = figure.subfigures(1, 2, width_ratios=[6.5, grid_width])
     over_time, histogram = left.subplots(2, 1)
     draw_rate_over_time(over_time, steps, series, baseline_rates)
-    draw_similarity_histogram(histogram, generation, baseline, thresholds, title="top-1 similarity (latest check)")
+    draw_similarity_histogram(histogram, generation, baseline, thresholds, title="top-1 similarity (latest check)",
+                              baseline_label=baseline_label)
     draw_top_copies(right, generations, matches, scores, labels, match_labels)
     right.suptitle("most similar generations (left column)\nand their nearest training images", fontsize="medium")
     if title:

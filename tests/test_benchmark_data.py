@@ -10,9 +10,9 @@ from PIL import Image
 
 from benchmarks import replication_vs_size, table1_bsds
 from benchmarks.data_layout import detect_layout, output_dir
+from photo_fixtures import PhotoSet
 
 REPO = Path(__file__).resolve().parents[1]
-BSDS = REPO.parent / "shared" / "data" / "bsds300"
 
 
 def _images(folder: Path, count: int, size: int = 24) -> list[Path]:
@@ -25,7 +25,7 @@ def _images(folder: Path, count: int, size: int = 24) -> list[Path]:
     return paths
 
 
-def test_layouts_flat_images_and_masks_and_bsds(tmp_path: Path) -> None:
+def test_layouts_flat_images_and_masks_and_bsds(tmp_path: Path, photos: PhotoSet) -> None:
     _images(tmp_path / "flat" / "sub", 3)
     flat = detect_layout(tmp_path / "flat")
     assert (flat.kind, flat.queries, flat.pool, flat.segmix_root) == ("flat", tmp_path / "flat", None, None)
@@ -35,21 +35,24 @@ def test_layouts_flat_images_and_masks_and_bsds(tmp_path: Path) -> None:
     assert masked.kind == "images+masks" and masked.queries == tmp_path / "masked" / "images"
     assert masked.segmix_root == tmp_path / "masked" and masked.mask_format == "folder"
     assert masked.pool == tmp_path / "flat" and masked.train_images == tmp_path / "masked" / "images"
-    bsds = detect_layout(BSDS)
-    assert bsds.kind == "bsds" and bsds.queries == BSDS / "val" / "images" and bsds.pool == BSDS / "train" / "images"
-    assert bsds.segmix_root == BSDS / "val" and bsds.mask_format == "voc"
+    root = photos.root  # a BSDS300-like root
+    bsds = detect_layout(root)
+    assert bsds.kind == "bsds" and bsds.queries == root / "val" / "images" and bsds.pool == root / "train" / "images"
+    assert bsds.segmix_root == root / "val" and bsds.mask_format == "voc"
     (tmp_path / "empty").mkdir()
     with pytest.raises(SystemExit, match="no images under"):
         detect_layout(tmp_path / "empty")
 
 
-def test_output_folder_is_new_by_default_and_committed_results_are_refused(tmp_path: Path) -> None:
+def test_output_folder_is_new_by_default_and_committed_results_are_refused(
+        tmp_path: Path, procedural_photos: PhotoSet) -> None:
     first, second = output_dir(None, tmp_path / "base"), output_dir(None, tmp_path / "base")
     assert first != second and first.parent == second.parent == tmp_path / "base"
     committed = REPO / "benchmarks" / "results" / "table1"
     before = {p.name: p.stat().st_mtime_ns for p in committed.iterdir()}
     with pytest.raises(SystemExit, match="already holds files"):
-        table1_bsds.prepare(table1_bsds.parse_args(["--out", str(committed), "--work", str(tmp_path / "w")]))
+        table1_bsds.prepare(table1_bsds.parse_args(["--data", str(procedural_photos.root), "--out", str(committed),
+                                                    "--work", str(tmp_path / "w")]))
     assert {p.name: p.stat().st_mtime_ns for p in committed.iterdir()} == before
     assert output_dir(committed, tmp_path, overwrite=True) == committed  # only when asked
 
@@ -95,7 +98,8 @@ def test_replication_vs_size_on_any_folder_writes_a_new_result_folder(tmp_path: 
         replication_vs_size.main(["--data", str(tmp_path / "photos"), "--out", str(out)])
 
 
-def test_mocov3_cutmix_benchmark_refuses_a_users_work_folder_before_deleting_anything(tmp_path: Path) -> None:
+def test_mocov3_cutmix_benchmark_refuses_a_users_work_folder_before_deleting_anything(
+        tmp_path: Path, procedural_photos: PhotoSet) -> None:
     """Its log clean-ups (``runs/``, ``train/<form>/``) run only inside a work folder it claimed:
     a user's folder with files in those places is refused and left as it was."""
     from benchmarks import mocov3_cutmix_bsds
@@ -106,7 +110,8 @@ def test_mocov3_cutmix_benchmark_refuses_a_users_work_folder_before_deleting_any
         (user / name).write_text("user data")
     for fresh in ([], ["--fresh"]):
         with pytest.raises(SystemExit, match="holds files this script did not write"):
-            mocov3_cutmix_bsds.main(["--data", str(BSDS), "--work", str(user), "--out", str(tmp_path / "out"), *fresh])
+            mocov3_cutmix_bsds.main(["--data", str(procedural_photos.root), "--work", str(user),
+                                     "--out", str(tmp_path / "out"), *fresh])
     assert sorted(str(p.relative_to(user)) for p in user.rglob("*") if p.is_file()) == [
         "data.csv", "runs/keep.txt", "train/none_s0/e5/notes.txt"]
     assert all(p.read_text() == "user data" for p in user.rglob("*") if p.is_file())

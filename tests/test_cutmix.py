@@ -15,14 +15,18 @@ import torch.nn.functional as F
 from datamodules.synthetic.base import SourceRef, build_synthetic, folder_refs, read_manifest
 from datamodules.synthetic.cutmix import CutmixBuilder, CutmixDataModule
 from lit.io import load_image
+from photo_fixtures import PhotoSet
 
 REPO = Path(__file__).resolve().parents[1]
-BSDS = REPO.parent / "shared" / "data" / "bsds300" / "val" / "images"
 SIZE = 64
 
 
-def make_builder(seed: int = 0, **kwargs) -> CutmixBuilder:
-    refs = folder_refs(BSDS)[:8]
+def val_images(photos: PhotoSet) -> Path:
+    return photos.split("val") / "images"
+
+
+def make_builder(photos: PhotoSet, seed: int = 0, **kwargs) -> CutmixBuilder:
+    refs = folder_refs(val_images(photos))[:8]
     kwargs.setdefault("mixes_per_query", 2)
     return CutmixBuilder(refs[:4], refs[4:], seed=seed, output_size=SIZE, **kwargs)
 
@@ -39,18 +43,19 @@ def _resized(image: torch.Tensor, box: list[int], size: int) -> torch.Tensor:
                           align_corners=False)[0].clamp(0, 1) * 255).round()
 
 
-def test_deterministic_and_seed_dependent(tmp_path: Path) -> None:
-    first = build_synthetic(make_builder(), tmp_path / "a", progress=False)
-    build_synthetic(make_builder(), tmp_path / "b", progress=False, num_workers=2)
-    build_synthetic(make_builder(seed=3), tmp_path / "c", progress=False)
+def test_deterministic_and_seed_dependent(tmp_path: Path, photos: PhotoSet) -> None:
+    first = build_synthetic(make_builder(photos), tmp_path / "a", progress=False)
+    build_synthetic(make_builder(photos), tmp_path / "b", progress=False, num_workers=2)
+    build_synthetic(make_builder(photos, seed=3), tmp_path / "c", progress=False)
     assert first.num_items == 8
     assert files(tmp_path / "a") == files(tmp_path / "b") != files(tmp_path / "c")
-    assert build_synthetic(make_builder(), tmp_path / "a", progress=False).reused
-    assert not build_synthetic(make_builder(patch_fraction=(0.2, 0.3)), tmp_path / "a", progress=False).reused
+    assert build_synthetic(make_builder(photos), tmp_path / "a", progress=False).reused
+    assert not build_synthetic(make_builder(photos, patch_fraction=(0.2, 0.3)), tmp_path / "a",
+                               progress=False).reused
 
 
-def test_patch_is_a_square_of_the_query_pasted_in_the_recorded_pool_crop(tmp_path: Path) -> None:
-    builder = make_builder(patch_fraction=(0.3, 0.5), mixes_per_query=3)
+def test_patch_is_a_square_of_the_query_pasted_in_the_recorded_pool_crop(tmp_path: Path, photos: PhotoSet) -> None:
+    builder = make_builder(photos, patch_fraction=(0.3, 0.5), mixes_per_query=3)
     build_synthetic(builder, tmp_path / "set", progress=False)
     queries = {ref.id: ref.path for ref in builder.queries()}
     pool = {ref.id: ref.path for ref in builder.pool()}
@@ -74,20 +79,21 @@ def test_patch_is_a_square_of_the_query_pasted_in_the_recorded_pool_crop(tmp_pat
     assert len(set(sides)) > 1  # random sizes
 
 
-def test_datamodule_with_explicit_pool(tmp_path: Path) -> None:
-    pool = BSDS.parents[1] / "train" / "images"
-    data = CutmixDataModule(root=str(BSDS), pool=str(pool), num_queries=3, output_dir=str(tmp_path / "set"),
+def test_datamodule_with_explicit_pool(tmp_path: Path, photos: PhotoSet) -> None:
+    queries, pool = val_images(photos), photos.split("train") / "images"
+    data = CutmixDataModule(root=str(queries), pool=str(pool), num_queries=3, output_dir=str(tmp_path / "set"),
                             output_size=SIZE, mixes_per_query=2, progress=False)
     data.setup("test")  # builds on demand outside DDP
     retrieval = data.retrieval_set
     assert len(retrieval.queries) == 3 and retrieval.positives == [[0, 1], [2, 3], [4, 5]]
     manifest = read_manifest(tmp_path / "set")
-    assert len(manifest["pool_ids"]) == 200 and all(Path(p).parent == BSDS for p in manifest["query_paths"])
+    assert len(manifest["pool_ids"]) == photos.counts["train"]  # bsds300: 200
+    assert all(Path(p).parent == queries for p in manifest["query_paths"])
     assert retrieval.gallery[5]["image"].shape == (3, SIZE, SIZE)
 
 
-def test_errors(tmp_path: Path) -> None:
-    refs = folder_refs(BSDS)[:4]
+def test_errors(tmp_path: Path, photos: PhotoSet) -> None:
+    refs = folder_refs(val_images(photos))[:4]
     with pytest.raises(ValueError, match="shares 2 image"):
         CutmixBuilder(refs[:2], refs[:2])
     with pytest.raises(ValueError, match="patch_fraction"):
@@ -95,7 +101,7 @@ def test_errors(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="image folder not found"):
         CutmixDataModule(root=str(tmp_path / "missing"), output_dir=str(tmp_path / "o")).make_builder()
     with pytest.raises(ValueError, match="num_queries 9 exceeds"):
-        CutmixDataModule(root=str(BSDS), num_queries=9, pool_fraction=0.95,
+        CutmixDataModule(root=str(val_images(photos)), num_queries=9, pool_fraction=0.95,
                          output_dir=str(tmp_path / "o")).make_builder()
     broken = tmp_path / "broken.jpg"
     broken.write_bytes(b"not an image")
@@ -118,12 +124,12 @@ def _lit_test_cutmix(tmp_path: Path, root: Path, name: str, extra: list[str]) ->
     return json.loads(next((tmp_path / name).rglob("metrics.json")).read_text())
 
 
-def test_ddp_build_and_scores_match_one_process(tmp_path: Path) -> None:
+def test_ddp_build_and_scores_match_one_process(tmp_path: Path, procedural_photos: PhotoSet) -> None:
     """`lit test` on 2 DDP processes: rank 0 builds, both read; the set's bytes and every
     metric equal a 1-process run (7 queries x 2 mixes: both shards padded)."""
     root = tmp_path / "images"
     root.mkdir()
-    for ref in folder_refs(BSDS)[:14]:
+    for ref in folder_refs(val_images(procedural_photos))[:14]:
         (root / ref.path.name).write_bytes(ref.path.read_bytes())
     single = _lit_test_cutmix(tmp_path, root, "single", ["--trainer.devices=1"])
     double = _lit_test_cutmix(tmp_path, root, "ddp", ["--trainer.devices=2", "--trainer.strategy=ddp"])
@@ -145,8 +151,8 @@ def _copies(folder: Path, refs: list[SourceRef], broken: list[str]) -> Path:
     return folder
 
 
-def test_bad_pool_image_is_redrawn_deterministically_and_recorded(tmp_path: Path) -> None:
-    refs = folder_refs(BSDS)[:7]
+def test_bad_pool_image_is_redrawn_deterministically_and_recorded(tmp_path: Path, photos: PhotoSet) -> None:
+    refs = folder_refs(val_images(photos))[:7]
     broken = SourceRef("broken", _copies(tmp_path / "bad", [], ["broken.jpg"]) / "broken.jpg")
     pool = [refs[4], broken, refs[5], refs[6]]
 
@@ -178,14 +184,14 @@ def test_bad_pool_image_is_redrawn_deterministically_and_recorded(tmp_path: Path
             assert item["pool_id"] in readable
 
 
-def test_every_skip_is_counted_in_metrics_json_with_its_reason(tmp_path: Path) -> None:
+def test_every_skip_is_counted_in_metrics_json_with_its_reason(tmp_path: Path, photos: PhotoSet) -> None:
     import pytorch_lightning as pl
     from pytorch_lightning.loggers import TensorBoardLogger
 
     from models.descriptor_config import DescriptorConfig
     from models.retrieval import RetrievalEvaluator
 
-    refs = folder_refs(BSDS)[:7]
+    refs = folder_refs(val_images(photos))[:7]
     root = _copies(tmp_path / "queries", refs[:4], ["zz_broken_query.png"])
     pool = _copies(tmp_path / "pool", refs[4:], ["broken_pool.jpg"])
     data = CutmixDataModule(root=str(root), pool=str(pool), output_dir=str(tmp_path / "set"), output_size=SIZE,
@@ -204,11 +210,11 @@ def test_every_skip_is_counted_in_metrics_json_with_its_reason(tmp_path: Path) -
     assert "cannot load image" in metrics["skipped_sources"]["pool image broken_pool"]
 
 
-def test_strict_stops_at_the_first_bad_file_naming_it(tmp_path: Path) -> None:
+def test_strict_stops_at_the_first_bad_file_naming_it(tmp_path: Path, photos: PhotoSet) -> None:
     from lit.commands.cli import LitCLI
     from lit.io import ImageLoadError
 
-    refs = folder_refs(BSDS)[:6]
+    refs = folder_refs(val_images(photos))[:6]
     root = _copies(tmp_path / "queries", refs[:3], ["zz_broken_query.png"])
     pool = _copies(tmp_path / "pool", refs[3:], [])
     cli = LitCLI(args=["-c", str(REPO / "configs" / "cutmix.yaml"), f"--data.init_args.root={root}",

@@ -14,8 +14,8 @@ from PIL import Image
 
 from datamodules.images import GenerationSeeds, ImageFolderTrainData, ProceduralTrainData, subset_order
 from models.ddpm import DDPMModule
+from photo_fixtures import PhotoSet
 
-BSDS = Path(__file__).resolve().parents[2] / "shared" / "data" / "bsds300" / "train" / "images"
 TINY = dict(resolution=16, block_out_channels=[8, 16], layers_per_block=1, norm_num_groups=4,
             down_block_types=["DownBlock2D", "AttnDownBlock2D"], up_block_types=["AttnUpBlock2D", "UpBlock2D"],
             sample_steps=4, warmup_steps=2, learning_rate=1e-3)
@@ -137,15 +137,16 @@ def test_predict_writes_seeded_pngs(tmp_path: Path) -> None:
     assert np.abs(png - direct).max() <= 0.5 / 255 + 1e-4
 
 
-def test_subset_is_seeded_recorded_and_checked(tmp_path: Path) -> None:
-    data = ImageFolderTrainData(root=str(BSDS), subset_size=5, subset_seed=1, resolution=16)
+def test_subset_is_seeded_recorded_and_checked(tmp_path: Path, photos: PhotoSet) -> None:
+    images = photos.split("train") / "images"
+    data = ImageFolderTrainData(root=str(images), subset_size=5, subset_seed=1, resolution=16)
     data.prepare_images()
-    again = ImageFolderTrainData(root=str(BSDS), subset_size=5, subset_seed=1, resolution=16)
-    other = ImageFolderTrainData(root=str(BSDS), subset_size=5, subset_seed=2, resolution=16)
+    again = ImageFolderTrainData(root=str(images), subset_size=5, subset_seed=1, resolution=16)
+    other = ImageFolderTrainData(root=str(images), subset_size=5, subset_seed=2, resolution=16)
     again.prepare_images()
     other.prepare_images()
     assert data.names == again.names != other.names and len(data.names) == 5
-    files = sorted(BSDS.glob("*.jpg"))
+    files = sorted(images.glob("*.jpg"))
     assert set(data.names) == {str(files[i]) for i in subset_order(len(files), 1)[:5]}
     reference = data.reference_dataset()
     item = reference[2]

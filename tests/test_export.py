@@ -119,7 +119,7 @@ def test_lit_test_with_the_export_equals_the_callback(trained: dict[str, Any]) -
 
 def test_replication_monitor_uses_the_export(trained: dict[str, Any], tmp_path: Path) -> None:
     pl.seed_everything(0)
-    watch = ReplicationMonitor(descriptor="mocov3", descriptor_weights=str(trained["file"]), num_samples=3,
+    watch = ReplicationMonitor(descriptor=DescriptorConfig(name="mocov3", weights=str(trained["file"])), num_samples=3,
                                top_k=2, num_copies_shown=2, verbose=False)
     trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=1, enable_progress_bar=False, logger=False,
                          enable_model_summary=False, enable_checkpointing=False, callbacks=[watch],

@@ -20,8 +20,7 @@ from lit.io import (
     load_image,
     scan_images,
 )
-
-BSDS = Path(__file__).resolve().parents[2] / "shared" / "data" / "bsds300"
+from photo_fixtures import PhotoSet
 
 
 def _load_clean(path: Path, **kwargs) -> torch.Tensor:
@@ -239,9 +238,9 @@ def test_max_pixels_must_be_positive(tmp_path: Path) -> None:
 # ---------------------------------------------------------------- real photos
 
 
-@pytest.mark.skipif(not BSDS.is_dir(), reason=f"shared photos not found at {BSDS}")
-def test_real_photos_load_at_full_size() -> None:
-    paths = list_images(BSDS / "val" / "images")
+@pytest.mark.real_photos
+def test_real_photos_load_at_full_size(bsds300: PhotoSet) -> None:
+    paths = list_images(bsds300.split("val") / "images")
     assert len(paths) == 100
     for path in paths[:6]:
         image = _load_clean(path)

@@ -1,4 +1,4 @@
-"""The import order of the suite's layers (``../shared/DESIGN.md``, README "Map of the house").
+"""The import order of the suite's layers (README "Map of the house").
 
 Low to high: the ``lit`` core (``lit/`` except ``lit/commands/``) < ``models`` <
 ``datamodules`` < ``callbacks`` < ``lit.commands``. Every import of every module is read

@@ -17,9 +17,7 @@ from datamodules.synthetic.masks import (
     canonical_instances,
     decode_coco_segmentation,
 )
-
-BSDS = Path(__file__).resolve().parents[2] / "shared" / "data" / "bsds300" / "val"
-IDS = ["101085", "102061", "103070"]
+from photo_fixtures import PhotoSet
 
 
 def _uncompressed_rle(mask: np.ndarray) -> dict:
@@ -46,23 +44,24 @@ def _write_coco(path: Path, images: list[dict], annotations: list[dict]) -> Path
     return path
 
 
-def test_coco_and_voc_forms_of_bsds_decode_to_the_same_masks(tmp_path: Path) -> None:
+def test_coco_and_voc_forms_of_a_photo_set_decode_to_the_same_masks(tmp_path: Path, photos: PhotoSet) -> None:
+    val, ids = photos.split("val"), photos.picks[:3]
     image_set = tmp_path / "ids.txt"
-    image_set.write_text("\n".join(IDS) + "\n")
-    voc = VocMaskSource(BSDS / "images", BSDS / "masks", image_set=image_set)
-    coco_ids = [im["id"] for im in json.loads((BSDS / "annotations.json").read_text())["images"]
-                if im["file_name"].split(".")[0] in IDS]
-    coco = CocoMaskSource(BSDS / "annotations.json", BSDS / "images", image_ids=coco_ids)
-    assert voc.ids == coco.ids == sorted(IDS)
+    image_set.write_text("\n".join(ids) + "\n")
+    voc = VocMaskSource(val / "images", val / "masks", image_set=image_set)
+    coco_ids = [im["id"] for im in json.loads((val / "annotations.json").read_text())["images"]
+                if im["file_name"].split(".")[0] in ids]
+    coco = CocoMaskSource(val / "annotations.json", val / "images", image_ids=coco_ids)
+    assert voc.ids == coco.ids == sorted(ids)
     for a, b in zip(voc, coco):
         assert a.id == b.id and a.path == b.path
         assert len(a.instances) == len(b.instances) > 1
         assert all(torch.equal(x, y) for x, y in zip(a.instances, b.instances))
         assert torch.equal(a.background, b.background)
-        labels = np.asarray(Image.open(BSDS / "masks" / f"{a.id}.png"))
+        labels = np.asarray(Image.open(val / "masks" / f"{a.id}.png"))
         assert torch.equal(a.background, torch.from_numpy(labels == 0))
         union = torch.stack(a.instances).any(0)
-        assert torch.equal(union | a.background, torch.ones_like(union))  # BSDS has no void
+        assert torch.equal(union | a.background, torch.ones_like(union))  # these sets have no void
         areas = [int(m.sum()) for m in a.instances]
         assert areas == sorted(areas, reverse=True)
 

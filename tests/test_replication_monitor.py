@@ -98,7 +98,7 @@ def test_logs_expected_keys_and_files(tmp_path: Path) -> None:
 
 def test_numbers_match_a_hand_computation(tmp_path: Path) -> None:
     """Top-1 scores = max over training images of the pixel descriptor's cosine (mean-centred pixels)."""
-    watch = monitor(every_n_steps=2, thresholds=[0.1, 0.3])
+    watch = monitor(every_n_steps=2, thresholds=[0.1, 0.3], match_mirrors=True)
     trainer, model = fit(tmp_path, [watch], max_steps=2)
     data = ProceduralTrainData(num_images=7, resolution=16)
     train = torch.stack([data.reference_dataset()[i]["image"] for i in range(7)])
@@ -216,10 +216,47 @@ def test_descriptor_is_recorded_and_random_init_is_named(tmp_path: Path) -> None
 
     from models.descriptor_config import DescriptorConfig
 
-    watch = monitor(every_n_steps=2, random_init=True, input_size=16)
+    watch = monitor(every_n_steps=2, descriptor=DescriptorConfig(name="pixel", random_init=True, input_size=16))
     tensorboard = TensorBoardLogger(tmp_path, name="tb", version=0)
     trainer, _ = fit(tmp_path, [watch], max_steps=1, loggers=[tensorboard])
     recorded = json.loads((Path(tensorboard.log_dir) / "replication" / "descriptor.json").read_text())
-    config = DescriptorConfig("pixel", random_init=True, input_size=16)
+    config = DescriptorConfig(name="pixel", random_init=True, input_size=16)
     assert recorded["descriptor"] == config.record(config.build())
     assert "pixel (random init) descriptor" in watch.summary_text(trainer)
+
+
+def test_sampled_baseline_is_labelled_in_every_output(tmp_path: Path) -> None:
+    """baseline_sample: the exact baseline's values on the sampled rows, logged under
+    replication_baseline_sampled/, and said so in the CSV, the TensorBoard text, the record and the table."""
+    import json
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from lit.replication import baseline_rows
+
+    recorder = RecordingLogger()
+    tensorboard = TensorBoardLogger(tmp_path, name="tb", version=0)
+    exact = monitor(every_n_steps=2, check_at_end=False)
+    fit(tmp_path, [exact], max_steps=1)
+    watch = monitor(every_n_steps=2, baseline_sample=4)
+    trainer, _ = fit(tmp_path, [watch], max_steps=2, loggers=[tensorboard, recorder])
+    rows = baseline_rows(7, 4, seed=0).rows
+    assert torch.equal(watch.baseline_rows.rows, rows)
+    assert torch.allclose(watch.baseline_scores, exact.baseline_scores[rows])
+    logged = recorder.calls[-1][1]
+    assert "replication_baseline_sampled/top1_mean" in logged
+    assert not any(key.startswith("replication_baseline/") for key in logged)
+    assert "replication_baseline_sampled/top1_mean" in trainer.callback_metrics
+    log_dir = Path(tensorboard.log_dir)
+    history = list(csv.DictReader((log_dir / HISTORY_FILE).open()))
+    assert history[-1]["step"] == "baseline (sampled: 4 of 7 training images (seed 0))"
+    assert history[-1]["num_samples"] == "4"
+    record = json.loads((log_dir / "replication" / "descriptor.json").read_text())
+    assert record["baseline"]["exact"] is False and record["baseline"]["sample_size"] == 4
+    assert record["match_mirrors"] is False
+    events = EventAccumulator(str(log_dir), size_guidance={"tensors": 0, "histograms": 0}).Reload()
+    text = events.Tensors("replication/settings/text_summary")[0].tensor_proto.string_val[0].decode()
+    assert "sampled: 4 of 7 training images (seed 0)" in text and "no mirror matching" in text
+    assert "replication_baseline_sampled/top1_training" in events.Tags()["histograms"]
+    assert "sampled: 4 of 7 training images (seed 0)" in watch.summary_text(trainer)
+

@@ -167,11 +167,52 @@ def test_refuses_foreign_out(folders: Path, tmp_path: Path) -> None:
      "--descriptor.weights: weights file not found: /no/such/sscd.pt (expected the SSCD TorchScript file"),
     (["--descriptor.token_normalization", "l2"], "descriptor.token_normalization"),
     (["--descriptor", "pixel"], "name the descriptor with --descriptor.name NAME"),  # the flat spelling of before
+    (["--match_mirrors", "true", "--index", "IVF4,Flat"], "--index searches the training store only"),
 ])
 def test_user_errors(folders: Path, tmp_path: Path, extra: list[str], message: str) -> None:
     with pytest.raises(UserError, match=re.escape(message)):
         main(["--generations", str(folders / "gen"), "--training", str(folders / "train"),
               "--out", str(tmp_path / "out"), *extra])
+
+
+def _mirrored_pixel_features(paths: list[Path]) -> np.ndarray:
+    """:func:`_pixel_features` of the horizontally flipped images."""
+    rows = []
+    for path in paths:
+        x = np.asarray(Image.open(path).convert("RGB"), dtype=np.float64)[:, ::-1].transpose(2, 0, 1).reshape(-1)
+        x = (x / 255.0) - (x / 255.0).mean()
+        rows.append(x / np.linalg.norm(x))
+    return np.stack(rows)
+
+
+def test_match_mirrors_end_to_end(folders: Path, tmp_path: Path) -> None:
+    """--match_mirrors: a training image scores through the better of itself and its mirror (numpy
+    reference), the mirrored copy of t07 is found as such, and every output says so."""
+    out = tmp_path / "out"
+    main(["--generations", str(folders / "gen"), "--training", str(folders / "train"), "--out", str(out),
+          "--match_mirrors", "true", "--k", "2", "--dtype", "float32", "--device", "cpu", "--progress", "false",
+          "--thumb", "16", "--report_rows", "2"])
+    gen_paths = sorted(p for p in (folders / "gen").glob("*.png") if p.name != "broken.png")
+    train_paths = sorted((folders / "train").rglob("*.png"))
+    train, flipped = _pixel_features(train_paths), _mirrored_pixel_features(train_paths)
+    gens = _pixel_features(gen_paths)
+    best = np.maximum(gens @ train.T, gens @ flipped.T)
+    order, top = _top_k(best, 2)
+    with open(out / "matches.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert "mirrored" in rows[0]
+    for g, path in enumerate(gen_paths):
+        mine = [r for r in rows if r["generation"] == str(path)]
+        assert [r["training"] for r in mine] == [str(train_paths[j]) for j in order[g]]
+        assert [float(r["score"]) for r in mine] == pytest.approx(top[g].tolist(), abs=1e-5)
+    mirror = next(r for r in rows if r["generation"].endswith("mirror7.png") and r["rank"] == "1")
+    assert mirror["training"].endswith("t07.png") and mirror["mirrored"] == "1" and float(mirror["score"]) > 0.999
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["match_mirrors"] is True
+    self_best = np.maximum(train @ train.T, train @ flipped.T)
+    np.fill_diagonal(self_best, -np.inf)  # its own mirror is left out with it
+    assert summary["baseline"]["mean"] == pytest.approx(float(self_best.max(axis=1).mean()), abs=1e-5)
+    assert "Mirror-aware matching: on" in (out / "report.html").read_text()
 
 
 def test_missing_input_is_a_user_error(folders: Path, tmp_path: Path) -> None:
@@ -201,7 +242,7 @@ def _reference_scores(q: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("chunk_bytes", [None, 4 * 8 * 3], ids=["one-query-chunk", "3-row-query-chunks"])
 def test_run_scan_streams_blocks_like_brute_force(chunk_bytes: int | None, monkeypatch: pytest.MonkeyPatch) -> None:
     if chunk_bytes is not None:
-        monkeypatch.setattr("lit.commands.scan.engine.QUERY_CHUNK_BYTES", chunk_bytes)
+        monkeypatch.setattr("lit.replication.QUERY_CHUNK_BYTES", chunk_bytes)
     generator = torch.Generator().manual_seed(5)
     train = torch.randn(53, 8, generator=generator)
     train[10] = train[3] * 2.0  # a duplicate pair (cosine 1)

@@ -26,24 +26,23 @@ from datamodules.synthetic.base import (
 from datamodules.synthetic.masks import CocoMaskSource, VocMaskSource
 from datamodules.synthetic.segmix import RegionAugmentation, SegmixBuilder, SegmixDataModule
 from lit.io import load_image
+from photo_fixtures import PhotoSet
 
 REPO = Path(__file__).resolve().parents[1]
-BSDS = REPO.parent / "shared" / "data" / "bsds300" / "val"
-IDS = ["101085", "102061", "103070", "105025", "106024", "108005", "108070", "108082"]
 SIZE = 48
 NO_AUGMENTATION = RegionAugmentation(flip_probability=0, jitter_probability=0, autocontrast_probability=0,
                                      solarize_probability=0, blur_probability=0)
 
 
-def make_builder(form: str, folder: Path, seed: int = 0, **kwargs) -> SegmixBuilder:
-    """Segmix over 8 BSDS val images: 4 queries, 4 pool images (seeded split)."""
+def make_builder(photos: PhotoSet, form: str, folder: Path, seed: int = 0, **kwargs) -> SegmixBuilder:
+    """Segmix over the 8 picked val images: 4 queries, 4 pool images (seeded split)."""
+    val = photos.split("val")
     if form == "voc":
-        (folder / "ids.txt").write_text("\n".join(IDS) + "\n")
-        source = VocMaskSource(BSDS / "images", BSDS / "masks", image_set=folder / "ids.txt")
+        source = VocMaskSource(val / "images", val / "masks", image_set=_write_ids(photos, folder))
     else:
-        images = json.loads((BSDS / "annotations.json").read_text())["images"]
-        source = CocoMaskSource(BSDS / "annotations.json", BSDS / "images",
-                                image_ids=[im["id"] for im in images if im["file_name"][:-4] in IDS])
+        images = json.loads((val / "annotations.json").read_text())["images"]
+        source = CocoMaskSource(val / "annotations.json", val / "images",
+                                image_ids=[im["id"] for im in images if im["file_name"][:-4] in photos.picks])
     queries, pool = split_queries_and_pool(len(source), seed, None, 0.5, has_pool=False)
     kwargs.setdefault("mixes_per_query", 2)
     return SegmixBuilder(source, [SourceRef(source.ids[r], source.paths[r]) for r in pool], queries, seed=seed,
@@ -54,21 +53,21 @@ def files(root: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted((root / "images").glob("*.png"))}
 
 
-def test_same_seed_same_bytes_and_coco_equals_voc(tmp_path: Path) -> None:
-    voc = build_synthetic(make_builder("voc", tmp_path), tmp_path / "voc", progress=False)
-    again = build_synthetic(make_builder("voc", tmp_path), tmp_path / "again", progress=False, num_workers=2)
-    coco = build_synthetic(make_builder("coco", tmp_path), tmp_path / "coco", progress=False)
+def test_same_seed_same_bytes_and_coco_equals_voc(tmp_path: Path, photos: PhotoSet) -> None:
+    voc = build_synthetic(make_builder(photos, "voc", tmp_path), tmp_path / "voc", progress=False)
+    again = build_synthetic(make_builder(photos, "voc", tmp_path), tmp_path / "again", progress=False, num_workers=2)
+    coco = build_synthetic(make_builder(photos, "coco", tmp_path), tmp_path / "coco", progress=False)
     assert voc.num_items == 8 and not voc.reused
     assert files(tmp_path / "voc") == files(tmp_path / "again") == files(tmp_path / "coco")
     items = [read_manifest(tmp_path / name)["items"] for name in ("voc", "coco")]
     assert items[0] == items[1]
-    other = build_synthetic(make_builder("voc", tmp_path, seed=1), tmp_path / "seed1", progress=False)
+    other = build_synthetic(make_builder(photos, "voc", tmp_path, seed=1), tmp_path / "seed1", progress=False)
     assert other.num_items == 8 and files(tmp_path / "seed1") != files(tmp_path / "voc")
     assert {"decode", "resize", "augment", "composite", "encode", "write"} <= set(voc.stage_seconds)
     assert again.num_items == coco.num_items == 8
 
 
-def test_same_bytes_in_other_processes_and_thread_counts(tmp_path: Path) -> None:
+def test_same_bytes_in_other_processes_and_thread_counts(tmp_path: Path, photos: PhotoSet) -> None:
     """What DDP ranks rely on: a fresh process rendering with another torch thread count
     writes the same bytes as this one."""
     script = textwrap.dedent(f"""
@@ -77,42 +76,45 @@ def test_same_bytes_in_other_processes_and_thread_counts(tmp_path: Path) -> None
         torch.set_num_threads(int(sys.argv[2]))
         from pathlib import Path
         from test_segmix import make_builder
+        from photo_fixtures import PhotoSet
         from datamodules.synthetic.base import build_synthetic
         out = Path(sys.argv[1]); out.mkdir()
-        build_synthetic(make_builder("voc", out), out / "set", progress=False, num_workers=int(sys.argv[3]))
+        photos = PhotoSet("given", Path(sys.argv[4]), {{}}, tuple(sys.argv[5].split(",")))
+        build_synthetic(make_builder(photos, "voc", out), out / "set", progress=False, num_workers=int(sys.argv[3]))
     """)
     threads = 2 if torch.get_num_threads() == 1 else 1  # a thread count other than this process's
-    run = subprocess.Popen([sys.executable, "-c", script, str(tmp_path / "other"), str(threads), "0"])
-    build_synthetic(make_builder("voc", tmp_path), tmp_path / "here", progress=False)
+    run = subprocess.Popen([sys.executable, "-c", script, str(tmp_path / "other"), str(threads), "0",
+                            str(photos.root), ",".join(photos.picks)])
+    build_synthetic(make_builder(photos, "voc", tmp_path), tmp_path / "here", progress=False)
     assert run.wait(timeout=120) == 0
     reference = files(tmp_path / "here")
     assert len(reference) == 8 and files(tmp_path / "other" / "set") == reference
 
 
-def test_manifest_reuse_and_rebuild(tmp_path: Path) -> None:
+def test_manifest_reuse_and_rebuild(tmp_path: Path, photos: PhotoSet) -> None:
     root = tmp_path / "set"
-    build_synthetic(make_builder("voc", tmp_path), root, progress=False)
+    build_synthetic(make_builder(photos, "voc", tmp_path), root, progress=False)
     manifest = read_manifest(root)
     assert manifest["kind"] == "segmix" and manifest["seed"] == 0
     assert manifest["pool_ids"] and not set(manifest["pool_ids"]) & set(manifest["query_ids"])
     item = manifest["items"][0]
     assert {"file", "query", "query_id", "pool_id", "pool_box", "region", "placement", "augmentation"} <= set(item)
     stamp = (root / item["file"]).stat().st_mtime_ns
-    assert build_synthetic(make_builder("voc", tmp_path), root, progress=False).reused
+    assert build_synthetic(make_builder(photos, "voc", tmp_path), root, progress=False).reused
     assert (root / item["file"]).stat().st_mtime_ns == stamp
-    changed = build_synthetic(make_builder("voc", tmp_path, mixes_per_query=1), root, progress=False)
+    changed = build_synthetic(make_builder(photos, "voc", tmp_path, mixes_per_query=1), root, progress=False)
     assert not changed.reused and changed.num_items == 4
     assert len(files(root)) == 4 and read_manifest(root)["parameters"]["mixes_per_query"] == 1
     (root / read_manifest(root)["items"][0]["file"]).unlink()  # a lost file also rebuilds
-    assert not build_synthetic(make_builder("voc", tmp_path, mixes_per_query=1), root, progress=False).reused
+    assert not build_synthetic(make_builder(photos, "voc", tmp_path, mixes_per_query=1), root, progress=False).reused
 
 
 class _Killed(Exception):
     pass
 
 
-def test_killed_build_leaves_no_manifest_and_resumes(tmp_path: Path) -> None:
-    builder = make_builder("voc", tmp_path)
+def test_killed_build_leaves_no_manifest_and_resumes(tmp_path: Path, photos: PhotoSet) -> None:
+    builder = make_builder(photos, "voc", tmp_path)
     original = builder.render_query
     calls = []
 
@@ -126,9 +128,9 @@ def test_killed_build_leaves_no_manifest_and_resumes(tmp_path: Path) -> None:
     with pytest.raises(_Killed):
         build_synthetic(builder, tmp_path / "set", progress=False)
     assert not (tmp_path / "set" / MANIFEST).exists() and len(files(tmp_path / "set")) == 4
-    resumed = build_synthetic(make_builder("voc", tmp_path), tmp_path / "set", progress=False)
+    resumed = build_synthetic(make_builder(photos, "voc", tmp_path), tmp_path / "set", progress=False)
     assert resumed.rendered_queries == 2 and resumed.num_items == 8
-    build_synthetic(make_builder("voc", tmp_path), tmp_path / "fresh", progress=False)
+    build_synthetic(make_builder(photos, "voc", tmp_path), tmp_path / "fresh", progress=False)
     assert files(tmp_path / "set") == files(tmp_path / "fresh")
     assert read_manifest(tmp_path / "set")["items"] == read_manifest(tmp_path / "fresh")["items"]
 
@@ -148,8 +150,8 @@ def _outside(box: list[int], margin: int = 1) -> torch.Tensor:
     return keep
 
 
-def test_objects_land_in_their_box_on_the_recorded_pool_crop(tmp_path: Path) -> None:
-    builder = make_builder("voc", tmp_path, object_probability=1.0, augmentation=NO_AUGMENTATION,
+def test_objects_land_in_their_box_on_the_recorded_pool_crop(tmp_path: Path, photos: PhotoSet) -> None:
+    builder = make_builder(photos, "voc", tmp_path, object_probability=1.0, augmentation=NO_AUGMENTATION,
                            object_scale=(0.4, 0.6), max_rotation=0.0)
     build_synthetic(builder, tmp_path / "set", progress=False)
     for item in read_manifest(tmp_path / "set")["items"]:
@@ -165,8 +167,8 @@ def test_objects_land_in_their_box_on_the_recorded_pool_crop(tmp_path: Path) -> 
         assert 0.4 * SIZE - 2 <= longer <= 0.6 * SIZE + 2
 
 
-def test_background_shows_the_pool_through_object_holes(tmp_path: Path) -> None:
-    builder = make_builder("voc", tmp_path, object_probability=0.0, augmentation=NO_AUGMENTATION)
+def test_background_shows_the_pool_through_object_holes(tmp_path: Path, photos: PhotoSet) -> None:
+    builder = make_builder(photos, "voc", tmp_path, object_probability=0.0, augmentation=NO_AUGMENTATION)
     build_synthetic(builder, tmp_path / "set", progress=False)
     queries = {ref.id: ref for ref in builder.queries()}
     for item in read_manifest(tmp_path / "set")["items"]:
@@ -187,16 +189,17 @@ def test_background_shows_the_pool_through_object_holes(tmp_path: Path) -> None:
         assert (window[:, hole] - canvas[:, y0:y1, x0:x1][:, hole]).abs().max() <= 1.0
 
 
-def test_queries_without_a_usable_region_are_counted_skips(tmp_path: Path) -> None:
+def test_queries_without_a_usable_region_are_counted_skips(tmp_path: Path, photos: PhotoSet) -> None:
     with pytest.warns(SyntheticSkipWarning, match="4 of 4 queries skipped"):
-        report = build_synthetic(make_builder("voc", tmp_path, min_region_area=0.99), tmp_path / "set",
+        report = build_synthetic(make_builder(photos, "voc", tmp_path, min_region_area=0.99), tmp_path / "set",
                                  progress=False)
     assert report.num_skipped == 4 and report.num_items == 0
     assert "min_region_area" in read_manifest(tmp_path / "set")["skipped"][0]["reason"]
 
 
-def test_bad_arguments_and_overlapping_pool(tmp_path: Path) -> None:
-    source = VocMaskSource(BSDS / "images", BSDS / "masks", image_set=_write_ids(tmp_path))
+def test_bad_arguments_and_overlapping_pool(tmp_path: Path, photos: PhotoSet) -> None:
+    val = photos.split("val")
+    source = VocMaskSource(val / "images", val / "masks", image_set=_write_ids(photos, tmp_path))
     refs = [SourceRef(source.ids[r], source.paths[r]) for r in range(len(source))]
     with pytest.raises(ValueError, match="shares 1 image"):
         SegmixBuilder(source, refs[:1], [0, 1])
@@ -208,17 +211,17 @@ def test_bad_arguments_and_overlapping_pool(tmp_path: Path) -> None:
         SegmixDataModule(root=str(tmp_path / "nope"), output_dir=str(tmp_path / "o")).make_builder()
 
 
-def _write_ids(folder: Path) -> Path:
-    (folder / "ids.txt").write_text("\n".join(IDS) + "\n")
+def _write_ids(photos: PhotoSet, folder: Path) -> Path:
+    (folder / "ids.txt").write_text("\n".join(photos.picks) + "\n")
     return folder / "ids.txt"
 
 
-def test_datamodule_builds_a_retrieval_set(tmp_path: Path) -> None:
+def test_datamodule_builds_a_retrieval_set(tmp_path: Path, photos: PhotoSet) -> None:
     distractors = tmp_path / "distractors"
     distractors.mkdir()
     for i in range(2):
         (distractors / f"d{i}.png").write_bytes(b"")  # placeholders: only listed, never loaded here
-    data = SegmixDataModule(root=str(BSDS.parent / "val"), mask_format="coco", num_queries=3, pool_fraction=0.9,
+    data = SegmixDataModule(root=str(photos.split("val")), mask_format="coco", num_queries=3, pool_fraction=0.9,
                             output_dir=str(tmp_path / "set"), output_size=SIZE, mixes_per_query=2,
                             distractors=str(distractors), progress=False, batch_size=4)
     data.prepare_data()
@@ -232,7 +235,7 @@ def test_datamodule_builds_a_retrieval_set(tmp_path: Path) -> None:
     assert [retrieval.queries[q]["path"] for q in range(3)] == manifest["query_paths"]
     assert retrieval.gallery[0]["image"].shape == (3, SIZE, SIZE)
     assert retrieval.gallery.path(7).endswith("d1.png")
-    assert len(manifest["pool_ids"]) == 90
+    assert len(manifest["pool_ids"]) == round(0.9 * photos.counts["val"])  # bsds300: 90
 
 
 def test_split_refuses_too_many_queries_with_the_fix() -> None:
@@ -242,10 +245,10 @@ def test_split_refuses_too_many_queries_with_the_fix() -> None:
         split_queries_and_pool(10, 0, 1000, 0.5, has_pool=False)
 
 
-def test_bad_pool_image_is_redrawn_and_strict_stops_at_it(tmp_path: Path) -> None:
+def test_bad_pool_image_is_redrawn_and_strict_stops_at_it(tmp_path: Path, photos: PhotoSet) -> None:
     from lit.io import ImageLoadError
 
-    good = make_builder("voc", tmp_path)
+    good = make_builder(photos, "voc", tmp_path)
     broken = tmp_path / "broken.jpg"
     broken.write_bytes(b"not an image")
     pool = [SourceRef("broken", broken), *good.pool()]

@@ -6,7 +6,9 @@
 - :mod:`lit.commands.scan.outputs`: the claimed ``--out`` folder, ``matches.csv`` and ``summary.json``;
 - :mod:`lit.commands.scan.approx`: approximate search through a faiss index beside the training store;
 - :mod:`lit.commands.scan.sources`: generations, training and background sets as feature stores or in memory;
-- :mod:`lit.commands.scan.analysis`: the statistics as pure functions (rates, baseline, duplicates, per class);
+- :mod:`lit.commands.scan.analysis`: the scan-specific analyses as pure functions (per class, SSCD normalisation;
+  the replication statistics themselves are :mod:`lit.replication`'s, shared with the monitor);
+- :mod:`lit.commands.scan.mirror`: the mirrored training set of ``--match_mirrors``;
 - :mod:`lit.commands.scan.report`: the plots and the self-contained ``report.html``;
 - :mod:`lit.commands.scan.demo`: planted copies among procedural generations (``python -m lit.commands.scan.demo``).
 """

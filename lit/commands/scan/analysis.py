@@ -1,19 +1,9 @@
-"""The analyses of a scan (paper Sec. 6-7): pure functions of scores, rows and labels.
+"""The scan-specific analyses (paper Sec. 6-7): pure functions of scores and labels.
 
-``lit scan`` (:mod:`lit.commands.scan.command`) streams stores through the search and hands the
-resulting tensors to these functions; they never read files. Definitions
-(``shared/DESIGN.md``):
+The replication statistics themselves (top-1 similarity, rates, the self-similarity
+baseline, duplicate counts, mirror-aware matching) are defined once in
+:mod:`lit.replication`, for the scan and the monitor alike. What only a scan does lives here:
 
-- **top-1 similarity** of a generation: its largest similarity to any training
-  image; summarised by :func:`score_summary` (rates at thresholds, strictly
-  above, plus mean / median / p95 / max, from :func:`lit.replication.replication_stats`);
-- **self-similarity baseline**: each training image's largest similarity to any
-  *other* training image, on every row (``exact``) or on a seeded sample of rows
-  (:func:`baseline_rows`; the sample size is part of the result);
-- **duplicates of a training image** (Fig. 11 right): other training images with
-  similarity > :data:`lit.replication.DUPLICATE_THRESHOLD`, counted blockwise
-  (:func:`count_above`) for the top-1 match of every generation and for random
-  training images (:func:`duplicate_comparison`);
 - **per-class** (Fig. 6): for each class, the largest generation top-1 score
   against the mean *within-class* self-similarity of its training images
   (each image's best match among the other images of its class), with the
@@ -34,87 +24,6 @@ from typing import Any
 
 import torch
 from torch import Tensor
-
-from lit.replication import DUPLICATE_THRESHOLD, format_threshold, replication_stats
-
-DEFAULT_THRESHOLDS: tuple[float, ...] = (0.5, 0.7, 0.8, 0.9, 0.95)
-
-
-def score_summary(scores: Tensor, thresholds: Sequence[float] = DEFAULT_THRESHOLDS) -> dict[str, Any]:
-    """JSON-able summary of top-1 scores: ``count``, ``rates`` (``{"0.5": ...}``), mean, median, p95, max."""
-    stats = replication_stats(scores, thresholds)
-    return {
-        "count": stats.count,
-        "rates": {format_threshold(t): rate for t, rate in stats.rates.items()},
-        "mean": stats.mean,
-        "median": stats.median,
-        "p95": stats.p95,
-        "max": stats.max,
-    }
-
-
-@dataclass(frozen=True)
-class RowSample:
-    """Rows chosen from ``population`` rows: all of them (``exact``) or a seeded sample of ``len(rows)``."""
-
-    rows: Tensor  # (n,) int64, ascending
-    population: int
-    exact: bool
-    seed: int | None
-
-    def record(self) -> dict[str, Any]:
-        """What was sampled, for summary.json."""
-        return {"exact": self.exact, "sample_size": int(self.rows.numel()), "population": self.population,
-                "seed": self.seed}
-
-
-def baseline_rows(num_rows: int, sample_size: int | None, seed: int = 0) -> RowSample:
-    """Every row when ``sample_size`` is ``None`` or covers ``num_rows``; else ``sample_size``
-    distinct rows drawn with ``torch.Generator().manual_seed(seed)`` (same seed, same rows), ascending."""
-    if num_rows < 0:
-        raise ValueError(f"num_rows must be >= 0, got {num_rows}")
-    if sample_size is None or sample_size >= num_rows:
-        return RowSample(torch.arange(num_rows, dtype=torch.int64), num_rows, True, None)
-    if sample_size < 1:
-        raise ValueError(f"sample_size must be >= 1, got {sample_size}")
-    generator = torch.Generator().manual_seed(seed)
-    rows = torch.randperm(num_rows, generator=generator)[:sample_size]
-    return RowSample(torch.sort(rows).values, num_rows, False, seed)
-
-
-def count_above(similarities: Tensor, threshold: float, own_rows: Tensor | None = None,
-                block_start: int = 0) -> Tensor:
-    """Per query, the gallery columns of one block with similarity strictly above ``threshold``.
-
-    ``similarities`` (Q, B) scores a block of gallery rows ``block_start .. block_start + B``;
-    ``own_rows`` (Q,) names each query's own global gallery row (not counted; -1 for none).
-    Summing the counts of every block gives the count over the whole gallery.
-    """
-    if similarities.ndim != 2:
-        raise ValueError(f"similarities must be (Q, B), got shape {tuple(similarities.shape)}")
-    above = similarities > threshold
-    if own_rows is not None:
-        if own_rows.shape != (similarities.shape[0],):
-            raise ValueError(f"own_rows must be ({similarities.shape[0]},), got {tuple(own_rows.shape)}")
-        local = own_rows.to(torch.int64) - block_start
-        inside = (local >= 0) & (local < similarities.shape[1])
-        columns = torch.arange(similarities.shape[1])[None, :]
-        above &= ~((columns == local[:, None]) & inside[:, None])
-    return above.sum(dim=1).to(torch.int64)
-
-
-def duplicate_comparison(match_counts: Tensor, random_counts: Tensor,
-                         threshold: float = DUPLICATE_THRESHOLD) -> dict[str, Any]:
-    """Fig. 11 right: duplicates (> ``threshold``) of each generation's top match vs of random training images."""
-
-    def describe(counts: Tensor) -> dict[str, Any]:
-        values = counts.double()
-        return {"count": int(values.numel()), "mean": float(values.mean()), "median": float(values.median()),
-                "max": int(counts.max()), "share_with_duplicates": float((counts > 0).double().mean())}
-
-    if match_counts.numel() == 0 or random_counts.numel() == 0:
-        raise ValueError("duplicate_comparison needs at least one top match and one random training image")
-    return {"threshold": threshold, "top_matches": describe(match_counts), "random_training": describe(random_counts)}
 
 
 @dataclass(frozen=True)

@@ -36,16 +36,14 @@ import torch
 from jsonargparse import ActionConfigFile, ArgumentParser
 
 from datamodules.extraction_inputs import ImageSource
-from lit.commands.scan.analysis import (
-    DEFAULT_THRESHOLDS,
-)
 from lit.commands.scan.approx import IndexOptions
 from lit.commands.scan.engine import run_scan
-from lit.commands.scan.outputs import prepare_out, write_outputs
+from lit.commands.scan.mirror import mirrored_training
+from lit.commands.scan.outputs import console_lines, prepare_out, write_outputs
 from lit.commands.scan.sources import FeatureSource, StoreSource, check_descriptor, extract_input
 from lit.commands.scan.types import ScanOptions
 from lit.errors import UserError
-from lit.replication import DUPLICATE_THRESHOLD
+from lit.replication import DEFAULT_THRESHOLDS, DUPLICATE_THRESHOLD, MATCH_MIRRORS
 from lit.store import DTYPES, FeatureStore, is_store
 from models.descriptor_config import DescriptorConfig
 
@@ -90,8 +88,12 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--norm_beta", type=float, default=1.0, help="weight of the background mean")
     parser.add_argument("--k", type=int, default=5, help="training matches per generation")
     parser.add_argument("--thresholds", type=list[float], default=list(DEFAULT_THRESHOLDS), help="replication thresholds")
-    parser.add_argument("--baseline_sample", type=int | None, default=10000,
-                        help="training rows for the self-similarity baseline (all when the set is not larger; null: all)")
+    parser.add_argument("--baseline_sample", type=int | None, default=None,
+                        help="training rows for the self-similarity baseline, a seeded sample (labelled so in every "
+                             "output; null: all of them, exact)")
+    parser.add_argument("--match_mirrors", type=bool, default=MATCH_MIRRORS,
+                        help="a training image also matches through its horizontal mirror (as the monitor's "
+                             "match_mirrors; embeds the mirrored training images too)")
     parser.add_argument("--random_sample", type=int, default=1000, help="random training rows for the duplicate comparison")
     parser.add_argument("--class_sample", type=int, default=1000, help="training rows per class for within-class similarity")
     parser.add_argument("--duplicate_threshold", type=float, default=DUPLICATE_THRESHOLD, help="duplicate similarity")
@@ -141,6 +143,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
             raise UserError(f"--{name} must be >= 1 or null, got {getattr(args, name)}")
     if args.index is not None and not args.index.strip():
         raise UserError("--index must be a faiss factory string such as IVF1024,Flat, or null for exact search")
+    if args.index is not None and args.match_mirrors:
+        raise UserError("--index searches the training store only, not its mirror: use exact search "
+                        "(--index null) with --match_mirrors")
     if args.dtype not in DTYPES:
         raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, got {args.dtype!r}")
     try:  # DescriptorConfig checks itself; its messages name the field as "descriptor.<field>"
@@ -188,7 +193,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
     training = open_source("training", args.training, record, config, **common)
     background = None if args.background is None else open_source("background", args.background, record,
                                                                    config, **common)
-    options = ScanOptions(k=args.k, thresholds=tuple(args.thresholds), similarity=record["similarity"],
+    options = ScanOptions(k=args.k, thresholds=tuple(args.thresholds), match_mirrors=args.match_mirrors,
                           token_normalization=config.token_normalization, baseline_sample=args.baseline_sample,
                           random_sample=args.random_sample, class_sample=args.class_sample,
                           duplicate_threshold=args.duplicate_threshold, seed=args.seed, block_rows=args.block_rows,
@@ -197,12 +202,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
                           index=None if args.index is None else IndexOptions(
                               args.index.strip(), nprobe=args.nprobe, rerank_factor=args.rerank_factor,
                               train_size=args.index_train_size, seed=args.seed))
-    result = run_scan(generations, training, options, background)
+    mirrored = None if not args.match_mirrors else mirrored_training(
+        training, config, device=device, batch_size=args.batch_size, num_workers=args.num_workers,
+        progress=args.progress)
+    result = run_scan(generations, training, options, background, mirrored)
     paths = write_outputs(out, result, generations, training, options, record, report_rows=args.report_rows,
                           thumb=args.thumb, wall_s=time.perf_counter() - start)
-    top1 = result.top.scores[:, 0]
-    rates = ", ".join(f"rate@{t:g} {float((top1 > t).double().mean()):.3f}" for t in options.thresholds)
-    print(f"lit scan: {generations.num_rows} generations vs {training.num_rows} training images; {rates}")
+    print("\n".join(console_lines(result, generations, training, options)))
     print(f"report: {paths['report']} (matches.csv, summary.json and plots beside it)")
     return paths
 

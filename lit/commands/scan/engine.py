@@ -1,25 +1,19 @@
 """The scan's engine: each generation's top-k training rows, the self-similarity baseline, duplicate
-counts and the per-class analysis, over feature sources (stores or tensors), in bounded memory."""
+counts, the per-class analysis and the background normalisation, over feature sources (stores or
+tensors), in bounded memory. Every replication statistic is :mod:`lit.replication`'s (the monitor's)."""
 
 
 from __future__ import annotations
 
-import math
 import time
-from dataclasses import replace
 from typing import Any
 
-import numpy as np
 import torch
-from torch import Tensor
-from tqdm.auto import tqdm
 
 from lit.commands.scan.analysis import (
     ClassSimilarity,
     background_bias,
-    baseline_rows,
     class_similarity,
-    count_above,
     normalize_scores,
     within_class_top1,
 )
@@ -27,124 +21,82 @@ from lit.commands.scan.approx import approximate_search, open_index
 from lit.commands.scan.sources import FeatureSource
 from lit.commands.scan.types import ScanOptions, ScanResult
 from lit.errors import UserError
-from lit.search import SearchResult, search, search_store
-from lit.similarity import (
-    SimilarityKind,
-    TokenNormalization,
-    cosine_similarity,
-    split_product,
+from lit.replication import (
+    Matches,
+    SearchSettings,
+    baseline_rows,
+    duplicate_counts,
+    query_chunks,
+    self_similarity_baseline,
+    top_matches,
 )
-
-#: Float32 bytes of query features held at once (token features of many queries are searched in chunks).
-QUERY_CHUNK_BYTES = 2**30
-
-
-def pairwise(queries: Tensor, block: Tensor, similarity: SimilarityKind, normalization: TokenNormalization) -> Tensor:
-    """(Q, B) similarity of queries to a block of gallery rows, on the scan's similarity."""
-    if similarity == "cosine":
-        return cosine_similarity(queries, block)
-    return split_product(queries, block, normalization)
-
-
-def query_chunks(rows: Tensor, feature_shape: tuple[int, ...], chunk_bytes: int | None = None) -> list[Tensor]:
-    """``rows`` cut so that each chunk's float32 features take at most ``chunk_bytes`` (default
-    :data:`QUERY_CHUNK_BYTES`; token features of thousands of queries do not fit in memory at once)."""
-    row_bytes = 4 * int(np.prod(feature_shape))
-    size = max(1, (QUERY_CHUNK_BYTES if chunk_bytes is None else chunk_bytes) // row_bytes)
-    return [rows[start:start + size] for start in range(0, rows.numel(), size)]
-
-
-def search_source(queries: FeatureSource, query_rows: Tensor, source: FeatureSource, k: int, *,
-                  normalization: TokenNormalization, exclude: Tensor | None = None, block_rows: int = 65536,
-                  device: str = "cpu", progress: bool = False) -> SearchResult:
-    """Exact top-``k`` rows of ``source`` for the given rows of ``queries``: :func:`lit.search.search_store`
-    over the source's blocks on ``device`` (faiss on the CPU, matrix products + ``topk`` on a GPU),
-    one chunk of query rows at a time (:func:`query_chunks`)."""
-    scores, indices, done = [], [], 0
-    for chunk in query_chunks(query_rows, queries.feature_shape):
-        part = None if exclude is None else exclude[done:done + chunk.numel()]
-        found = search_store(queries.rows(chunk).to(device), source.row_source, k, normalization=normalization,
-                             exclude=part, block_rows=block_rows, progress=progress, device=device)
-        scores.append(found.scores)
-        indices.append(found.indices)
-        done += chunk.numel()
-    return SearchResult(torch.cat(scores), torch.cat(indices))
-
-
-def count_duplicates(query_rows: Tensor, source: FeatureSource, *, threshold: float,
-                     similarity: SimilarityKind, normalization: TokenNormalization, block_rows: int = 65536,
-                     device: str = "cpu", progress: bool = False, desc: str = "duplicates") -> Tensor:
-    """Per given row of ``source``, the other rows of ``source`` with similarity > ``threshold``
-    (scores computed block by block on ``device``; counts are summed on the CPU)."""
-    counts = []
-    total = math.ceil(source.num_rows / block_rows)
-    for chunk in query_chunks(query_rows, source.feature_shape):
-        queries = source.rows(chunk).to(device)
-        found = torch.zeros(chunk.numel(), dtype=torch.int64)
-        for start, block in tqdm(source.iter_blocks(block_rows), total=total, desc=desc, unit="block",
-                                 disable=not progress or total < 2):
-            scores = pairwise(queries, block.to(device), similarity, normalization).cpu()
-            found += count_above(scores, threshold, chunk, start)
-        counts.append(found)
-    return torch.cat(counts) if counts else torch.zeros(0, dtype=torch.int64)
-
+from lit.search import TensorRows
 
 # ----------------------------------------------------------------------------- the scan
 
 
 def run_scan(generations: FeatureSource, training: FeatureSource, options: ScanOptions,
-             background: FeatureSource | None = None) -> ScanResult:
-    """Search, baseline, duplicates, per-class and normalisation: the numbers of a scan."""
+             background: FeatureSource | None = None, mirrored: FeatureSource | None = None) -> ScanResult:
+    """Search, baseline, duplicates, per-class and normalisation: the numbers of a scan.
+
+    ``mirrored``: the features of the horizontally flipped training images, row for row (needed,
+    and used, only with ``options.match_mirrors``)."""
     if training.num_rows < 2:
         raise UserError(f"--training: need at least 2 training images, got {training.num_rows}")
     if generations.num_rows < 1:
         raise UserError("--generations: no generation could be embedded")
-    search_kw: dict[str, Any] = {"normalization": options.token_normalization, "block_rows": options.block_rows,
-                                 "device": options.device, "progress": options.progress}
     if generations.feature_shape != training.feature_shape:
         raise UserError(f"generations have features of shape {generations.feature_shape}, the training set "
                         f"{training.feature_shape}: they were not made by the same descriptor")
-    # the similarity follows the features, as in lit.search.search_store: (D,) cosine, (T, D) split-product
-    options = replace(options, similarity="cosine" if len(training.feature_shape) == 1 else "split_product")
+    flips = None
+    if options.match_mirrors:
+        if mirrored is None:
+            raise UserError("--match_mirrors needs the features of the mirrored training images")
+        if mirrored.num_rows != training.num_rows or mirrored.feature_shape != training.feature_shape:
+            raise UserError(f"the mirrored training set has {mirrored.num_rows} rows of {mirrored.feature_shape}, "
+                            f"the training set {training.num_rows} of {training.feature_shape}: not row for row")
+        if options.index is not None:
+            raise UserError("--index searches the training store only, not its mirror: use exact search "
+                            "(--index null) with --match_mirrors")
+        flips = mirrored.row_source
+    # the similarity follows the features (lit.replication): (D,) cosine, (T, D) split-product
+    settings = SearchSettings(normalization=options.token_normalization, block_rows=options.block_rows,
+                              device=options.device, progress=options.progress)
     timings: dict[str, float] = {}
     clock = time.perf_counter()
     k = min(options.k, training.num_rows)
-    all_generations = torch.arange(generations.num_rows)
     search_record: dict[str, Any] = {"method": "exact"}
     if options.index is None:
-        top = search_source(generations, all_generations, training, k, **search_kw)
+        top = top_matches(generations.row_source, training.row_source, k, mirrored=flips, settings=settings)
     else:
         ann, search_record = open_index(training.row_source, options.index, progress=options.progress)
         timings["index_s"] = time.perf_counter() - clock
         clock = time.perf_counter()
         found = [approximate_search(ann, generations.rows(chunk), training.row_source, k, search_record,
                                     progress=options.progress)
-                 for chunk in query_chunks(all_generations, generations.feature_shape)]
-        top = SearchResult(torch.cat([f.scores for f in found]), torch.cat([f.indices for f in found]))
+                 for chunk in query_chunks(torch.arange(generations.num_rows), generations.feature_shape)]
+        indices = torch.cat([f.indices for f in found])
+        top = Matches(torch.cat([f.scores for f in found]), indices, torch.zeros_like(indices, dtype=torch.bool))
     timings["search_s"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
     sample = baseline_rows(training.num_rows, options.baseline_sample, options.seed)
-    own = sample.rows
-    baseline = search_source(training, own, training, 1, exclude=own, **search_kw).scores[:, 0]
+    baseline = self_similarity_baseline(training.row_source, sample.rows, mirrored=flips, settings=settings)
     timings["baseline_s"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
     matched = top.indices[:, 0]
     random = baseline_rows(training.num_rows, options.random_sample, options.seed + 1)
     unique = torch.unique(matched)
-    query_rows = torch.cat([unique, random.rows])
-    counts = count_duplicates(query_rows, training,
-                              threshold=options.duplicate_threshold, similarity=options.similarity,
-                              normalization=options.token_normalization, block_rows=options.block_rows,
-                              device=options.device, progress=options.progress)
+    counts = duplicate_counts(training.row_source, torch.cat([unique, random.rows]), mirrored=flips,
+                              threshold=options.duplicate_threshold, settings=settings)
     per_unique = dict(zip(unique.tolist(), counts[: unique.numel()].tolist()))
     match_duplicates = torch.tensor([per_unique[int(r)] for r in matched], dtype=torch.int64)
     random_duplicates = counts[unique.numel():]
     timings["duplicates_s"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
-    classes, class_source = _class_analysis(generations, training, top, options)
+    classes, class_source = _class_analysis(generations, training, top, options, mirrored if flips else None)
     timings["classes_s"] = time.perf_counter() - clock
 
     normalized, normalization = None, None
@@ -152,7 +104,7 @@ def run_scan(generations: FeatureSource, training: FeatureSource, options: ScanO
         clock = time.perf_counter()
         if background.num_rows < options.norm_k:
             raise UserError(f"--background has {background.num_rows} images, fewer than --norm_k {options.norm_k}")
-        near = search_source(generations, all_generations, background, options.norm_k, **search_kw)
+        near = top_matches(generations.row_source, background.row_source, options.norm_k, settings=settings)
         bias = background_bias(near.scores, options.norm_k)
         normalized = normalize_scores(top.scores.double(), bias, options.norm_beta).float()
         normalization = {"method": "sscd", "beta": options.norm_beta, "k": options.norm_k,
@@ -165,10 +117,11 @@ def run_scan(generations: FeatureSource, training: FeatureSource, options: ScanO
                       classes, class_source, normalization, timings, search_record)
 
 
-def _class_analysis(generations: FeatureSource, training: FeatureSource, top: SearchResult,
-                    options: ScanOptions) -> tuple[ClassSimilarity | None, str | None]:
+def _class_analysis(generations: FeatureSource, training: FeatureSource, top: Matches, options: ScanOptions,
+                    mirrored: FeatureSource | None) -> tuple[ClassSimilarity | None, str | None]:
     """Fig. 6 when the training set has labels: generation classes are their own labels when known,
-    else the label of their top-1 training match (said in ``class_source``)."""
+    else the label of their top-1 training match (said in ``class_source``). The within-class
+    self-similarity is :func:`lit.replication.self_similarity_baseline` over the class's images."""
     labels = training.labels
     if labels is None or all(label is None for label in labels):
         return None, None
@@ -184,6 +137,8 @@ def _class_analysis(generations: FeatureSource, training: FeatureSource, top: Se
             by_class.setdefault(str(label), []).append(row)
     within_scores: list[float] = []
     within_labels: list[str] = []
+    settings = SearchSettings(normalization=options.token_normalization, block_rows=options.block_rows,
+                              device=options.device)
     for number, (label, rows) in enumerate(sorted(by_class.items())):
         chosen = torch.tensor(rows, dtype=torch.int64)
         if chosen.numel() > options.class_sample:
@@ -191,12 +146,9 @@ def _class_analysis(generations: FeatureSource, training: FeatureSource, top: Se
             chosen = chosen[pick]
         if chosen.numel() < 2:
             continue
-        features = training.rows(chosen)
-        found = search(features, features, k=1, similarity=options.similarity,
-                       normalization=options.token_normalization, exclude=torch.arange(chosen.numel()))
-        within_scores += found.scores[:, 0].tolist()
+        flips = None if mirrored is None else TensorRows(mirrored.rows(chosen))
+        scores = self_similarity_baseline(TensorRows(training.rows(chosen)), mirrored=flips, settings=settings)
+        within_scores += scores.tolist()
         within_labels += [label] * chosen.numel()
     mean_within = within_class_top1(torch.tensor(within_scores, dtype=torch.float64), within_labels)
     return class_similarity(top.scores[:, 0], generation_classes, mean_within), source
-
-

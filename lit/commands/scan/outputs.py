@@ -9,14 +9,11 @@ import io
 from pathlib import Path
 from typing import Any
 
-from lit.commands.scan.analysis import (
-    duplicate_comparison,
-    score_summary,
-)
 from lit.commands.scan.report import write_plots, write_report
 from lit.commands.scan.sources import FeatureSource
 from lit.commands.scan.types import ScanOptions, ScanResult
 from lit.files import claim_folder, write_json, write_text_atomic
+from lit.replication import duplicate_comparison, score_summary
 
 #: File that marks an output folder as made by ``lit scan`` (only such folders are written into again).
 MARKER = ".lit-scan"
@@ -28,12 +25,17 @@ def prepare_out(out: Path) -> None:
                  refusal=f"--out {out} is not empty and was not made by lit scan: choose a new or empty folder")
 
 
-def matches_rows(result: ScanResult, generations: FeatureSource, training: FeatureSource) -> tuple[list[str], list[list[Any]]]:
-    """Header and rows of matches.csv: one row per (generation, rank), generations in row order."""
+def matches_rows(result: ScanResult, generations: FeatureSource, training: FeatureSource,
+                 options: ScanOptions) -> tuple[list[str], list[list[Any]]]:
+    """Header and rows of matches.csv: one row per (generation, rank), generations in row order
+    (``mirrored``: 1 where the match was the flipped training image, only with ``--match_mirrors``)."""
     header = ["generation", "rank", "training", "score"]
     normalized = result.normalized is not None
     if normalized:
         header.append("score_normalized")
+    mirrors = options.match_mirrors
+    if mirrors:
+        header.append("mirrored")
     scores, indices = result.top.scores, result.top.indices
     gen_rows = list(range(scores.shape[0]))
     train_rows = sorted({int(t) for t in indices.flatten().tolist() if t >= 0})
@@ -57,6 +59,8 @@ def matches_rows(result: ScanResult, generations: FeatureSource, training: Featu
             row: list[Any] = [gen_keys[g], rank + 1, train_keys[position[t]], f"{float(scores[g, rank]):.6f}"]
             if normalized:
                 row.append(f"{float(result.normalized[g, rank]):.6f}")  # type: ignore[index]
+            if mirrors:
+                row.append(int(result.top.mirrored[g, rank]))
             for _, values, gen_side in extras:
                 value = values[g] if gen_side else values[position[t]]
                 row.append("" if value is None else value)
@@ -87,12 +91,15 @@ def build_summary(result: ScanResult, generations: FeatureSource, training: Feat
         "thresholds": list(options.thresholds),
         "similarity": "cosine" if len(training.feature_shape) == 1 else "split_product",
         "token_normalization": options.token_normalization if len(training.feature_shape) == 2 else None,
+        "match_mirrors": options.match_mirrors,
         "top1": score_summary(top1, options.thresholds),
-        "baseline": {**score_summary(result.baseline, options.thresholds), **result.baseline_sample.record()},
+        "baseline": {**score_summary(result.baseline, options.thresholds), **result.baseline_sample.record(),
+                     "label": result.baseline_sample.label},
         "normalization": result.normalization or {"method": "none"},
         "duplicates": {**duplicate_comparison(result.match_duplicates, result.random_duplicates,
                                               options.duplicate_threshold),
-                       "random_sample": result.random_rows.record()},
+                       "exhaustive": True, "random_sample": {**result.random_rows.record(),
+                                                             "label": result.random_rows.label}},
         "classes": None if result.classes is None else {**result.classes.record(), "generation_classes": result.class_source,
                                                         "class_sample": options.class_sample},
         "descriptor": descriptor,
@@ -108,7 +115,7 @@ def write_outputs(out: Path, result: ScanResult, generations: FeatureSource, tra
                   options: ScanOptions, descriptor: dict[str, Any], report_rows: int = 20, thumb: int = 96,
                   wall_s: float | None = None) -> dict[str, Path]:
     """matches.csv, summary.json, the plots and report.html in ``out``."""
-    header, rows = matches_rows(result, generations, training)
+    header, rows = matches_rows(result, generations, training, options)
     paths = {"matches": write_matches(out / "matches.csv", header, rows)}
     summary = build_summary(result, generations, training, options, descriptor, wall_s)
     paths["summary"] = write_json(out / "summary.json", summary)
@@ -118,3 +125,15 @@ def write_outputs(out: Path, result: ScanResult, generations: FeatureSource, tra
     return paths
 
 
+
+
+def console_lines(result: ScanResult, generations: FeatureSource, training: FeatureSource,
+                  options: ScanOptions) -> list[str]:
+    """What ``lit scan`` prints: the rates, the baseline (and how it was taken) and the matching."""
+    stats = score_summary(result.top.scores[:, 0], options.thresholds)
+    base = score_summary(result.baseline, options.thresholds)
+    rates = ", ".join(f"rate@{t} {rate:.3f}" for t, rate in stats["rates"].items())
+    base_rates = ", ".join(f"rate@{t} {rate:.3f}" for t, rate in base["rates"].items())
+    mirrors = "mirror-aware matching" if options.match_mirrors else "no mirror matching"
+    head = f"lit scan: {generations.num_rows} generations vs {training.num_rows} training images ({mirrors}); {rates}"
+    return [head, f"baseline ({result.baseline_sample.label}): {base_rates}"]

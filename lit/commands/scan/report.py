@@ -34,6 +34,7 @@ from lit.plots import (
     save_figure,
     similarity_histogram,
 )
+from lit.replication_report import baseline_legend
 
 # ----------------------------------------------------------------------------- plots
 
@@ -77,9 +78,11 @@ def classes_figure(mean_within: Tensor, max_generation: Tensor, slope: float, in
 
 def write_plots(out: Path, result: ScanResult, options: ScanOptions) -> dict[str, Path]:
     """The scan's PNG plots in ``out``; keys ``plot_<name>``."""
+    mirrors = ", mirror-aware" if options.match_mirrors else ""
     paths = {"plot_histogram": save_figure(similarity_histogram(
         result.top.scores[:, 0], result.baseline, options.thresholds,
-        title="top-1 similarity: generations vs training self-similarity"), out / "similarity_histogram.png")}
+        title=f"top-1 similarity: generations vs training self-similarity{mirrors}",
+        baseline_label=baseline_legend(result.baseline_sample)), out / "similarity_histogram.png")}
     paths["plot_duplicates"] = save_figure(duplicates_figure(result.match_duplicates, result.random_duplicates,
                                                              options.duplicate_threshold), out / "duplicates.png")
     if result.classes is not None and result.classes.classes:
@@ -178,10 +181,13 @@ def _stats_table(summary: dict[str, Any]) -> str:
     sample = ("exact (every training image)" if base["exact"] else
               f"on a seeded sample of {base['sample_size']} of {base['population']} training images (seed {base['seed']})")
     lines.append(f"<p>Baseline: each training image's similarity to its nearest other training image, {sample}.</p>")
+    lines.append("<p>Mirror-aware matching: " + (
+        "on (a training image also matches through its horizontal mirror)." if summary.get("match_mirrors")
+        else "off (training images match as they are).") + "</p>")
     dup = summary["duplicates"]
     lines.append(
-        f"<p>Duplicates (similarity &gt; {dup['threshold']:g}): a generation's top match has "
-        f"{dup['top_matches']['mean']:.2f} on average; a random training image "
+        f"<p>Duplicates (similarity &gt; {dup['threshold']:g}, counted over the whole training set): a "
+        f"generation's top match has {dup['top_matches']['mean']:.2f} on average; a random training image "
         f"{dup['random_training']['mean']:.2f} (n={dup['random_training']['count']}).</p>")
     classes = summary.get("classes")
     if classes:

@@ -7,22 +7,32 @@ from typing import Any
 
 from torch import Tensor
 
-from lit.commands.scan.analysis import DEFAULT_THRESHOLDS, ClassSimilarity, RowSample
+from lit.commands.scan.analysis import ClassSimilarity
 from lit.commands.scan.approx import IndexOptions
-from lit.replication import DUPLICATE_THRESHOLD
-from lit.search import SearchResult
-from lit.similarity import SimilarityKind, TokenNormalization
+from lit.replication import (
+    DEFAULT_THRESHOLDS,
+    DUPLICATE_THRESHOLD,
+    MATCH_MIRRORS,
+    Matches,
+    RowSample,
+)
+from lit.similarity import TokenNormalization
 
 
 @dataclass(frozen=True)
 class ScanOptions:
-    """The knobs of the analysis (everything but where the features come from)."""
+    """The knobs of the analysis (everything but where the features come from).
+
+    The similarity follows the features' shape (cosine for (D,), split-product for (T, D));
+    ``match_mirrors`` and ``baseline_sample`` (``None``: exact) mean what they mean in
+    :mod:`lit.replication`, with the monitor's defaults.
+    """
 
     k: int = 5
     thresholds: tuple[float, ...] = DEFAULT_THRESHOLDS
-    similarity: SimilarityKind = "cosine"
     token_normalization: TokenNormalization = "token"
-    baseline_sample: int | None = 10000
+    match_mirrors: bool = MATCH_MIRRORS
+    baseline_sample: int | None = None
     random_sample: int = 1000
     class_sample: int = 1000
     duplicate_threshold: float = DUPLICATE_THRESHOLD
@@ -39,7 +49,7 @@ class ScanOptions:
 class ScanResult:
     """Everything a scan found, in training rows / generation rows (files are written from it)."""
 
-    top: SearchResult  # (G, k) raw scores, training rows
+    top: Matches  # (G, k) raw scores, training rows, whether each match was the mirrored image
     normalized: Tensor | None  # (G, k) SSCD-normalised scores, or None
     baseline: Tensor  # (n,) top-1 self-similarity of the sampled training rows
     baseline_sample: RowSample
