@@ -27,6 +27,7 @@ from callbacks.store_writer import StoreWriterCallback
 from datamodules.extraction_inputs import ExtractionDataModule, crop_image
 from lit.io import list_images, load_image
 from lit.store import FeatureStore
+from models.descriptor_config import DescriptorConfig
 from models.extract import DescriptorExtractor
 
 
@@ -46,7 +47,7 @@ def main() -> None:
     images = list_images(args.source)[: args.limit]
     listing = work / "images.txt"
     listing.write_text("".join(f"{p}\n" for p in images))
-    module = DescriptorExtractor(args.descriptor, random_init=args.random_init)
+    module = DescriptorExtractor(DescriptorConfig(args.descriptor, random_init=args.random_init))
     pre = module.preprocessing
     print(f"{len(images)} images from {args.source}; descriptor {args.descriptor} "
           f"({pre.describe()}), batch {args.batch_size}, torch threads {torch.get_num_threads()}")

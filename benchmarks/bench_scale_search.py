@@ -96,7 +96,8 @@ def make_store(root: Path, rows: int, dim: int, clusters: int, sigma: float, see
     if root.exists() and any(root.iterdir()) and not is_store(root):
         raise SystemExit(f"{root} is not empty; pass another --store-dir")
     centers = mixture(dim, clusters, seed)
-    writer = StoreWriter(root, DescriptorConfig("pixel").record(), (dim,), dtype="float16")
+    writer = StoreWriter(root, DescriptorConfig("pixel").record(), (dim,), dtype="float16",
+                         compare=DescriptorConfig.differences)
     shard = 50_000
     start = time.perf_counter()
     for i, s0 in enumerate(range(0, rows, shard)):

@@ -53,7 +53,7 @@ def main() -> None:
     root = Path(args.dir or tempfile.mkdtemp(prefix="bench_store_")) / "store"
     rng = np.random.default_rng(0)
     record = DescriptorConfig("pixel").record()
-    writer = StoreWriter(root, record, (args.dim,))
+    writer = StoreWriter(root, record, (args.dim,), compare=DescriptorConfig.differences)
     started = time.perf_counter()
     for start in range(0, args.rows, args.shard):
         rows = min(args.shard, args.rows - start)

@@ -2,7 +2,7 @@
 ``configs/demo_mocov3.yaml`` on the ``train/`` images with ``cutmix`` none / copy / mix
 (same seed, so same initialisation, data order and step budget), log mAP per epoch on the
 Cutmix set with :class:`callbacks.retrieval.RetrievalMetricsCallback`, then evaluate every
-trained backbone (``lit export`` + ``lit test --model.init_args.descriptor mocov3``), the
+trained backbone (``lit export`` + ``lit test --model.init_args.descriptor.name mocov3``), the
 untrained backbone (random-init floor) and ``pixel`` on the Segmix, Cutmix and Dif-Patch
 sets built from ``val/`` exactly as ``benchmarks/table1_bsds.py`` builds them (its pieces
 are reused: layout, set arguments, builds, ``lit report``). ``--out`` is a new folder.
@@ -191,8 +191,8 @@ def main(argv: list[str] | None = None) -> None:
                 settings.work / "logs" / f"export_{ckpt.stem}.log", args.threads)
             exports[label] = target
 
-    evals = [("pixel", ["--model.init_args.descriptor=pixel"])]
-    evals += [(label, ["--model.init_args.descriptor=mocov3", f"--model.init_args.weights={path}"])
+    evals = [("pixel", ["--model.init_args.descriptor.name=pixel"])]
+    evals += [(label, ["--model.init_args.descriptor.name=mocov3", f"--model.init_args.descriptor.weights={path}"])
               for label, path in exports.items()]
     timings = []
     shutil.rmtree(settings.work / "runs", ignore_errors=True)  # our own earlier runs' logs (lit test refuses them)

@@ -129,9 +129,10 @@ def run_name(descriptor: str) -> str:
 
 def model_args(descriptor: str, settings: Settings) -> list[str]:
     """``--model.init_args.*`` for one descriptor (``pixel`` has a fixed 32 px input)."""
-    args = [f"--model.init_args.descriptor={descriptor}", f"--model.init_args.run_name={run_name(descriptor)}"]
+    args = [f"--model.init_args.descriptor.name={descriptor}", f"--model.init_args.run_name={run_name(descriptor)}"]
     if descriptor != "pixel":
-        args += ["--model.init_args.random_init=true", f"--model.init_args.input_size={settings.input_size}"]
+        args += ["--model.init_args.descriptor.random_init=true",
+                 f"--model.init_args.descriptor.input_size={settings.input_size}"]
     return args
 
 

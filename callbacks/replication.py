@@ -95,7 +95,8 @@ from lit.replication_report import (
     summary_table,
 )
 from models.descriptor_config import DescriptorConfig
-from models.extractors import Descriptor, get_spec
+from models.descriptor import Descriptor
+from models.registry import get_spec
 
 HISTORY_FILE = "replication_history.csv"
 SUMMARY_FILE = "replication_summary.png"

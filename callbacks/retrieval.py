@@ -27,9 +27,9 @@ Scoring is :func:`lit.retrieval_scoring.score_queries` (the same code as
 gallery row excluded, junk honoured, positives that failed to load dropped)
 and :class:`lit.metrics.RetrievalMetrics`.
 
-DDP: queries and gallery are embedded by :func:`lit.embedding.embed_dataset`
-(rank r embeds rows r, r + W, ...; gathered, deduplicated and ordered by global
-index), rank r searches queries r, r + W, ..., and ``RetrievalMetrics`` gathers
+DDP: queries and gallery are embedded by :func:`lit.embedding.embed_dataset`, the
+suite's one embedding path (rank r embeds rows r, r + W, ...; gathered, deduplicated
+and ordered by global index; bfloat16 autocast on CUDA per ``precision``), rank r searches queries r, r + W, ..., and ``RetrievalMetrics`` gathers
 and deduplicates the ranked lists by query index before scoring. Every rank
 therefore computes the same values, identical for 1 and N processes, and logs
 them with ``sync_dist=False``. Prints and images come from rank 0 only.
@@ -47,7 +47,7 @@ import time
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, Literal
+from typing import Any
 
 import pytorch_lightning as pl
 import torch
@@ -57,12 +57,12 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from datamodules.retrieval import RetrievalDataModule
-from lit.embedding import embed_dataset
+from lit.embedding import Precision, embed_dataset
 from lit.grids import retrieval_grid
 from lit.metrics import RetrievalMetrics
 from lit.retrieval_scoring import ScoredQueries, score_queries
 from lit.similarity import SimilarityKind, TokenNormalization
-from models.extractors import Descriptor
+from models.descriptor import Descriptor
 
 PREFIX = "retrieval"
 GRID_TAG = f"{PREFIX}/top_results"
@@ -71,8 +71,11 @@ GRID_TAG = f"{PREFIX}/top_results"
 class RetrievalMetricsCallback(Callback):
     """Log copy-detection metrics of ``pl_module.descriptor`` on a retrieval set during ``fit``.
 
-    The LightningModule must expose ``descriptor``: a :class:`models.extractors.Descriptor`
-    wrapping the backbone being trained.
+    The LightningModule must expose ``descriptor``: a :class:`models.descriptor.Descriptor`
+    wrapping the backbone being trained. That descriptor is what is measured, so the callback
+    takes no descriptor options of its own (no ``DescriptorConfig``): the features' kind decides
+    the similarity (cosine for global features, split-product for tokens), and only what the
+    module cannot say is an argument here (``token_normalization``, ``precision``).
 
     Args:
         datamodule: the retrieval set, e.g. ``datamodules.retrieval.ProceduralRetrievalDataModule``
@@ -80,8 +83,9 @@ class RetrievalMetricsCallback(Callback):
         every_n_epochs: check after every n training epochs.
         k: length of each ranked list (clipped to the gallery); use ``k`` >= gallery size for exact mAP.
         ks: cut-offs of Recall@k, HitRate@k and P@k.
-        similarity: ``auto`` takes the descriptor's default (cosine for global features).
-        token_normalization: normalisation for split-product (token descriptors).
+        token_normalization: normalisation of split-product scores (token descriptors only).
+        precision: ``auto`` (bfloat16 autocast on CUDA, float32 on the CPU), ``32`` or ``bf16``
+            (see ``lit.embedding.Precision``).
         batch_size: images per embedding batch.
         cache_mb: loaded images kept in memory between checks, per process (each rank keeps its
             own share), so later checks skip decoding / rendering; 0 = load every time.
@@ -98,8 +102,8 @@ class RetrievalMetricsCallback(Callback):
         every_n_epochs: int = 1,
         k: int = 1000,
         ks: list[int] = [1, 5, 10],  # noqa: B006 - LightningCLI shows list defaults
-        similarity: Literal["auto", "cosine", "split_product"] = "auto",
         token_normalization: TokenNormalization = "token",
+        precision: Precision = "auto",
         batch_size: int = 64,
         cache_mb: int = 512,
         grid_every_n_checks: int = 5,
@@ -124,8 +128,8 @@ class RetrievalMetricsCallback(Callback):
         self.datamodule = datamodule
         self.every_n_epochs = every_n_epochs
         self.k = k
-        self.similarity_choice = similarity
         self.token_normalization: TokenNormalization = token_normalization
+        self.precision: Precision = precision
         self.batch_size = batch_size
         self.cache_bytes = cache_mb * 2**20
         self._cached: dict[str, ItemCache] = {}
@@ -191,9 +195,10 @@ class RetrievalMetricsCallback(Callback):
         rank's ranked lists. Logs nothing."""
         retrieval_set = self.datamodule.retrieval_set
         descriptor = descriptor_of(pl_module)
-        similarity: SimilarityKind = descriptor.similarity_for(self.similarity_choice)
+        similarity: SimilarityKind = descriptor.similarity
         options = dict(batch_size=self.batch_size, device=pl_module.device, rank=trainer.global_rank,
-                       world_size=trainer.world_size, gather_device=trainer.strategy.root_device)
+                       world_size=trainer.world_size, gather_device=trainer.strategy.root_device,
+                       precision=self.precision)
         if not self._cached:  # queries first: they get the cache before the gallery
             self._cached = {"queries": ItemCache(retrieval_set.queries, self.cache_bytes)}
             self._cached["gallery"] = ItemCache(retrieval_set.gallery, self.cache_bytes, self._cached["queries"])
@@ -278,11 +283,11 @@ class ItemCache(Dataset):
 
 
 def descriptor_of(pl_module: pl.LightningModule) -> Descriptor:
-    """``pl_module.descriptor``, checked to be a :class:`models.extractors.Descriptor`."""
+    """``pl_module.descriptor``, checked to be a :class:`models.descriptor.Descriptor`."""
     descriptor = getattr(pl_module, "descriptor", None)
     if not isinstance(descriptor, Descriptor):
         raise TypeError(
-            f"RetrievalMetricsCallback needs a LightningModule whose 'descriptor' is a models.extractors.Descriptor "
+            f"RetrievalMetricsCallback needs a LightningModule whose 'descriptor' is a models.descriptor.Descriptor "
             f"(preprocessing + the backbone being trained), got {type(pl_module).__name__}.descriptor = "
             f"{type(descriptor).__name__}"
         )

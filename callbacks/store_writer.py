@@ -28,6 +28,7 @@ from datamodules.extraction_inputs import ExtractionDataModule
 from lit.distributed import all_gather_objects
 from lit.errors import UserError
 from lit.store import StoreWriter
+from models.descriptor_config import DescriptorConfig
 from models.extract import DescriptorExtractor
 
 DEFAULT_SHARD_BYTES = 64 * 2**20
@@ -116,7 +117,8 @@ class StoreWriterCallback(BasePredictionWriter):
         if trainer.is_global_zero:  # one process creates the store; a refusal reaches every rank
             try:
                 location = datamodule.input.location  # list the input (fail on a bad one) before creating the store
-                self.writer = StoreWriter(self.output_dir, record, shape, self.dtype)
+                self.writer = StoreWriter(self.output_dir, record, shape, self.dtype,
+                                          compare=DescriptorConfig.differences)
                 plan = _resume_plan(self.writer, location, datamodule.shard_prefix)
             except UserError as refusal:
                 error = str(refusal)
@@ -124,7 +126,8 @@ class StoreWriterCallback(BasePredictionWriter):
         if error is not None:
             raise UserError(error)
         if not trainer.is_global_zero:  # rank 0 made and cleaned the store; the others only add shards
-            self.writer = StoreWriter(self.output_dir, record, shape, self.dtype, clean=False)
+            self.writer = StoreWriter(self.output_dir, record, shape, self.dtype, clean=False,
+                                      compare=DescriptorConfig.differences)
         self._done_before = len(done)
         self._shard_size = shard_size
         self._precision = pl_module.effective_precision()

@@ -45,7 +45,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from lit.errors import UserError
 from lit.io import list_images, load_image, load_image_bytes
-from models.extractors import Preprocessing, center_crop, resize_short_side
+from models.preprocessing import Preprocessing, center_crop, resize_short_side
 
 IMAGE_SUFFIXES = ("jpg", "jpeg", "png", "webp")
 """Sample fields read as the image of a webdataset sample, in this order of preference."""

@@ -28,7 +28,7 @@ import io
 import json
 import re
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,10 +44,9 @@ VERSION = 1
 MARKER = ".lit-store.json"
 MANIFEST = "manifest.json"
 DTYPES = ("float16", "float32")
-#: descriptor-record fields that must agree for two stores (or a store and a query) to be comparable
-COMPATIBILITY_FIELDS = (
-    "name", "weights_sha256", "random_init", "input_size", "preprocessing", "similarity", "token_normalization",
-)
+#: How two descriptor records differ where it matters for their features (empty: comparable). The store
+#: does not know what a descriptor is: its callers pass ``models.descriptor_config.DescriptorConfig.differences``.
+RecordComparison = Callable[[Mapping[str, Any], Mapping[str, Any]], list[str]]
 _SHARD_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _TEMP_FILE = re.compile(r"^\.(shard-.*|manifest\.json|\.lit-store\.json)\..*\.tmp$")
 
@@ -90,14 +89,6 @@ def _is_store(root: Path) -> bool:
         return False
 
 
-def _descriptor_differences(ours: Mapping[str, Any], theirs: Mapping[str, Any]) -> list[str]:
-    return [
-        f"{field} {ours.get(field)!r} vs {theirs.get(field)!r}"
-        for field in COMPATIBILITY_FIELDS
-        if ours.get(field) != theirs.get(field)
-    ]
-
-
 def _as_numpy(features: np.ndarray | torch.Tensor) -> np.ndarray:
     if isinstance(features, torch.Tensor):
         return features.detach().to("cpu", torch.float32).numpy()
@@ -118,6 +109,8 @@ class StoreWriter:
         dtype: ``float16`` (default, half the disk) or ``float32``.
         clean: remove the temporary files a killed writer left (only one process of a
             multi-process run may do this, before any of them writes).
+        compare: how two descriptor records differ (``DescriptorConfig.differences``), to refuse
+            adding to a store made by another descriptor.
     """
 
     def __init__(
@@ -127,9 +120,12 @@ class StoreWriter:
         feature_shape: Sequence[int],
         dtype: str = "float16",
         clean: bool = True,
+        *,
+        compare: RecordComparison,
     ) -> None:
         self.root = Path(root)
         self.clean = clean
+        self.compare = compare
         self.descriptor = dict(descriptor_record)
         self.feature_shape = tuple(int(s) for s in feature_shape)
         if not self.feature_shape or any(s < 1 for s in self.feature_shape):
@@ -153,7 +149,7 @@ class StoreWriter:
         })
 
     def _check_same(self, marker: Mapping[str, Any]) -> None:
-        problems = _descriptor_differences(marker.get("descriptor", {}), self.descriptor)
+        problems = self.compare(marker.get("descriptor", {}), self.descriptor)
         if marker.get("dtype") != self.dtype:
             problems.append(f"dtype {marker.get('dtype')} vs {self.dtype}")
         if tuple(marker.get("feature_shape", ())) != self.feature_shape:
@@ -448,11 +444,13 @@ class FeatureStore:
 
     # ------------------------------------------------------------------ compatibility
 
-    def check_compatible(self, other: FeatureStore | Mapping[str, Any], what: str = "") -> None:
-        """Raise a one-line ``UserError`` unless ``other`` (a store or a descriptor record) was made by the
-        same descriptor, weights, preprocessing and similarity (and, for a store, dtype and feature shape)."""
+    def check_compatible(self, other: FeatureStore | Mapping[str, Any], compare: RecordComparison,
+                         what: str = "") -> None:
+        """Raise a one-line ``UserError`` unless ``other`` (a store or a descriptor record) was made by a
+        descriptor whose record ``compare`` (``DescriptorConfig.differences``) finds no difference with
+        this store's (and, for a store, with the same dtype and feature shape)."""
         theirs = other.descriptor if isinstance(other, FeatureStore) else other
-        problems = _descriptor_differences(self.descriptor, theirs)
+        problems = list(compare(self.descriptor, theirs))
         if isinstance(other, FeatureStore):
             if other.dtype != self.dtype:
                 problems.append(f"dtype {self.dtype} vs {other.dtype}")
@@ -473,4 +471,4 @@ def is_store(root: str | Path) -> bool:
     return _is_store(Path(root))
 
 
-__all__ = ["COMPATIBILITY_FIELDS", "DTYPES", "FeatureStore", "ShardInfo", "StoreWriter", "is_store", "open_store"]
+__all__ = ["DTYPES", "RecordComparison", "FeatureStore", "ShardInfo", "StoreWriter", "is_store", "open_store"]

@@ -1,61 +1,110 @@
-"""One object that names a descriptor for every caller of the suite.
+"""The descriptor as one option group: what every caller of the suite takes to name a descriptor.
 
-The evaluator (``lit test``), the replication monitor, the retrieval-metrics
-callback and ``lit scan`` all take the same :class:`DescriptorConfig`: which
-registry entry, which local weights file, which input size and which
-similarity. It builds the descriptor and describes it for ``metrics.json``,
-store manifests and reports (with the weights file's SHA-256), so a run
-records exactly what was measured and a random-init run can never pass for
-the real descriptor.
+``lit test`` (:class:`models.retrieval.RetrievalEvaluator`), extraction to a feature store
+(:class:`models.extract.DescriptorExtractor`), ``lit scan`` and the replication monitor each
+take one ``descriptor: DescriptorConfig`` argument: the registry ``name``, a local ``weights``
+file, ``random_init``, an ``input_size`` override and the ``token_normalization`` of
+split-product. In YAML ``descriptor: {name: dino_vit_b16, weights: /path}``; on the command
+line ``--model.init_args.descriptor.name ...`` (LightningCLI) or ``lit scan --descriptor.name
+... --descriptor.weights ...``. (The retrieval-metrics callback takes none: it measures the
+descriptor of the module being trained.)
+
+The similarity is not an option: the features decide it (cosine for global ``(B, D)``
+features, split-product for token ``(B, T, D)`` features, :func:`models.descriptor.similarity_of`).
+:meth:`DescriptorConfig.record` says what was measured, for ``metrics.json``, store manifests
+and reports (weights file and its SHA-256, preprocessing, the similarity used), so a
+random-init run can never pass for the real descriptor; :meth:`DescriptorConfig.differences`
+is the one comparison of two such records (feature stores refuse features they cannot be
+compared with).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, get_args
 
+from lit.errors import UserError
 from lit.files import file_sha256
 from lit.similarity import SimilarityKind, TokenNormalization
-from models.extractors import Descriptor, build_descriptor, resolve_spec
-
-SimilarityChoice = Literal["auto", "cosine", "split_product"]
+from models.descriptor import Descriptor, similarity_of
+from models.registry import available_descriptors, build_descriptor, check_input_size, get_spec, resolve_spec
+from models.weights import WeightsError, weights_error
 
 
 @dataclass(frozen=True)
 class DescriptorConfig:
-    """A descriptor as a user names it: registry ``name``, local ``weights``, ``input_size``, similarity.
+    """A descriptor as a user names it; refuses, at construction, what can be known wrong without building it.
 
     Args:
-        name: registry name (``models.extractors.available_descriptors``).
-        weights: local weights file (none for ``pixel``).
+        name: registry name (``models.registry.available_descriptors``).
+        weights: local weights file (none for ``pixel``; required by every other descriptor
+            unless ``random_init``).
         random_init: random weights instead of a file (tests, floors); recorded, and
             reported under ``<name> (random init)``.
         input_size: override of the descriptor's input resolution.
-        similarity: ``auto`` takes the descriptor's default (split-product for tokens).
-        token_normalization: normalisation for split-product (see ``lit.similarity``).
+        token_normalization: normalisation of split-product scores for token descriptors
+            (``token``, ``global`` or ``none``; see ``lit.similarity``); ignored by global ones.
+
+    A mistake raises a one-line :class:`lit.errors.UserError` that names the option
+    (``descriptor.weights: weights file not found: ...``).
     """
 
     name: str = "pixel"
     weights: str | None = None
     random_init: bool = False
     input_size: int | None = None
-    similarity: SimilarityChoice = "auto"
     token_normalization: TokenNormalization = "token"
+
+    #: Fields of :meth:`record` that decide the features: two records that agree on all of them
+    #: describe features that can be searched against each other (see :meth:`differences`).
+    COMPARED: ClassVar[tuple[str, ...]] = (
+        "name", "weights_sha256", "random_init", "input_size", "preprocessing", "similarity", "token_normalization",
+    )
+
+    def __post_init__(self) -> None:
+        if self.name not in available_descriptors():
+            raise UserError(f"descriptor.name: unknown descriptor {self.name!r}; "
+                            f"available: {', '.join(available_descriptors())}")
+        spec = get_spec(self.name)
+        if self.weights is not None:
+            if spec.weights is None:
+                raise UserError(f"descriptor.weights: descriptor {self.name!r} takes no weights, got {self.weights}")
+            if self.random_init:
+                raise UserError("descriptor.weights: give either weights or random_init, not both")
+            if not Path(self.weights).expanduser().is_file():
+                missing = weights_error(self.weights, spec.weights, "weights file not found")
+                raise WeightsError(f"descriptor.weights: {missing}")
+        elif spec.weights is not None and not self.random_init:
+            problem = f"descriptor {self.name!r} needs a weights file (or random_init for random features)"
+            raise WeightsError(f"descriptor.weights: {weights_error(None, spec.weights, problem)}")
+        if self.input_size is not None:
+            try:  # a ``lit export`` file's patch size is checked when the file is read (build)
+                check_input_size(spec if spec.from_weights is None else replace(spec, size_multiple=1), self.input_size)
+            except ValueError as error:
+                raise UserError(f"descriptor.input_size: {error}") from None
+        modes = get_args(TokenNormalization)
+        if self.token_normalization not in modes:
+            raise UserError(f"descriptor.token_normalization: must be one of {', '.join(modes)}, "
+                            f"got {self.token_normalization!r}")
 
     def build(self) -> Descriptor:
         """The descriptor in eval mode (weights read from the local file, or random when asked)."""
-        return build_descriptor(
-            self.name, weights=self.weights, random_init=self.random_init, input_size=self.input_size
-        )
+        try:
+            return build_descriptor(self.name, weights=self.weights, random_init=self.random_init,
+                                    input_size=self.input_size)
+        except UserError:
+            raise
+        except ValueError as error:  # an input size the architecture cannot take, a file timm cannot build
+            raise UserError(f"descriptor {self.name}: {error}") from error
 
     def resolved_similarity(self, descriptor: Descriptor | None = None) -> SimilarityKind:
-        """The similarity actually used: ``similarity``, or the descriptor's default for ``auto``."""
+        """The similarity these features are compared with, from their kind (``similarity_of``):
+        the built ``descriptor``'s, else the registry's (``mocov3``: the weights file's)."""
         if descriptor is not None:
-            return descriptor.similarity_for(self.similarity)
-        if self.similarity != "auto":
-            return self.similarity  # type: ignore[return-value]
-        return resolve_spec(self.name, self.weights).default_similarity
+            return descriptor.similarity
+        return similarity_of(resolve_spec(self.name, self.weights).output)
 
     @property
     def display_name(self) -> str:
@@ -63,10 +112,11 @@ class DescriptorConfig:
         return f"{self.name} (random init)" if self.random_init else self.name
 
     def record(self, descriptor: Descriptor | None = None) -> dict[str, Any]:
-        """What was measured, for metrics.json, manifests and reports (JSON-serialisable)."""
-        built = descriptor
-        if built is not None:
-            preprocessing = built.preprocessing
+        """What was measured, for metrics.json, manifests and reports (JSON-serialisable).
+
+        ``similarity`` is the one the features' kind implies (what every search used)."""
+        if descriptor is not None:
+            preprocessing = descriptor.preprocessing
         else:  # mocov3: read from the weights file's metadata
             preprocessing = resolve_spec(self.name, self.weights).preprocessing
         size = self.input_size if self.input_size is not None else preprocessing.input_size
@@ -78,6 +128,18 @@ class DescriptorConfig:
             "random_init": self.random_init,
             "input_size": size,
             "preprocessing": replace(preprocessing, input_size=size).describe(),
-            "similarity": self.resolved_similarity(built),
+            "similarity": self.resolved_similarity(descriptor),
             "token_normalization": self.token_normalization,
         }
+
+    @classmethod
+    def compared(cls, record: Mapping[str, Any]) -> dict[str, Any]:
+        """The fields of ``record`` that decide the features (:data:`COMPARED`), e.g. to name a store by them."""
+        return {field: record.get(field) for field in cls.COMPARED}
+
+    @classmethod
+    def differences(cls, ours: Mapping[str, Any], theirs: Mapping[str, Any]) -> list[str]:
+        """How two :meth:`record` s differ where it matters (``"input_size 32 vs 16"``, ...); empty when
+        features made under one can be searched against features made under the other."""
+        return [f"{field} {ours.get(field)!r} vs {theirs.get(field)!r}"
+                for field in cls.COMPARED if ours.get(field) != theirs.get(field)]

@@ -32,7 +32,7 @@ The paper (Table 1) reports that its CutMix model lost mAP on Segmix and IN-Cutm
 gained on Dif-Diagonal (59.12 -> 62.88) and Dif-Outpaint (20.61 -> 46.96).
 
 The backbone being trained is exposed as :attr:`MoCoV3Module.descriptor` (a
-:class:`models.extractors.Descriptor`: preprocessing + the query backbone, global
+:class:`models.descriptor.Descriptor`: preprocessing + the query backbone, global
 L2-normalised pooled features, no projector) and its architecture as
 :attr:`MoCoV3Module.descriptor_arch` (what ``lit export`` writes next to the weights).
 """
@@ -54,7 +54,8 @@ from torch import Tensor, nn
 from lit.contrastive import contrastive_loss, cosine_momentum, mixed_contrastive_loss, momentum_update_
 from lit.errors import UserError
 from models.augment import CutMixBatch, TwoViews, cutmix_views, step_seed
-from models.extractors import Descriptor, Preprocessing
+from models.descriptor import Descriptor
+from models.preprocessing import Preprocessing
 from models.weights import (
     TimmViTState,
     WeightsError,

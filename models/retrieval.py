@@ -2,16 +2,20 @@
 
 The datamodule (a :class:`datamodules.retrieval.RetrievalDataModule`) yields two
 test loaders, queries then gallery, whose samples carry a global ``index``.
-Under DDP every rank embeds a (padded) shard of each; the gallery is gathered
-and deduplicated by index on every rank, each rank searches its own queries,
-and :class:`lit.metrics.RetrievalMetrics` gathers, deduplicates and scores, so
-1 and N processes report the same numbers.
+Every test batch goes through the suite's one embedding path (:mod:`lit.embedding`:
+an ``Embedder``, bfloat16 autocast on CUDA per ``precision``, float32 on the CPU) into
+a ``FeatureBuffer`` per loader. Under DDP every rank embeds a (padded) shard of each;
+the gallery is gathered and deduplicated by index on every rank
+(``FeatureBuffer.gather``), each rank searches its own queries, and
+:class:`lit.metrics.RetrievalMetrics` gathers, deduplicates and scores, so 1 and N
+processes report the same numbers.
 
 The metrics are logged with ``self.log`` (``mAP``, ``MRR``, ``recall@k``,
 ``hit_rate@k``, ``precision@k``), so ``trainer.test()`` returns them and callbacks
 can read them; ``metrics.json`` records what was measured (the descriptor's
 :meth:`models.descriptor_config.DescriptorConfig.record`: name, weights file and
-SHA-256, random init, input size, similarity, normalisation). The grid of
+SHA-256, random init, input size, the similarity the features' kind implies, normalisation).
+The grid of
 retrievals shows the first ``grid_queries`` kept queries (by index) for any
 number of processes. Report files already in the log folder that this module did
 not write are never overwritten (one-line :class:`lit.errors.UserError`).
@@ -28,14 +32,14 @@ from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.utilities import rank_zero_info
 from torch import Tensor
 
-from lit.distributed import all_gather_objects, dedupe_by_index, gather_by_index
+from lit.distributed import all_gather_objects, gather_by_index
+from lit.embedding import Embedder, FeatureBuffer, Precision, step_precision
 from lit.errors import UserError
 from lit.files import write_json, write_text_atomic
 from lit.grids import retrieval_grid, save_png
 from lit.metrics import RetrievalMetrics
 from lit.report import metrics_markdown
 from lit.retrieval_scoring import score_queries
-from lit.similarity import TokenNormalization
 from models.descriptor_config import DescriptorConfig
 
 QUERIES, GALLERY = 0, 1
@@ -46,13 +50,11 @@ class RetrievalEvaluator(pl.LightningModule):
     """Evaluate a descriptor on a retrieval set: mAP, Recall@k, HitRate@k, P@k, MRR.
 
     Args:
-        descriptor: registry name (see ``models.extractors.available_descriptors``).
-        weights: local weights file of the descriptor (none for ``pixel``).
-        random_init: use random weights instead of a file (tests, floors).
-        input_size: override of the descriptor's input resolution.
-        similarity: ``auto`` takes the descriptor's default (cosine, or
-            split-product for token descriptors).
-        token_normalization: normalisation for split-product (see ``lit.similarity``).
+        descriptor: the descriptor (:class:`models.descriptor_config.DescriptorConfig`: registry
+            name, weights file, random init, input size, token normalisation); its features' kind
+            decides the similarity (cosine, or split-product for token descriptors).
+        precision: ``auto`` (bfloat16 autocast on CUDA when the trainer runs in float32, float32
+            on the CPU), ``32`` (no autocast of its own) or ``bf16`` (always autocast to bfloat16).
         k: length of each ranked list; positives beyond it count as not retrieved,
             so use ``k`` >= gallery size for exact mAP (clipped to the gallery).
         ks: cut-offs for Recall@k, HitRate@k and P@k.
@@ -65,12 +67,8 @@ class RetrievalEvaluator(pl.LightningModule):
 
     def __init__(
         self,
-        descriptor: str = "pixel",
-        weights: str | None = None,
-        random_init: bool = False,
-        input_size: int | None = None,
-        similarity: Literal["auto", "cosine", "split_product"] = "auto",
-        token_normalization: TokenNormalization = "token",
+        descriptor: DescriptorConfig = DescriptorConfig(),  # noqa: B008 - frozen; LightningCLI shows it
+        precision: Precision = "auto",
         k: int = 1000,
         ks: list[int] = [1, 5, 10],  # noqa: B006 - LightningCLI shows list defaults
         ap: Literal["standard", "revisited"] = "standard",
@@ -82,15 +80,15 @@ class RetrievalEvaluator(pl.LightningModule):
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
         self.save_hyperparameters()
-        self.descriptor_config = DescriptorConfig(
-            name=descriptor, weights=weights, random_init=random_init, input_size=input_size,
-            similarity=similarity, token_normalization=token_normalization,
-        )
-        self.descriptor = self.descriptor_config.build()
-        self.similarity = self.descriptor_config.resolved_similarity(self.descriptor)
+        if not isinstance(descriptor, DescriptorConfig):
+            raise TypeError(f"descriptor must be a models.descriptor_config.DescriptorConfig, "
+                            f"got {type(descriptor).__name__}")
+        self.descriptor_config = descriptor
+        self.descriptor = descriptor.build()
+        self.similarity = self.descriptor.similarity
+        self.precision_choice: Precision = precision
         self.metrics = RetrievalMetrics(ks=tuple(ks), ap=ap)
-        self._features: dict[int, list[Tensor]] = {}
-        self._indices: dict[int, list[Tensor]] = {}
+        self._loaders: dict[int, FeatureBuffer] = {}  # embedded rows of each test loader (queries, gallery)
         self._skipped: list[str] = []
         self._grid_rows: list[tuple[int, list[int], list[bool]]] = []
         self._written: set[Path] = set()
@@ -114,8 +112,7 @@ class RetrievalEvaluator(pl.LightningModule):
             )
 
     def on_test_epoch_start(self) -> None:
-        self._features = {QUERIES: [], GALLERY: []}
-        self._indices = {QUERIES: [], GALLERY: []}
+        self._loaders = {QUERIES: FeatureBuffer(), GALLERY: FeatureBuffer()}
         self._skipped = []
         self._grid_rows = []
         self.metrics.reset()
@@ -124,24 +121,25 @@ class RetrievalEvaluator(pl.LightningModule):
         self._skipped.extend(batch.get("skipped", []))
         if len(batch["index"]) == 0:
             return
-        with torch.no_grad():
-            features = self(batch["image"]).float()
-        self._features[dataloader_idx].append(features)
-        self._indices[dataloader_idx].append(batch["index"].to(features.device))
+        self._loaders[dataloader_idx].add(batch["index"], self.embedder()(batch["image"]))
+
+    def embedder(self) -> Embedder:
+        """The suite's one embedding path for this module's descriptor, device and precision."""
+        trainer_precision = str(self.trainer.precision) if self._trainer is not None else "32-true"
+        return Embedder(self.descriptor, self.device, step_precision(self.precision_choice, trainer_precision))
 
     # ------------------------------------------------------------------ scoring
     def on_test_epoch_end(self) -> None:
         retrieval_set = self.trainer.datamodule.retrieval_set  # type: ignore[union-attr]
-        query_ids, query_features = self._local(QUERIES)
-        local_gallery_ids, local_gallery_features = self._local(GALLERY)
-        gallery_ids, gallery_features = gather_by_index(local_gallery_ids, local_gallery_features)
-        if gallery_ids.numel() == 0:
-            raise RuntimeError("no gallery image could be loaded: nothing to search")
-        scored = torch.zeros(0, dtype=torch.long, device=query_ids.device)
-        if query_ids.numel():
+        query_ids, query_features = self._loaders[QUERIES].local()  # this rank's queries, searched here
+        gallery_ids, gallery_features = self._loaders[GALLERY].gather(
+            self.device, nothing="no gallery image could be loaded: nothing to search")
+        query_ids = query_ids.to(self.device)
+        scored = torch.zeros(0, dtype=torch.long, device=self.device)
+        if query_features is not None:
             scored = self._score_queries(
                 query_ids, query_features, gallery_ids, gallery_features, retrieval_set
-            ).to(query_ids.device)
+            ).to(self.device)
         results = {name: float(value) for name, value in self.metrics.compute().items()}
         num_queries = int(gather_by_index(scored)[0].numel())
         # every rank holds the same (gathered) values: no reduction needed; logged outside a
@@ -161,24 +159,6 @@ class RetrievalEvaluator(pl.LightningModule):
         """The run's log folder (a collective under DDP: every rank must ask for it)."""
         return Path(self.trainer.log_dir or self.trainer.default_root_dir)
 
-    def _local(self, loader: int) -> tuple[Tensor, Tensor]:
-        """This rank's (index, features) of one loader, padded duplicates removed."""
-        if not self._indices.get(loader):
-            width = self._feature_shape()
-            return (
-                torch.zeros(0, dtype=torch.long, device=self.device),
-                torch.zeros((0, *width), device=self.device),
-            )
-        index = torch.cat(self._indices[loader])
-        features = torch.cat(self._features[loader])
-        return dedupe_by_index(index, features)  # type: ignore[return-value]
-
-    def _feature_shape(self) -> tuple[int, ...]:
-        """Per-sample feature shape, from a probe forward (for ranks with no samples)."""
-        probe = torch.zeros(1, 3, 32, 32, device=self.device)
-        with torch.no_grad():
-            return tuple(self.descriptor(probe).shape[1:])
-
     def _score_queries(
         self,
         query_ids: Tensor,
@@ -196,7 +176,7 @@ class RetrievalEvaluator(pl.LightningModule):
             retrieval_set,
             k=self.hparams.k,
             similarity=self.similarity,
-            normalization=self.hparams.token_normalization,
+            normalization=self.descriptor_config.token_normalization,
         )
         if not len(scored):
             return torch.zeros(0, dtype=torch.long)
@@ -221,11 +201,11 @@ class RetrievalEvaluator(pl.LightningModule):
         datamodule = self.trainer.datamodule
         payload = {
             "run_name": name,
-            "descriptor": self.hparams.descriptor,
+            "descriptor": self.descriptor_config.name,
             "descriptor_config": self.descriptor_config.record(self.descriptor),
             "dataset": getattr(datamodule, "name", None) or type(datamodule).__name__,
             "similarity": self.similarity,
-            "token_normalization": self.hparams.token_normalization,
+            "token_normalization": self.descriptor_config.token_normalization,
             "ap": self.hparams.ap,
             "k": self.hparams.k,
             "num_queries": num_queries,

@@ -1,6 +1,6 @@
 """A tiny LightningModule with the descriptor contract of ``models.mocov3.MoCoV3Module`` (tests only).
 
-``descriptor``: a :class:`models.extractors.Descriptor` wrapping the timm ViT being
+``descriptor``: a :class:`models.descriptor.Descriptor` wrapping the timm ViT being
 trained; ``descriptor_arch``: its timm name and kwargs, preprocessing and output
 kind. The loss is trivial (a view and its mirror pulled together); dropout makes
 train and eval mode differ, so a check that forgot eval mode would show.
@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import Tensor
 
-from models.extractors import Descriptor, Preprocessing
+from models.descriptor import Descriptor
+from models.preprocessing import Preprocessing
 
 ARCH = "vit_tiny_patch16_224"
 

@@ -132,7 +132,8 @@ def test_index_over_a_feature_store(tmp_path: Path, data: tuple[np.ndarray, torc
     from models.descriptor_config import DescriptorConfig
 
     gallery, queries = data
-    writer = StoreWriter(tmp_path / "train", DescriptorConfig("pixel").record(), (32,))
+    writer = StoreWriter(tmp_path / "train", DescriptorConfig("pixel").record(), (32,),
+                         compare=DescriptorConfig.differences)
     for start in range(0, 3000, 1000):
         writer.write_shard(str(start), gallery[start : start + 1000], [str(i) for i in range(start, start + 1000)],
                            start=start)

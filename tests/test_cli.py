@@ -22,7 +22,7 @@ def _retrieval_config(folder: Path, **data: object) -> Path:
     """A seconds-long ``lit test`` config: pixel descriptor, 4 procedural queries, no logger given."""
     config = {
         "trainer": {"accelerator": "cpu", "devices": 1, "enable_progress_bar": False, "enable_model_summary": False},
-        "model": {"class_path": "models.retrieval.RetrievalEvaluator", "init_args": {"descriptor": "pixel"}},
+        "model": {"class_path": "models.retrieval.RetrievalEvaluator", "init_args": {"descriptor": {"name": "pixel"}}},
         "data": {"class_path": "datamodules.retrieval.ProceduralRetrievalDataModule",
                  "init_args": {"num_queries": 4, "copies_per_query": 1, "num_distractors": 3, "image_size": 16,
                                "batch_size": 4, **data}},
@@ -76,15 +76,16 @@ def test_a_config_yaml_in_the_log_folder_is_not_overwritten(tmp_path: Path, caps
 
 
 @pytest.mark.parametrize(("overrides", "expected"), [
-    (["--model.init_args.descriptor=sscd_resnet50", "--model.init_args.weights=/no/such/sscd.pt"],
-     "error: weights file not found: /no/such/sscd.pt (expected the SSCD TorchScript file"),
-    (["--model.init_args.descriptor=nope"],
-     "error: RetrievalEvaluator: unknown descriptor 'nope'; available: sscd_resnet50"),
+    (["--model.init_args.descriptor.name=sscd_resnet50", "--model.init_args.descriptor.weights=/no/such/sscd.pt"],
+     "error: descriptor.weights: weights file not found: /no/such/sscd.pt (expected the SSCD TorchScript file"),
+    (["--model.init_args.descriptor.name=nope"],
+     "error: descriptor.name: unknown descriptor 'nope'; available: sscd_resnet50"),
     (["--data.init_args.batch_size=0"], "error: ProceduralRetrievalDataModule: batch_size must be >= 1, got 0"),
     (["--data.class_path=datamodules.retrieval.FolderRetrievalDataModule", "--data.init_args.root=/no/such/folder"],
      "error: image folder not found: /no/such/folder"),
     (["--model.init_args.k=abc"], "error: model.init_args.k: expected int, got value: abc"),
-    (["--model.init_args.similarity=l2"], "error: model.init_args.similarity: expected typing.Literal"),
+    (["--model.init_args.descriptor.token_normalization=l2"],
+     "error: model.init_args.descriptor.token_normalization: expected typing.Literal"),
     (["--trainer.max_steps=x"], "error: trainer.max_steps: expected int, got value: x"),
     (["--model.init_args.not_an_option=1"], "error: model.init_args: Option 'not_an_option' is not accepted"),
 ])
@@ -93,7 +94,7 @@ def test_user_errors_end_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixtu
     last = _fails(["test", "-c", str(_retrieval_config(tmp_path)), "--trainer.logger=false",
                    f"--trainer.default_root_dir={tmp_path}", *overrides], capsys)
     assert last.startswith(expected), last
-    if "similarity" in expected:
+    if "token_normalization" in expected:
         assert last.endswith("got value: l2")
 
 
@@ -113,11 +114,13 @@ def test_the_console_command_exits_2_with_the_error_last(tmp_path: Path) -> None
     env.pop(cli.DEBUG_ENV, None)
     done = subprocess.run(
         [sys.executable, "-m", "lit.commands.cli", "test", "-c", str(_retrieval_config(tmp_path)), "--trainer.logger=false",
-         "--model.init_args.descriptor=sscd_resnet50", f"--model.init_args.weights={tmp_path / 'missing.pt'}"],
+         "--model.init_args.descriptor.name=sscd_resnet50",
+         f"--model.init_args.descriptor.weights={tmp_path / 'missing.pt'}"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
     )
     assert done.returncode == 2, done.stderr[-2000:]
-    assert done.stderr.strip().splitlines()[-1].startswith(f"error: weights file not found: {tmp_path / 'missing.pt'}")
+    assert done.stderr.strip().splitlines()[-1].startswith(
+        f"error: descriptor.weights: weights file not found: {tmp_path / 'missing.pt'}")
     assert "Traceback" not in done.stderr
 
 

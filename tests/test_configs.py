@@ -76,10 +76,14 @@ def test_config_prints(config: Path, tmp_path: Path, capsys: pytest.CaptureFixtu
         assert got == expected, path
 
 
-def test_unknown_key_is_rejected(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize("line", ["    k: 1000\n", "      name: pixel\n"], ids=["init_args", "descriptor"])
+def test_unknown_key_is_rejected(tmp_path: Path, capsys: pytest.CaptureFixture[str], line: str) -> None:
     config = next(c for c in CONFIGS if c.name == "demo_retrieval.yaml")
     bad = tmp_path / "bad.yaml"
-    bad.write_text(config.read_text().replace("descriptor: pixel", "descriptor: pixel\n    not_an_option: 3"))
+    text = config.read_text()
+    assert line in text
+    indent = line[: len(line) - len(line.lstrip())]
+    bad.write_text(text.replace(line, f"{line}{indent}not_an_option: 3\n"))
     with pytest.raises(SystemExit) as exit_info:
         LitCLI(args=["test", "-c", str(bad), "--print_config"])
     assert exit_info.value.code != 0

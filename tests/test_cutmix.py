@@ -116,7 +116,7 @@ def _lit_test_cutmix(tmp_path: Path, root: Path, name: str, extra: list[str]) ->
             "--data.init_args.mixes_per_query=2", f"--data.init_args.output_size={SIZE}",
             f"--data.init_args.output_dir={tmp_path / name / 'set'}", "--data.init_args.build_workers=0",
             "--data.init_args.progress=false", "--data.init_args.batch_size=3",
-            "--model.init_args.descriptor=pixel", "--trainer.accelerator=cpu", "--trainer.enable_progress_bar=false",
+            "--model.init_args.descriptor.name=pixel", "--trainer.accelerator=cpu", "--trainer.enable_progress_bar=false",
             f"--trainer.logger.init_args.save_dir={tmp_path}", f"--trainer.logger.init_args.name={name}", *extra]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     done = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
@@ -188,6 +188,7 @@ def test_every_skip_is_counted_in_metrics_json_with_its_reason(tmp_path: Path, p
     import pytorch_lightning as pl
     from pytorch_lightning.loggers import TensorBoardLogger
 
+    from models.descriptor_config import DescriptorConfig
     from models.retrieval import RetrievalEvaluator
 
     refs = folder_refs(val_images(photos))[:7]
@@ -198,7 +199,7 @@ def test_every_skip_is_counted_in_metrics_json_with_its_reason(tmp_path: Path, p
     trainer = pl.Trainer(accelerator="cpu", devices=1, logger=TensorBoardLogger(tmp_path, name="run"),
                          enable_progress_bar=False, enable_model_summary=False)
     with pytest.warns(UserWarning, match="1 of 5 queries skipped"):
-        trainer.test(RetrievalEvaluator(descriptor="pixel", grid_queries=0), datamodule=data)
+        trainer.test(RetrievalEvaluator(descriptor=DescriptorConfig("pixel"), grid_queries=0), datamodule=data)
     metrics = json.loads(next((tmp_path / "run").rglob("metrics.json")).read_text())
     assert metrics["num_queries"] == 4 and metrics["queries_skipped"] == 1
     assert list(metrics["skipped_queries"]) == [str(root / "zz_broken_query.png")]
@@ -220,7 +221,7 @@ def test_strict_stops_at_the_first_bad_file_naming_it(tmp_path: Path, photos: Ph
                        f"--data.init_args.pool={pool}", "--data.init_args.num_queries=null",
                        f"--data.init_args.output_dir={tmp_path / 'set'}", f"--data.init_args.output_size={SIZE}",
                        "--data.init_args.build_workers=2", "--data.init_args.progress=false",
-                       "--data.init_args.strict=true", "--model.init_args.descriptor=pixel"], run=False)
+                       "--data.init_args.strict=true", "--model.init_args.descriptor.name=pixel"], run=False)
     assert cli.datamodule.strict is True
     with pytest.raises(ImageLoadError, match="zz_broken_query.png.*strict"):
         cli.datamodule.setup("test")

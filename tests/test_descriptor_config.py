@@ -1,14 +1,19 @@
-"""DescriptorConfig: builds what it names and records it (weights hash, size, similarity)."""
+"""DescriptorConfig: builds what it names, refuses mistakes in one line naming the option, records
+what was measured (weights hash, size, the similarity the features imply), compares records."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 
 import pytest
 import torch
 
+from lit.commands.scan.sources import store_folder_name
+from lit.errors import UserError
 from lit.files import file_sha256
 from models.descriptor_config import DescriptorConfig
+from models.weights import WeightsError
 
 
 def test_record_without_build_equals_record_of_the_built_descriptor() -> None:
@@ -22,9 +27,17 @@ def test_record_without_build_equals_record_of_the_built_descriptor() -> None:
     assert record["similarity"] == "cosine" and record["weights_sha256"] is None
 
 
-def test_token_descriptor_defaults_to_split_product_unless_told() -> None:
-    assert DescriptorConfig(name="dino_vit_b16", random_init=True).resolved_similarity() == "split_product"
-    assert DescriptorConfig(name="dino_vit_b16", similarity="cosine").resolved_similarity() == "cosine"
+def test_the_features_kind_decides_the_similarity_and_it_is_no_option() -> None:
+    """Token features are compared by split-product, global ones by cosine; the record says so, built or not."""
+    tokens = DescriptorConfig(name="dino_vit_b16", random_init=True, input_size=32)
+    built = tokens.build()
+    assert built(torch.rand(1, 3, 32, 32)).ndim == 3 and built.similarity == "split_product"
+    assert tokens.resolved_similarity() == tokens.resolved_similarity(built) == "split_product"
+    assert tokens.record()["similarity"] == tokens.record(built)["similarity"] == "split_product"
+    assert DescriptorConfig().record()["similarity"] == "cosine"
+    assert "similarity" not in {field.name for field in dataclasses.fields(DescriptorConfig)}
+    with pytest.raises(TypeError):
+        DescriptorConfig(name="dino_vit_b16", random_init=True, similarity="cosine")  # type: ignore[call-arg]
 
 
 def test_weights_hash_is_the_files_sha256_and_follows_changes(tmp_path) -> None:
@@ -36,13 +49,68 @@ def test_weights_hash_is_the_files_sha256_and_follows_changes(tmp_path) -> None:
 
 
 def test_missing_weights_file_is_a_one_line_user_error(tmp_path) -> None:
-    from lit.errors import UserError
+    with pytest.raises(WeightsError, match="nope.pt") as raised:
+        DescriptorConfig(name="sscd_resnet50", weights=str(tmp_path / "nope.pt"))
+    message = str(raised.value)
+    assert message.startswith("descriptor.weights: weights file not found: ") and "\n" not in message
+    assert "published at https://dl.fbaipublicfiles.com/sscd-copy-detection/" in message
 
-    with pytest.raises(UserError, match="nope.pt"):
-        DescriptorConfig(name="sscd_resnet50", weights=str(tmp_path / "nope.pt")).build()
+
+@pytest.mark.parametrize(("fields", "message"), [
+    ({"name": "nope"}, "descriptor.name: unknown descriptor 'nope'; available: sscd_resnet50, "),
+    ({"name": "sscd_resnet50"}, "descriptor.weights: descriptor 'sscd_resnet50' needs a weights file"),
+    ({"name": "pixel", "weights": "w.pt"}, "descriptor.weights: descriptor 'pixel' takes no weights, got w.pt"),
+    ({"name": "vit_s16_in1k", "weights": "w.pt", "random_init": True},
+     "descriptor.weights: give either weights or random_init, not both"),
+    ({"name": "vit_s16_in1k", "random_init": True, "input_size": 30},
+     "descriptor.input_size: vit_s16_in1k: input_size must be an integer >= 16 divisible by 16, got 30"),
+    ({"input_size": 0}, "descriptor.input_size: pixel: input_size must be an integer >= 1"),
+    ({"token_normalization": "l2"}, "descriptor.token_normalization: must be one of token, global, none, got 'l2'"),
+])
+def test_mistakes_are_refused_at_construction_naming_the_option(fields: dict, message: str, tmp_path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "w.pt").write_bytes(b"x")
+    with pytest.raises(UserError) as raised:
+        DescriptorConfig(**fields)
+    assert str(raised.value).startswith(message), str(raised.value)
 
 
 def test_pixel_features_match_the_descriptor_called_directly() -> None:
     config = DescriptorConfig()
     images = torch.rand(2, 3, 40, 40, generator=torch.Generator().manual_seed(0))
     assert torch.equal(config.build()(images), config.build()(images))
+
+
+# ----------------------------------------------------------------------------- comparing records
+
+
+def _record(**changes: object) -> dict:
+    return {**DescriptorConfig("pixel").record(), **changes}
+
+
+def test_differences_name_every_field_that_changes_the_features() -> None:
+    ours = _record()
+    assert DescriptorConfig.differences(ours, dict(ours)) == []
+    # the label and the file's location do not change the features: still comparable
+    assert DescriptorConfig.differences(ours, _record(display_name="mine", weights="/elsewhere/w.pt")) == []
+    theirs = _record(input_size=16, weights_sha256="ab" * 32, similarity="split_product")
+    assert DescriptorConfig.differences(ours, theirs) == [
+        f"weights_sha256 None vs {'ab' * 32!r}", "input_size 32 vs 16", "similarity 'cosine' vs 'split_product'"]
+    for field in ("name", "random_init", "preprocessing", "token_normalization"):
+        assert DescriptorConfig.differences(ours, _record(**{field: "other"})) == [
+            f"{field} {ours[field]!r} vs 'other'"]
+    assert DescriptorConfig.differences(ours, {}) == [  # a record without them (weights_sha256 is None in both)
+        f"{f} {ours[f]!r} vs None" for f in DescriptorConfig.COMPARED if f != "weights_sha256"]
+
+
+def test_compared_fields_keep_existing_store_folders() -> None:
+    """The fields that decide the features are the ones stores were always compared (and named) by,
+    so a scan reuses the stores an earlier version extracted (names computed before this change)."""
+    assert DescriptorConfig.COMPARED == ("name", "weights_sha256", "random_init", "input_size", "preprocessing",
+                                         "similarity", "token_normalization")
+    assert DescriptorConfig.compared(_record(display_name="x")) == {f: _record()[f] for f in DescriptorConfig.COMPARED}
+    pixel = DescriptorConfig("pixel").record()
+    assert store_folder_name("training", "abc", pixel, "float16") == "training-08ea9ee5de9c"
+    tokens = DescriptorConfig("dino_vit_b16", random_init=True, input_size=32).record()
+    assert store_folder_name("training", "abc", tokens, "float32") == "training-eeb5e96f0b16"

@@ -27,7 +27,7 @@ from lit.commands.export import export_descriptor
 from lit.errors import UserError
 from models.ddpm import DDPMModule
 from models.descriptor_config import DescriptorConfig
-from models.extractors import build_descriptor
+from models.registry import build_descriptor
 from models.weights import EXPORT_FORMAT, ExportMetadata, WeightsError
 from tests.descriptor_standin import StandInDescriptorModule
 
@@ -100,12 +100,12 @@ def test_export_round_trip(trained: dict[str, Any]) -> None:
 
 
 def test_lit_test_with_the_export_equals_the_callback(trained: dict[str, Any]) -> None:
-    """``lit test`` with ``--model.init_args.descriptor mocov3`` reproduces the mAP the callback logged
+    """``lit test`` with ``--model.init_args.descriptor.name mocov3`` reproduces the mAP the callback logged
     for the same weights (the checkpoint was saved at that check)."""
     root = trained["root"]
     LitCLI(args=[
         "test", "-c", str(REPO / "configs" / "demo_retrieval.yaml"),
-        "--model.init_args.descriptor=mocov3", f"--model.init_args.weights={trained['file']}",
+        "--model.init_args.descriptor.name=mocov3", f"--model.init_args.descriptor.weights={trained['file']}",
         *[f"--data.init_args.{k}={v}" for k, v in SMALL_SET.items()], "--data.init_args.num_workers=0",
         "--trainer.accelerator=cpu", "--trainer.enable_progress_bar=false",
         f"--trainer.logger.init_args.save_dir={root}", "--trainer.logger.init_args.name=test",
@@ -145,7 +145,7 @@ def test_overwrite_only_an_earlier_export(trained: dict[str, Any], tmp_path: Pat
     assert foreign.read_bytes() == b"not ours"
     out = tmp_path / "mine.safetensors"
     lit_main(["export", "--ckpt_path", ckpt, "--out", str(out)])  # through the lit command table
-    assert "--model.init_args.descriptor mocov3" in capsys.readouterr().out
+    assert "--model.init_args.descriptor.name mocov3 --model.init_args.descriptor.weights" in capsys.readouterr().out
     with pytest.raises(SystemExit) as exited:  # the lit command ends a user error in one line, status 2
         lit_main(["export", "--ckpt_path", ckpt, "--out", str(out)])
     assert exited.value.code == 2

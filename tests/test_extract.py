@@ -50,7 +50,7 @@ def _extract(source: Path | str, out: Path, shard_size: int = 3, batch_size: int
     trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
                          enable_checkpointing=False, enable_model_summary=False, precision=precision,
                          callbacks=[StoreWriterCallback(str(out), shard_size=shard_size)])
-    trainer.predict(descriptor or DescriptorExtractor("pixel"),
+    trainer.predict(descriptor or DescriptorExtractor(DescriptorConfig("pixel")),
                     datamodule=ExtractionDataModule(str(source), batch_size=batch_size, **data))  # type: ignore[arg-type]
     return FeatureStore.open(out)
 
@@ -84,7 +84,7 @@ def test_folder_rows_are_the_descriptor_features_and_bad_images_are_counted(tmp_
 def test_token_features_make_a_token_store(tmp_path: Path) -> None:
     root = _folder(tmp_path / "images", good=3)
     torch.manual_seed(0)
-    module = DescriptorExtractor("dino_vit_b16", random_init=True, input_size=32)
+    module = DescriptorExtractor(DescriptorConfig("dino_vit_b16", random_init=True, input_size=32))
     with pytest.warns(UserWarning):
         store = _extract(root, tmp_path / "store", descriptor=module, shard_size=2)
     assert store.feature_shape == (5, 768) and len(store) == 3  # CLS + 2 x 2 patches
@@ -103,7 +103,7 @@ def test_rerun_writes_nothing_and_other_descriptors_are_refused(tmp_path: Path) 
     _extract(root, tmp_path / "store")  # all shards done: nothing decoded, nothing rewritten
     assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "store").glob("shard-*")} == before
     with pytest.raises(UserError, match="input_size 32 vs 16"):
-        _extract(root, tmp_path / "store", descriptor=DescriptorExtractor("pixel", input_size=16))
+        _extract(root, tmp_path / "store", descriptor=DescriptorExtractor(DescriptorConfig("pixel", input_size=16)))
     foreign = tmp_path / "mine"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("keep me")

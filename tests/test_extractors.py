@@ -1,4 +1,4 @@
-"""Tests of the descriptor registry (models/extractors.py, models/weights.py, models/pooling.py).
+"""Tests of the descriptor registry and module (models/registry.py, descriptor.py, preprocessing.py, weights.py, pooling.py).
 
 Every registered descriptor is built once with random weights at a tiny input
 size. Weight loading is checked by writing files in each published layout from
@@ -22,16 +22,15 @@ from safetensors.torch import save_file
 from timm.layers import resample_abs_pos_embed
 from torch import Tensor
 
-from models.extractors import (
-    Descriptor,
+from models.descriptor import Descriptor
+from models.preprocessing import center_crop, resize_short_side
+from models.registry import (
     DescriptorSpec,
     available_descriptors,
     build_descriptor,
     build_from_spec,
-    center_crop,
     get_spec,
     registry_table,
-    resize_short_side,
 )
 from models.pooling import PooledTrunk, gem
 from models.weights import WeightsError
@@ -193,10 +192,10 @@ def test_random_descriptor_output(name: str, random_descriptors: dict[str, Descr
     assert out.dtype == torch.float32 and torch.isfinite(out).all()
     dim = SMALL_DIMS.get(name, DIMS[name])
     if name == "dino_vit_b16":
-        assert descriptor.output == "tokens" and descriptor.default_similarity == "split_product"
+        assert descriptor.output == "tokens" and descriptor.similarity == "split_product"
         assert out.shape == (2, 1 + (TINY // 16) ** 2, dim)
     else:
-        assert descriptor.output == "global" and descriptor.default_similarity == "cosine"
+        assert descriptor.output == "global" and descriptor.similarity == "cosine"
         assert out.shape == (2, dim)
         torch.testing.assert_close(out.norm(dim=1), torch.ones(2))
 

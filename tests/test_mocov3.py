@@ -13,7 +13,7 @@ import torch
 from datamodules.images import ProceduralTrainData
 from lit.errors import UserError
 from models.augment import TwoViews, cutmix_box, cutmix_views, paste_box
-from models.extractors import Descriptor
+from models.descriptor import Descriptor
 from models.mocov3 import MoCoV3Module, mix_labels
 
 TINY = dict(arch="vit_tiny_patch16_224", img_size=32, patch_size=8, depth=1, embed_dim=48, num_heads=2,

@@ -219,11 +219,12 @@ def test_oxford_end_to_end_revisited_map(tmp_path: Path, protocol: str) -> None:
     """``lit test`` path (evaluator + pixel descriptor) against a numpy revisitop reference."""
     import pytorch_lightning as pl
 
-    from models.extractors import build_descriptor
+    from models.descriptor_config import DescriptorConfig
+    from models.registry import build_descriptor
     from models.retrieval import RetrievalEvaluator
 
     module = RevisitedOxfordParis(str(_oxford(tmp_path / "ox")), protocol=protocol, batch_size=2)  # type: ignore[arg-type]
-    model = RetrievalEvaluator(descriptor="pixel", input_size=8, ap="revisited", ks=[1])
+    model = RetrievalEvaluator(descriptor=DescriptorConfig("pixel", input_size=8), ap="revisited", ks=[1])
     trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
                          enable_model_summary=False, default_root_dir=tmp_path)
     with pytest.warns(UserWarning):

@@ -25,7 +25,9 @@ from callbacks.retrieval import GRID_TAG, ItemCache, RetrievalMetricsCallback, e
 from datamodules.images import ProceduralTrainData
 from datamodules.retrieval import FolderRetrievalDataModule, ProceduralRetrievalDataModule
 from lit.commands.cli import LitCLI
-from models.extractors import Descriptor, build_descriptor
+from models.descriptor import Descriptor
+from models.descriptor_config import DescriptorConfig
+from models.registry import build_descriptor
 from models.retrieval import RetrievalEvaluator
 from tests.descriptor_standin import StandInDescriptorModule
 
@@ -111,7 +113,7 @@ def test_equals_the_lit_test_evaluator(tmp_path: Path) -> None:
     callback = RetrievalMetricsCallback(ProceduralRetrievalDataModule(**SMALL_SET), ks=[1, 5], batch_size=5,
                                         verbose=False)
     fit(tmp_path, PixelModule(), [callback])
-    evaluator = RetrievalEvaluator(descriptor="pixel", ks=[1, 5], grid_queries=0)
+    evaluator = RetrievalEvaluator(descriptor=DescriptorConfig("pixel"), ks=[1, 5], grid_queries=0)
     pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
                default_root_dir=tmp_path).test(evaluator, datamodule=ProceduralRetrievalDataModule(**SMALL_SET),
                                                 verbose=False)

@@ -18,7 +18,7 @@ from sklearn.metrics import average_precision_score
 from datamodules.retrieval import FolderRetrievalDataModule, ProceduralRetrievalDataModule
 from lit.errors import UserError
 from models.descriptor_config import DescriptorConfig
-from models.extractors import build_descriptor
+from models.registry import build_descriptor
 from models.retrieval import RetrievalEvaluator
 from tests.reference_scores import cosine_scores
 
@@ -63,7 +63,7 @@ def test_metrics_match_sklearn_reference(tmp_path: Path) -> None:
     datamodule = ProceduralRetrievalDataModule(
         num_queries=9, copies_per_query=2, num_distractors=11, image_size=32, seed=3, batch_size=4
     )
-    model = RetrievalEvaluator(descriptor="pixel", ks=[1, 5])
+    model = RetrievalEvaluator(descriptor=DescriptorConfig("pixel"), ks=[1, 5])
     _trainer(tmp_path).test(model, datamodule=datamodule, verbose=False)
     expected = _reference_metrics(datamodule)
     for name, value in expected.items():
@@ -92,7 +92,7 @@ def _write_folder_set(root: Path) -> Path:
 def test_folder_set_excludes_self_and_counts_skips(tmp_path: Path) -> None:
     corrupt = _write_folder_set(tmp_path / "data")
     datamodule = FolderRetrievalDataModule(root=str(tmp_path / "data"), batch_size=4)
-    model = RetrievalEvaluator(descriptor="pixel", input_size=8, ks=[1, 2])
+    model = RetrievalEvaluator(descriptor=DescriptorConfig("pixel", input_size=8), ks=[1, 2])
     with pytest.warns(UserWarning, match="img_broken"):
         _trainer(tmp_path).test(model, datamodule=datamodule, verbose=False)
     # each image's two class-mates are the nearest items: perfect scores once self is excluded
@@ -149,7 +149,7 @@ def _small(seed: int = 3) -> ProceduralRetrievalDataModule:
 def test_trainer_test_returns_the_metrics_of_metrics_json(tmp_path: Path) -> None:
     """Logged through Lightning: trainer.test() returns mAP, MRR, recall@k ... as in metrics.json;
     metrics.json records the descriptor (random init, input size, similarity, normalisation)."""
-    model = RetrievalEvaluator(descriptor="pixel", random_init=True, input_size=8, ks=[1, 3])
+    model = RetrievalEvaluator(descriptor=DescriptorConfig("pixel", random_init=True, input_size=8), ks=[1, 3])
     returned = _trainer(tmp_path).test(model, datamodule=_small(), verbose=False)
     report = json.loads(next(tmp_path.rglob("metrics.json")).read_text())
     assert set(report["metrics"]) == {"mAP", "MRR", "recall@1", "recall@3", "hit_rate@1", "hit_rate@3",
@@ -168,7 +168,7 @@ def test_report_files_it_did_not_write_are_not_overwritten(tmp_path: Path) -> No
     (tmp_path / "metrics.json").write_text('{"mine": 1}')
     trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
                          enable_model_summary=False, default_root_dir=tmp_path)
-    model = RetrievalEvaluator(descriptor="pixel", input_size=8)
+    model = RetrievalEvaluator(descriptor=DescriptorConfig("pixel", input_size=8))
     with pytest.raises(UserError, match=f"{tmp_path / 'metrics.json'} already exists and this run did not write it"):
         trainer.test(model, datamodule=_small(), verbose=False)
     assert (tmp_path / "metrics.json").read_text() == '{"mine": 1}'

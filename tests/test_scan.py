@@ -69,7 +69,7 @@ def _top_k(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
 def scanned(folders: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("scan_out") / "out"
     main(["--generations", str(folders / "gen.tsv"), "--training", str(folders / "train"), "--out", str(out),
-          "--descriptor", "pixel", "--k", "3", "--dtype", "float32", "--device", "cpu", "--batch_size", "8",
+          "--descriptor.name", "pixel", "--k", "3", "--dtype", "float32", "--device", "cpu", "--batch_size", "8",
           "--report_rows", "4", "--thumb", "32", "--progress", "false"])
     return out
 
@@ -162,7 +162,11 @@ def test_refuses_foreign_out(folders: Path, tmp_path: Path) -> None:
     (["--k", "0"], "--k must be >= 1"),
     (["--dtype", "int8"], "--dtype must be one of"),
     (["--gen", "x"], "unrecognized arguments"),
-    (["--descriptor", "nonexistent"], "--descriptor nonexistent"),
+    (["--descriptor.name", "nonexistent"], "--descriptor.name: unknown descriptor 'nonexistent'; available: "),
+    (["--descriptor.name", "sscd_resnet50", "--descriptor.weights", "/no/such/sscd.pt"],
+     "--descriptor.weights: weights file not found: /no/such/sscd.pt (expected the SSCD TorchScript file"),
+    (["--descriptor.token_normalization", "l2"], "descriptor.token_normalization"),
+    (["--descriptor", "pixel"], "name the descriptor with --descriptor.name NAME"),  # the flat spelling of before
     (["--match_mirrors", "true", "--index", "IVF4,Flat"], "--index searches the training store only"),
 ])
 def test_user_errors(folders: Path, tmp_path: Path, extra: list[str], message: str) -> None:
@@ -393,4 +397,4 @@ def test_store_of_another_descriptor_is_refused(scanned: Path, tmp_path: Path) -
     train_store = next(p for p in (scanned / "stores").iterdir() if p.name.startswith("training"))
     with pytest.raises(UserError, match="does not match the descriptor of this scan.*input_size 32 vs 16"):
         main(["--generations", str(train_store), "--training", str(train_store), "--out", str(tmp_path / "out"),
-              "--input_size", "16"])
+              "--descriptor.input_size", "16"])

@@ -34,7 +34,7 @@ def one_faiss_thread() -> object:
 
 
 def _store(root: Path, features: np.ndarray) -> Path:
-    writer = StoreWriter(root, RECORD, features.shape[1:], dtype="float32")
+    writer = StoreWriter(root, RECORD, features.shape[1:], dtype="float32", compare=DescriptorConfig.differences)
     writer.write_shard("0", features, [f"{root.name}{i}" for i in range(len(features))], start=0)
     writer.finalize()
     return root

@@ -235,7 +235,8 @@ def test_search_store_on_a_feature_store(tmp_path: Path) -> None:
     from models.descriptor_config import DescriptorConfig
 
     g = tied_gallery(240, 16, 6, seed=23).numpy()
-    writer = StoreWriter(tmp_path / "store", DescriptorConfig("pixel").record(), (16,))
+    writer = StoreWriter(tmp_path / "store", DescriptorConfig("pixel").record(), (16,),
+                         compare=DescriptorConfig.differences)
     for name, start in (("a", 0), ("b", 100), ("c", 170)):
         stop = {"a": 100, "b": 170, "c": 240}[name]
         writer.write_shard(name, g[start:stop], [f"k{i}" for i in range(start, stop)], start=start)

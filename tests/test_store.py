@@ -15,6 +15,7 @@ from lit.store import MANIFEST, FeatureStore, StoreWriter, is_store
 from models.descriptor_config import DescriptorConfig
 
 RECORD = DescriptorConfig("pixel").record()
+DIFFERENCES = DescriptorConfig.differences  # how the store compares descriptor records
 
 
 def _features(rng: np.random.Generator, n: int, shape: tuple[int, ...]) -> np.ndarray:
@@ -27,7 +28,7 @@ def test_round_trip_in_global_order(tmp_path: Path, dtype: str, shape: tuple[int
     rng = np.random.default_rng(0)
     parts = [_features(rng, n, shape) for n in (5, 0, 7)]
     keys = [[f"img{s}_{i}" for i in range(len(p))] for s, p in enumerate(parts)]
-    writer = StoreWriter(tmp_path / "store", RECORD, shape, dtype=dtype)
+    writer = StoreWriter(tmp_path / "store", RECORD, shape, dtype=dtype, compare=DIFFERENCES)
     # written out of order (as ranks would), with a torch tensor for one of them
     writer.write_shard("c", torch.from_numpy(parts[2]), keys[2], captions=[f"cap {k}" for k in keys[2]],
                        labels=list(np.arange(7)), start=12)  # numpy integers are stored as JSON numbers
@@ -56,7 +57,7 @@ def test_round_trip_in_global_order(tmp_path: Path, dtype: str, shape: tuple[int
 
 
 def test_unknown_captions_and_labels_are_none(tmp_path: Path) -> None:
-    writer = StoreWriter(tmp_path / "s", RECORD, (4,))
+    writer = StoreWriter(tmp_path / "s", RECORD, (4,), compare=DIFFERENCES)
     writer.write_shard("0", np.ones((2, 4)), ["a", "b"])
     writer.finalize()
     store = FeatureStore.open(tmp_path / "s")
@@ -65,7 +66,7 @@ def test_unknown_captions_and_labels_are_none(tmp_path: Path) -> None:
 
 def test_iter_blocks_reads_through_memory_maps_in_bounded_memory(tmp_path: Path) -> None:
     rng = np.random.default_rng(1)
-    writer = StoreWriter(tmp_path / "s", RECORD, (256,), dtype="float32")
+    writer = StoreWriter(tmp_path / "s", RECORD, (256,), dtype="float32", compare=DIFFERENCES)
     parts = [_features(rng, n, (256,)) for n in (1500, 1000, 1500)]  # 4 MB in all
     start = 0
     for i, part in enumerate(parts):
@@ -92,7 +93,7 @@ def test_iter_blocks_reads_through_memory_maps_in_bounded_memory(tmp_path: Path)
 
 
 def test_shards_are_idempotent_and_never_silently_replaced(tmp_path: Path) -> None:
-    writer = StoreWriter(tmp_path / "s", RECORD, (4,))
+    writer = StoreWriter(tmp_path / "s", RECORD, (4,), compare=DIFFERENCES)
     features = np.arange(8, dtype=np.float32).reshape(2, 4)
     writer.write_shard("0", features, ["a", "b"], start=0)
     npy = tmp_path / "s" / "shard-0.npy"
@@ -107,11 +108,11 @@ def test_shards_are_idempotent_and_never_silently_replaced(tmp_path: Path) -> No
 
 def test_killed_writer_leftovers_are_cleaned_and_ignored(tmp_path: Path) -> None:
     root = tmp_path / "s"
-    writer = StoreWriter(root, RECORD, (4,))
+    writer = StoreWriter(root, RECORD, (4,), compare=DIFFERENCES)
     writer.write_shard("0", np.ones((2, 4)), ["a", "b"], start=0)
     (root / ".shard-1.npy.abc123.tmp").write_bytes(b"partial")  # killed mid-write
     np.save(root / "shard-2.npy", np.ones((1, 4), dtype=np.float16))  # row file without its .json
-    writer = StoreWriter(root, RECORD, (4,))  # the rerun
+    writer = StoreWriter(root, RECORD, (4,), compare=DIFFERENCES)  # the rerun
     assert not (root / ".shard-1.npy.abc123.tmp").exists()
     assert not writer.has_shard("2")
     manifest = writer.finalize()
@@ -120,9 +121,10 @@ def test_killed_writer_leftovers_are_cleaned_and_ignored(tmp_path: Path) -> None
 
 def test_appending_adds_shards_with_the_same_descriptor(tmp_path: Path) -> None:
     root = tmp_path / "s"
-    StoreWriter(root, RECORD, (4,)).write_shard("0", np.ones((2, 4)), ["a", "b"], start=0)
-    StoreWriter(root, RECORD, (4,)).finalize()
-    again = StoreWriter(root, RECORD, (4,))
+    StoreWriter(root, RECORD, (4,), compare=DIFFERENCES).write_shard("0", np.ones((2, 4)), ["a", "b"],
+                                                                 start=0)
+    StoreWriter(root, RECORD, (4,), compare=DIFFERENCES).finalize()
+    again = StoreWriter(root, RECORD, (4,), compare=DIFFERENCES)
     again.write_shard("1", np.zeros((3, 4)), ["c", "d", "e"], start=2)
     again.finalize()
     store = FeatureStore.open(root)
@@ -132,28 +134,29 @@ def test_appending_adds_shards_with_the_same_descriptor(tmp_path: Path) -> None:
 
 def test_mismatches_are_one_line_errors(tmp_path: Path) -> None:
     root = tmp_path / "s"
-    StoreWriter(root, RECORD, (4,)).finalize()
+    StoreWriter(root, RECORD, (4,), compare=DIFFERENCES).finalize()
     other = {**RECORD, "weights_sha256": "0" * 64}
     with pytest.raises(UserError, match=r"weights_sha256 None vs '0000") as raised:
-        StoreWriter(root, other, (4,))
+        StoreWriter(root, other, (4,), compare=DIFFERENCES)
     assert "\n" not in str(raised.value)
     with pytest.raises(UserError, match="dtype float16 vs float32"):
-        StoreWriter(root, RECORD, (4,), dtype="float32")
+        StoreWriter(root, RECORD, (4,), dtype="float32", compare=DIFFERENCES)
     with pytest.raises(UserError, match=r"feature shape \(4,\) vs \(5,\)"):
-        StoreWriter(root, RECORD, (5,))
+        StoreWriter(root, RECORD, (5,), compare=DIFFERENCES)
 
     store = FeatureStore.open(root)
-    store.check_compatible(RECORD)
-    store.check_compatible(store)
+    store.check_compatible(RECORD, DIFFERENCES)
+    store.check_compatible(store, DIFFERENCES)
     with pytest.raises(UserError, match="preprocessing") as raised:
-        store.check_compatible({**RECORD, "preprocessing": "resize 256 bicubic, crop 224, mean/std ImageNet"})
+        store.check_compatible({**RECORD, "preprocessing": "resize 256 bicubic, crop 224, mean/std ImageNet"},
+                               DIFFERENCES)
     assert "\n" not in str(raised.value)
-    StoreWriter(tmp_path / "f32", RECORD, (4,), dtype="float32").finalize()
+    StoreWriter(tmp_path / "f32", RECORD, (4,), dtype="float32", compare=DIFFERENCES).finalize()
     with pytest.raises(UserError, match="dtype float16 vs float32"):
-        store.check_compatible(FeatureStore.open(tmp_path / "f32"))
-    StoreWriter(tmp_path / "dino", {**RECORD, "name": "dino_vit_b16"}, (4,)).finalize()
+        store.check_compatible(FeatureStore.open(tmp_path / "f32"), DIFFERENCES)
+    StoreWriter(tmp_path / "dino", {**RECORD, "name": "dino_vit_b16"}, (4,), compare=DIFFERENCES).finalize()
     with pytest.raises(UserError, match="name 'pixel' vs 'dino_vit_b16'"):
-        store.check_compatible(FeatureStore.open(tmp_path / "dino"))
+        store.check_compatible(FeatureStore.open(tmp_path / "dino"), DIFFERENCES)
 
 
 def test_refuses_folders_it_did_not_create(tmp_path: Path) -> None:
@@ -161,21 +164,21 @@ def test_refuses_folders_it_did_not_create(tmp_path: Path) -> None:
     root.mkdir()
     (root / "holiday.jpg").write_bytes(b"mine")
     with pytest.raises(UserError, match=r"photos: it holds files the suite did not create \(holiday.jpg\)"):
-        StoreWriter(root, RECORD, (4,))
+        StoreWriter(root, RECORD, (4,), compare=DIFFERENCES)
     assert sorted(p.name for p in root.iterdir()) == ["holiday.jpg"]
     assert not is_store(root)
     (tmp_path / "file").write_text("x")
     with pytest.raises(UserError, match="is a file, not a folder"):
-        StoreWriter(tmp_path / "file", RECORD, (4,))
+        StoreWriter(tmp_path / "file", RECORD, (4,), compare=DIFFERENCES)
     with pytest.raises(UserError, match="not a feature store"):
         FeatureStore.open(root)
-    StoreWriter(tmp_path / "unfinished", RECORD, (4,))
+    StoreWriter(tmp_path / "unfinished", RECORD, (4,), compare=DIFFERENCES)
     with pytest.raises(UserError, match="unfinished feature store"):
         FeatureStore.open(tmp_path / "unfinished")
 
 
 def test_bad_features_are_refused(tmp_path: Path) -> None:
-    writer = StoreWriter(tmp_path / "s", RECORD, (4,))
+    writer = StoreWriter(tmp_path / "s", RECORD, (4,), compare=DIFFERENCES)
     with pytest.raises(ValueError, match="overflow float16"):
         writer.write_shard("0", np.full((1, 4), 1e6), ["a"])
     with pytest.raises(ValueError, match="not finite"):
@@ -185,11 +188,11 @@ def test_bad_features_are_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="1 keys for 2 rows"):
         writer.write_shard("0", np.ones((2, 4)), ["a"])
     with pytest.raises(UserError, match="dtype must be one of"):
-        StoreWriter(tmp_path / "t", RECORD, (4,), dtype="int8")
+        StoreWriter(tmp_path / "t", RECORD, (4,), dtype="int8", compare=DIFFERENCES)
 
 
 def test_damaged_shard_fails_verification(tmp_path: Path) -> None:
-    writer = StoreWriter(tmp_path / "s", RECORD, (4,))
+    writer = StoreWriter(tmp_path / "s", RECORD, (4,), compare=DIFFERENCES)
     writer.write_shard("0", np.ones((2, 4)), ["a", "b"])
     writer.finalize()
     npy = tmp_path / "s" / "shard-0.npy"
@@ -204,7 +207,7 @@ def test_damaged_shard_fails_verification(tmp_path: Path) -> None:
 def test_bytes_on_disk_per_row(tmp_path: Path, shape: tuple[int, ...], per_row: int) -> None:
     """What the README states: 512-d float16 = 1 KiB a row; DINO tokens (197, 768) float16 = 303 kB."""
     rows = 64 if len(shape) == 1 else 4
-    writer = StoreWriter(tmp_path / "s", RECORD, shape)
+    writer = StoreWriter(tmp_path / "s", RECORD, shape, compare=DIFFERENCES)
     writer.write_shard("0", np.zeros((rows, *shape), dtype=np.float32), [str(i) for i in range(rows)])
     manifest = writer.finalize()
     on_disk = (tmp_path / "s" / "shard-0.npy").stat().st_size
@@ -217,9 +220,9 @@ def test_a_descriptor_is_compatible_with_the_store_it_made_built_or_not(tmp_path
     """``lit scan`` checks an unbuilt ``DescriptorConfig.record()`` against stores written with the built
     descriptor's record: both must describe the same preprocessing (here at a non-default input size)."""
     config = DescriptorConfig("pixel", input_size=16)
-    StoreWriter(tmp_path / "s", config.record(config.build()), (768,)).finalize()
+    StoreWriter(tmp_path / "s", config.record(config.build()), (768,), compare=DIFFERENCES).finalize()
     store = FeatureStore.open(tmp_path / "s")
     assert store.descriptor["preprocessing"] == "resize 16 bilinear, crop 16, mean/std none"
-    store.check_compatible(config.record())
+    store.check_compatible(config.record(), DIFFERENCES)
     with pytest.raises(UserError, match="input_size 16 vs 32"):
-        store.check_compatible(DescriptorConfig("pixel").record())
+        store.check_compatible(DescriptorConfig("pixel").record(), DIFFERENCES)

@@ -3,7 +3,7 @@
 The checkpoint's LightningModule is rebuilt from its saved hyper-parameters
 (``LightningModule.load_from_checkpoint`` with the class path ``lit fit`` stores
 in them, or ``--class_path``); the module must expose ``descriptor`` (a
-:class:`models.extractors.Descriptor`: preprocessing + the backbone being
+:class:`models.descriptor.Descriptor`: preprocessing + the backbone being
 trained, e.g. :class:`models.mocov3.MoCoV3Module`'s query encoder) and
 ``descriptor_arch`` (a dict with the timm ``arch`` name and its kwargs under
 ``timm_kwargs`` or ``arch_kwargs``; preprocessing fields, when present, must
@@ -13,8 +13,9 @@ agree with the descriptor's).
 (:class:`models.weights.ExportMetadata`), the timm architecture and kwargs, input
 size, crop_pct, interpolation, mean/std and output kind, plus the source
 checkpoint, its SHA-256, the suite version, module class, epoch and step. It
-loads as ``--model.init_args.descriptor mocov3 --model.init_args.weights FILE``
-(a ViT-B/16 also as ``mocov3_vit_b16_cutmix``) wherever a descriptor is named.
+loads as ``--model.init_args.descriptor.name mocov3 --model.init_args.descriptor.weights FILE``
+(``descriptor: {name: mocov3, weights: FILE}``; a ViT-B/16 also as ``mocov3_vit_b16_cutmix``)
+wherever a descriptor is named.
 Before the file is moved into place, it is loaded back as descriptor ``mocov3``
 and its features are compared with the module's on random images.
 
@@ -40,7 +41,8 @@ from torch import Tensor
 import lit
 from lit.errors import UserError
 from lit.files import atomic_path, file_sha256
-from models.extractors import Descriptor, build_descriptor
+from models.descriptor import Descriptor
+from models.registry import build_descriptor
 from models.weights import ExportMetadata, WeightsError, export_metadata_strings, lenient_torch_load
 
 SUFFIX = ".safetensors"
@@ -174,7 +176,7 @@ def export_descriptor(ckpt_path: str | Path, out: str | Path, *, overwrite: bool
     module = load_module(ckpt_path, summary, class_path)
     descriptor = getattr(module, "descriptor", None)
     if not isinstance(descriptor, Descriptor):
-        raise UserError(f"{type(module).__name__} has no 'descriptor' (a models.extractors.Descriptor); "
+        raise UserError(f"{type(module).__name__} has no 'descriptor' (a models.descriptor.Descriptor); "
                         "lit export needs a module like models.mocov3.MoCoV3Module")
     descriptor = descriptor.to("cpu").eval()
     probe = torch.rand(2, 3, descriptor.input_size, descriptor.input_size, generator=torch.Generator().manual_seed(0))
@@ -214,8 +216,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="lit export", allow_abbrev=False,
         description="Write a checkpoint's trained backbone (e.g. MoCo v3's query encoder) as a descriptor file: "
-                    f"safetensors + metadata, loaded as --model.init_args.descriptor {DESCRIPTOR_NAME} "
-                    "--model.init_args.weights FILE.",
+                    f"safetensors + metadata, loaded as --model.init_args.descriptor.name {DESCRIPTOR_NAME} "
+                    "--model.init_args.descriptor.weights FILE.",
     )
     parser.add_argument("--ckpt_path", required=True, metavar="CKPT",
                         help="Lightning checkpoint of a module with a descriptor")
@@ -227,5 +229,5 @@ def main(argv: Sequence[str] | None = None) -> None:
     out = export_descriptor(args.ckpt_path, args.out, overwrite=args.overwrite, class_path=args.class_path)
     meta = ExportMetadata.from_strings(export_metadata_strings(out) or {})
     print(f"Wrote {out}: {meta.arch} {meta.arch_kwargs}, {meta.output} features of width {meta.feature_dim}, "
-          f"input {meta.input_size} px.\nUse it with --model.init_args.descriptor {DESCRIPTOR_NAME} "
-          f"--model.init_args.weights {out}", flush=True)
+          f"input {meta.input_size} px.\nUse it with --model.init_args.descriptor.name {DESCRIPTOR_NAME} "
+          f"--model.init_args.descriptor.weights {out}", flush=True)

@@ -9,9 +9,10 @@ import pytorch_lightning as pl
 
 from callbacks.store_writer import StoreWriterCallback
 from datamodules.extraction_inputs import ExtractionDataModule
+from lit.embedding import Precision
 from lit.store import FeatureStore
 from models.descriptor_config import DescriptorConfig
-from models.extract import DescriptorExtractor, ExtractPrecision
+from models.extract import DescriptorExtractor
 
 
 def extract_to_store(
@@ -24,7 +25,7 @@ def extract_to_store(
     shard_size: int | None = None,
     dtype: str = "float16",
     labels_from_folders: bool = False,
-    precision: ExtractPrecision = "auto",
+    precision: Precision = "auto",
     trainer_kwargs: dict[str, Any] | None = None,
 ) -> Any:
     """Embed ``source`` into the store ``output_dir`` (or complete it) with ``lit predict``'s machinery,
@@ -32,8 +33,7 @@ def extract_to_store(
 
     ``trainer_kwargs`` go to ``pl.Trainer`` (default: one device of whatever accelerator is
     there, no logger, no checkpoints)."""
-    module = DescriptorExtractor(config.name, config.weights, config.random_init, config.input_size,
-                                 config.similarity, config.token_normalization, precision)
+    module = DescriptorExtractor(config, precision)
     options: dict[str, Any] = {"accelerator": "auto", "devices": 1, "logger": False, "enable_checkpointing": False,
                                "enable_model_summary": False, **(trainer_kwargs or {})}
     callback = StoreWriterCallback(output_dir, dtype=dtype, shard_size=shard_size)  # type: ignore[arg-type]

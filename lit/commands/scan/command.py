@@ -1,6 +1,6 @@
 """``lit scan``: search generated images against a training set and report what was copied.
 
-    lit scan --generations G --training T --descriptor NAME [--weights FILE] --out OUT
+    lit scan --generations G --training T --descriptor.name NAME [--descriptor.weights FILE] --out OUT
 
 ``G`` and ``T`` are image folders (recursive; ``root/<class>/<image>`` gives class
 labels), ``.txt`` / ``.tsv`` file lists (with captions / labels), webdataset tar
@@ -40,7 +40,7 @@ from lit.commands.scan.approx import IndexOptions
 from lit.commands.scan.engine import run_scan
 from lit.commands.scan.mirror import mirrored_training
 from lit.commands.scan.outputs import console_lines, prepare_out, write_outputs
-from lit.commands.scan.sources import FeatureSource, StoreSource, extract_input
+from lit.commands.scan.sources import FeatureSource, StoreSource, check_descriptor, extract_input
 from lit.commands.scan.types import ScanOptions
 from lit.errors import UserError
 from lit.replication import DEFAULT_THRESHOLDS, DUPLICATE_THRESHOLD, MATCH_MIRRORS
@@ -57,7 +57,7 @@ def open_source(role: str, spec: str, record: dict[str, Any], config: Descriptor
     path = Path(spec).expanduser()
     if is_store(path):
         store = FeatureStore.open(path)
-        store.check_compatible(record, what=f"the descriptor of this scan ({record.get('display_name')})")
+        check_descriptor(store, record)
         print(f"{role}: feature store {path} ({store.num_rows} rows)")
         return StoreSource(role, store)
     try:
@@ -80,12 +80,8 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--generations", type=str, required=True, help="image folder or feature store of the generations")
     parser.add_argument("--training", type=str, required=True, help="image folder or feature store of the training set")
     parser.add_argument("--out", type=str, required=True, help="output folder (new, empty, or made by lit scan)")
-    parser.add_argument("--descriptor", type=str, default="pixel", help="descriptor registry name")
-    parser.add_argument("--weights", type=str | None, default=None, help="local weights file of the descriptor")
-    parser.add_argument("--random_init", type=bool, default=False, help="random weights (tests; labelled in reports)")
-    parser.add_argument("--input_size", type=int | None, default=None, help="descriptor input size override")
-    parser.add_argument("--similarity", type=str, default="auto", help="auto, cosine or split_product")
-    parser.add_argument("--token_normalization", type=str, default="token", help="token, global or none")
+    parser.add_argument("--descriptor", type=DescriptorConfig, default=DescriptorConfig(),
+                        help="the descriptor (models.descriptor_config.DescriptorConfig)")
     parser.add_argument("--background", type=str | None, default=None,
                         help="image folder / store for SSCD score normalisation (off when not given)")
     parser.add_argument("--norm_k", type=int, default=10, help="background neighbours averaged for normalisation")
@@ -130,6 +126,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     try:
         args = parser.parse_args(list(argv))
     except argparse.ArgumentError as error:
+        if 'key "descriptor": Unable to load config' in str(error):  # the flat spelling of before
+            raise UserError("lit scan: --descriptor takes a YAML file of the descriptor's options; name the "
+                            "descriptor with --descriptor.name NAME (and --descriptor.weights FILE)") from None
         raise UserError(f"lit scan: {error}".replace("\n", " ")) from None
     for name in ("k", "norm_k", "batch_size", "block_rows", "random_sample", "class_sample", "thumb",
                  "rerank_factor"):
@@ -149,10 +148,10 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                         "(--index null) with --match_mirrors")
     if args.dtype not in DTYPES:
         raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, got {args.dtype!r}")
-    if args.similarity not in ("auto", "cosine", "split_product"):
-        raise UserError(f"--similarity must be auto, cosine or split_product, got {args.similarity!r}")
-    if args.token_normalization not in ("token", "global", "none"):
-        raise UserError(f"--token_normalization must be token, global or none, got {args.token_normalization!r}")
+    try:  # DescriptorConfig checks itself; its messages name the field as "descriptor.<field>"
+        args.descriptor = parser.instantiate(args).descriptor
+    except UserError as error:
+        raise UserError(f"--{error}") from None
     return args
 
 
@@ -173,14 +172,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
     start = time.perf_counter()
     args = parse_args([] if argv is None else argv)
     out = Path(args.out).expanduser()
-    config = DescriptorConfig(name=args.descriptor, weights=args.weights, random_init=args.random_init,
-                              input_size=args.input_size, similarity=args.similarity,
-                              token_normalization=args.token_normalization)
+    config: DescriptorConfig = args.descriptor
     device = _device(args.device)
     try:
-        record = config.record()
-    except (KeyError, ValueError, FileNotFoundError, OSError) as error:
-        raise UserError(f"--descriptor {args.descriptor}: {error}") from None
+        record = config.record()  # reads the weights file (SHA-256; a lit export file's metadata)
+    except (ValueError, OSError) as error:
+        raise UserError(f"--descriptor.weights {config.weights}: {error}") from None
     inputs = {"generations": args.generations, "training": args.training, "background": args.background}
     for role, spec in inputs.items():  # every input readable before anything is extracted
         if spec is not None and not is_store(Path(spec).expanduser()):
@@ -197,7 +194,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
     background = None if args.background is None else open_source("background", args.background, record,
                                                                    config, **common)
     options = ScanOptions(k=args.k, thresholds=tuple(args.thresholds), match_mirrors=args.match_mirrors,
-                          token_normalization=args.token_normalization, baseline_sample=args.baseline_sample,
+                          token_normalization=config.token_normalization, baseline_sample=args.baseline_sample,
                           random_sample=args.random_sample, class_sample=args.class_sample,
                           duplicate_threshold=args.duplicate_threshold, seed=args.seed, block_rows=args.block_rows,
                           device=str(device),

@@ -159,7 +159,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     clock = time.perf_counter()
     paths = scan(["--generations", str(root / "data" / "generations"), "--training", str(root / "data" / "training"),
-                  "--out", str(root / "scan"), "--descriptor", "pixel", "--device", "cpu", "--k", "5",
+                  "--out", str(root / "scan"), "--descriptor.name", "pixel", "--device", "cpu", "--k", "5",
                   "--report_rows", str(args.copies + 10), "--thumb", "64", "--batch_size", "256",
                   "--baseline_sample", str(args.baseline_sample),
                   "--progress", str(bool(args.progress)).lower()])

@@ -33,7 +33,7 @@ from datamodules.extraction_inputs import ImageSource
 from lit.commands.extract import extract_to_store
 from lit.io import load_image, load_image_bytes
 from lit.search import RowSource, TensorRows
-from lit.store import COMPATIBILITY_FIELDS, FeatureStore
+from lit.store import FeatureStore
 from models.descriptor_config import DescriptorConfig
 
 
@@ -280,8 +280,14 @@ def input_fingerprint(spec: str) -> tuple[str, str, bool]:
 def store_folder_name(role: str, fingerprint: str, record: dict[str, Any], dtype: str) -> str:
     """``<role>-<12 hex>``: one store per (input and its content, descriptor, dtype)."""
     key = json.dumps({"fingerprint": fingerprint, "dtype": dtype,
-                      "descriptor": {f: record.get(f) for f in COMPATIBILITY_FIELDS}}, sort_keys=True)
+                      "descriptor": DescriptorConfig.compared(record)}, sort_keys=True)
     return f"{role}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+
+
+def check_descriptor(store: FeatureStore, record: dict[str, Any]) -> None:
+    """Refuse (one line) a store whose features another descriptor made than the scan's ``record``."""
+    store.check_compatible(record, DescriptorConfig.differences,
+                           what=f"the descriptor of this scan ({record.get('display_name')})")
 
 
 def extract_input(role: str, spec: str, store_dir: Path, config: DescriptorConfig, record: dict[str, Any], *,
@@ -298,11 +304,11 @@ def extract_input(role: str, spec: str, store_dir: Path, config: DescriptorConfi
     target = store_dir / store_folder_name(role, fingerprint, record, dtype)
     if (target / "manifest.json").is_file():
         store = FeatureStore.open(target)
-        store.check_compatible(record, what=f"the descriptor of this scan ({record.get('display_name')})")
+        check_descriptor(store, record)
         return store, True
     trainer = {"accelerator": accelerator, "devices": [device_index] if device_index is not None else 1,
                "enable_progress_bar": progress}
     store = extract_to_store(spec, str(target), config, batch_size=batch_size, num_workers=num_workers,
                              dtype=dtype, labels_from_folders=nested, trainer_kwargs=trainer)
-    store.check_compatible(record, what=f"the descriptor of this scan ({record.get('display_name')})")
+    check_descriptor(store, record)
     return store, False

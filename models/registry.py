@@ -1,10 +1,8 @@
 """Descriptor registry: the ten feature extractors of Somepalli et al. plus a pixel baseline.
 
-A :class:`Descriptor` owns its preprocessing (resize the short side, centre
-crop, mean/std normalisation) and maps float images in [0, 1] -- a (B, 3, H, W)
-batch or a list of differently sized (3, H, W) tensors -- to L2-normalised
-global features (B, D) or raw token features (B, T, D) for split-product
-(whose token normalisation is chosen at search time, see ``lit.similarity``).
+Each entry is a :class:`DescriptorSpec` (timm architecture, output kind, preprocessing,
+weights format and layout); :func:`build_descriptor` turns a name into a
+:class:`models.descriptor.Descriptor` in eval mode.
 
 Architectures come from timm with ``pretrained=False``; weights are read from
 local files only (see :mod:`models.weights`). ``build_descriptor(name)``
@@ -20,22 +18,20 @@ architecture, preprocessing and output kind, all read from the file
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any
 
 import timm
-import torch
-import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
-from torch import Tensor, nn
-from torchvision.transforms import InterpolationMode
-from torchvision.transforms.v2 import functional as TF
+from torch import nn
 
+from lit.similarity import SimilarityKind
+from models.descriptor import Descriptor, OutputKind, similarity_of
 from models.pooling import AvgPool, GeM, PixelEmbedding, PooledTrunk
+from models.preprocessing import INCEPTION_MEAN, INCEPTION_STD, RGB, Interpolation, Preprocessing
 from models.weights import (
     ExportedState,
     ExportMetadata,
@@ -51,182 +47,17 @@ from models.weights import (
     weights_error,
 )
 
-if TYPE_CHECKING:
-    from lit.similarity import SimilarityKind
-
 __all__ = [
-    "Descriptor",
     "DescriptorSpec",
-    "Preprocessing",
     "WeightsError",
     "available_descriptors",
     "build_descriptor",
     "build_from_spec",
-    "center_crop",
+    "check_input_size",
     "get_spec",
     "registry_table",
-    "resize_short_side",
     "resolve_spec",
 ]
-
-OutputKind = Literal["global", "tokens"]
-Interpolation = Literal["bilinear", "bicubic"]
-_INTERPOLATION = {"bilinear": InterpolationMode.BILINEAR, "bicubic": InterpolationMode.BICUBIC}
-RGB = tuple[float, float, float]
-
-INCEPTION_MEAN: RGB = (0.5, 0.5, 0.5)
-INCEPTION_STD: RGB = (0.5, 0.5, 0.5)
-_MEAN_NAMES = {tuple(IMAGENET_DEFAULT_MEAN): "ImageNet", tuple(OPENAI_CLIP_MEAN): "CLIP", INCEPTION_MEAN: "0.5",
-               (0.0, 0.0, 0.0): "none"}
-# values outside [0 - tol, 1 + tol] mean the caller passed 0..255 or already-normalised images
-_RANGE_TOLERANCE = 0.01
-
-
-# --------------------------------------------------------------------------- preprocessing
-
-
-@dataclass(frozen=True)
-class Preprocessing:
-    """Resize the short side to ``floor(input_size / crop_pct)``, centre-crop ``input_size``, normalise."""
-
-    input_size: int
-    crop_pct: float
-    interpolation: Interpolation
-    mean: RGB
-    std: RGB
-
-    def __post_init__(self) -> None:
-        if not 0.0 < self.crop_pct <= 1.0:
-            raise ValueError(f"crop_pct must be in (0, 1], got {self.crop_pct}")
-
-    @property
-    def resize_size(self) -> int:
-        return int(math.floor(self.input_size / self.crop_pct))
-
-    def describe(self) -> str:
-        mean = _MEAN_NAMES.get(tuple(self.mean), str(self.mean))
-        return f"resize {self.resize_size} {self.interpolation}, crop {self.input_size}, mean/std {mean}"
-
-
-def resize_short_side(images: Tensor, size: int, interpolation: Interpolation = "bilinear") -> Tensor:
-    """Resize (B, C, H, W) so the short side is ``size``: torchvision's antialiased ``resize``;
-    bicubic overshoot is clamped to [0, 1] as PIL does for 8-bit images. Returns the input
-    when nothing changes."""
-    resized = TF.resize(images, [size], interpolation=_INTERPOLATION[interpolation], antialias=True)
-    return resized.clamp(0.0, 1.0) if interpolation == "bicubic" and resized is not images else resized
-
-
-def center_crop(images: Tensor, size: int) -> Tensor:
-    """Central ``size`` x ``size`` crop of (B, C, H, W) (torchvision's), refusing to pad a smaller image."""
-    height, width = images.shape[-2:]
-    if height < size or width < size:
-        raise ValueError(f"cannot crop {size}x{size} from a {height}x{width} image")
-    return TF.center_crop(images, [size, size])
-
-
-def _check_images(images: Tensor | Sequence[Tensor]) -> list[Tensor]:
-    """Validate the input and return it as a list of (B_i, 3, H_i, W_i) groups."""
-    if isinstance(images, Tensor):
-        if images.ndim != 4 or images.shape[1] != 3:
-            raise ValueError(f"expected images of shape (B, 3, H, W), got {tuple(images.shape)}")
-        groups = [images]
-    elif isinstance(images, Sequence) and not isinstance(images, (str, bytes)):
-        if len(images) == 0:
-            raise ValueError("expected at least one image, got an empty list")
-        groups = []
-        for i, image in enumerate(images):
-            if not isinstance(image, Tensor) or image.ndim != 3 or image.shape[0] != 3:
-                shape = tuple(image.shape) if isinstance(image, Tensor) else type(image).__name__
-                raise ValueError(f"image {i}: expected a (3, H, W) tensor, got {shape}")
-            groups.append(image.unsqueeze(0))
-    else:
-        raise TypeError(f"expected a (B, 3, H, W) tensor or a list of (3, H, W) tensors, got {type(images).__name__}")
-    for group in groups:
-        if not torch.is_floating_point(group):
-            raise TypeError(f"images must be floating point in [0, 1], got dtype {group.dtype}")
-        if group.numel():
-            low, high = torch.aminmax(group)
-            if low < -_RANGE_TOLERANCE or high > 1.0 + _RANGE_TOLERANCE:
-                raise ValueError(f"images must be in [0, 1], got values in [{low.item():.3g}, {high.item():.3g}]")
-    return groups
-
-
-# --------------------------------------------------------------------------- descriptor module
-
-
-def default_similarity(output: OutputKind) -> SimilarityKind:
-    """The paper's pairing: split-product for token features, cosine for global ones."""
-    return "split_product" if output == "tokens" else "cosine"
-
-
-class Descriptor(nn.Module):
-    """Preprocessing + backbone: images in [0, 1] -> (B, D) L2-normalised or (B, T, D) float32 features."""
-
-    def __init__(
-        self,
-        name: str,
-        backbone: nn.Module,
-        output: OutputKind,
-        preprocessing: Preprocessing,
-    ) -> None:
-        super().__init__()
-        self.name = name
-        self.backbone = backbone
-        self.output: OutputKind = output
-        self.preprocessing = preprocessing
-        self.register_buffer("mean", torch.tensor(preprocessing.mean).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(preprocessing.std).view(1, 3, 1, 1), persistent=False)
-
-    @property
-    def default_similarity(self) -> SimilarityKind:
-        return default_similarity(self.output)
-
-    def similarity_for(self, choice: str) -> SimilarityKind:
-        """``choice`` itself, or this descriptor's default for ``"auto"``."""
-        return self.default_similarity if choice == "auto" else choice  # type: ignore[return-value]
-
-    @property
-    def input_size(self) -> int:
-        return self.preprocessing.input_size
-
-    def preprocess(self, images: Tensor | Sequence[Tensor]) -> Tensor:
-        """Float images in [0, 1] -> normalised (B, 3, S, S) on the module's device."""
-        groups = _check_images(images)
-        spec = self.preprocessing
-        crops = [
-            center_crop(
-                resize_short_side(group.to(self.mean.device, self.mean.dtype), spec.resize_size, spec.interpolation),
-                spec.input_size,
-            )
-            for group in groups
-        ]
-        batch = crops[0] if len(crops) == 1 else torch.cat(crops)
-        return (batch - self.mean) / self.std
-
-    def forward(self, images: Tensor | Sequence[Tensor]) -> Tensor:
-        return self._features(self.preprocess(images))
-
-    def embed_cropped(self, crops: Tensor) -> Tensor:
-        """Features of (B, 3, S, S) images in [0, 1] already resized and centre-cropped as
-        :meth:`preprocess` would (e.g. in data-loader workers): normalise, then the backbone."""
-        if crops.ndim != 4 or tuple(crops.shape[1:]) != (3, self.input_size, self.input_size):
-            raise ValueError(f"expected crops of shape (B, 3, {self.input_size}, {self.input_size}), "
-                             f"got {tuple(crops.shape)}")
-        return self._features((crops.to(self.mean.device, self.mean.dtype) - self.mean) / self.std)
-
-    def _features(self, x: Tensor) -> Tensor:
-        features = self.backbone.forward_features(x) if self.output == "tokens" else self.backbone(x)
-        features = features.float()
-        if self.output == "global":
-            if features.ndim != 2:
-                raise RuntimeError(f"{self.name}: backbone returned shape {tuple(features.shape)}, expected (B, D)")
-            return F.normalize(features, dim=-1)
-        if features.ndim != 3:
-            raise RuntimeError(f"{self.name}: backbone returned shape {tuple(features.shape)}, expected (B, T, D)")
-        return features
-
-    def extra_repr(self) -> str:
-        return f"name={self.name!r}, output={self.output!r}, {self.preprocessing.describe()}"
 
 
 # --------------------------------------------------------------------------- registry entries
@@ -261,8 +92,8 @@ class DescriptorSpec:
     from_weights: Callable[[DescriptorSpec, Path], DescriptorSpec] | None = None
 
     @property
-    def default_similarity(self) -> SimilarityKind:
-        return default_similarity(self.output)
+    def similarity(self) -> SimilarityKind:
+        return similarity_of(self.output)
 
 
 def _build_timm(spec: DescriptorSpec, input_size: int, init: bool) -> nn.Module:
@@ -574,6 +405,16 @@ def resolve_spec(name: str, weights: str | Path | None = None) -> DescriptorSpec
     return spec
 
 
+def check_input_size(spec: DescriptorSpec, size: object) -> None:
+    """ValueError unless ``size`` is an input size ``spec``'s architecture takes (a multiple of its
+    patch / window size, at least its minimum)."""
+    if isinstance(size, bool) or not isinstance(size, int) or size < spec.min_size or size % spec.size_multiple:
+        raise ValueError(
+            f"{spec.name}: input_size must be an integer >= {max(spec.min_size, spec.size_multiple)} "
+            f"divisible by {spec.size_multiple}, got {size!r}"
+        )
+
+
 def build_descriptor(
     name: str, weights: str | Path | None = None, random_init: bool = False, input_size: int | None = None
 ) -> Descriptor:
@@ -601,11 +442,7 @@ def build_from_spec(
         problem = f"descriptor {spec.name!r} needs weights=<path> (or random_init=True for random features)"
         raise weights_error(None, spec.weights, problem)
     size = spec.preprocessing.input_size if input_size is None else input_size
-    if isinstance(size, bool) or not isinstance(size, int) or size < spec.min_size or size % spec.size_multiple:
-        raise ValueError(
-            f"{spec.name}: input_size must be an integer >= {max(spec.min_size, spec.size_multiple)} "
-            f"divisible by {spec.size_multiple}, got {size!r}"
-        )
+    check_input_size(spec, size)
     content, path = None, None
     if weights is not None:
         assert spec.weights is not None and spec.layout is not None
@@ -642,7 +479,7 @@ def registry_table() -> str:
         fmt = spec.weights.description if spec.weights else "none"
         src = spec.weights.source if spec.weights else "-"
         rows.append(
-            f"| {spec.name} | {arch} | {out} | {spec.default_similarity} | "
+            f"| {spec.name} | {arch} | {out} | {spec.similarity} | "
             f"{spec.preprocessing.describe()} | {fmt} | {src} |"
         )
     return "\n".join(rows)
