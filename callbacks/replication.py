@@ -63,7 +63,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from lit.distributed import gather_by_index
-from lit.embedding import embed_dataset
+from lit.embedding import Precision, embed_dataset
 from lit.files import write_json, write_text_atomic
 from lit.plots import save_figure, similarity_histogram, top_copies_grid
 from lit.replication import (
@@ -153,6 +153,8 @@ class ReplicationMonitor(Callback):
         num_copies_shown: rows of the top-copies grid.
         seed: first sampling seed (and the seed of a sampled baseline).
         embed_batch_size: images per descriptor batch.
+        precision: ``auto`` (bfloat16 autocast on CUDA, float32 on the CPU), ``32`` or ``bf16``
+            (see ``lit.embedding.Precision``); ``32`` keeps GPU numbers in float32.
         histogram_bins: bins of the overlay figure.
         verbose: print the summary table at fit end.
     """
@@ -176,6 +178,7 @@ class ReplicationMonitor(Callback):
         num_copies_shown: int = 6,
         seed: int = 0,
         embed_batch_size: int = 64,
+        precision: Precision = "auto",
         histogram_bins: int = 40,
         verbose: bool = True,
     ) -> None:
@@ -216,6 +219,7 @@ class ReplicationMonitor(Callback):
         self.top_k = top_k
         self.num_copies_shown = num_copies_shown
         self.embed_batch_size = embed_batch_size
+        self.precision: Precision = precision
         self.histogram_bins = histogram_bins
         self.verbose = verbose
 
@@ -304,9 +308,7 @@ class ReplicationMonitor(Callback):
         """Features of the training images (and of their mirrors), sharded over ranks and
         gathered by index (``lit.embedding.embed_dataset``)."""
         assert self.reference is not None and self.descriptor is not None
-        common: dict[str, Any] = {"batch_size": self.embed_batch_size, "device": pl_module.device,
-                                  "rank": trainer.global_rank, "world_size": trainer.world_size,
-                                  "gather_device": trainer.strategy.root_device}
+        common = self._embed_options(trainer, pl_module)
         embedded = embed_dataset(self.descriptor, self.reference, desc="training images", **common)
         if embedded.index.numel() != len(self.reference) or not torch.equal(embedded.index,
                                                                               torch.arange(len(self.reference))):
@@ -318,14 +320,18 @@ class ReplicationMonitor(Callback):
                                  **common)
         return embedded.features, mirrored.features
 
+    def _embed_options(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
+        """The keywords every ``embed_dataset`` call of a check shares (device, ranks, precision)."""
+        return {"batch_size": self.embed_batch_size, "device": pl_module.device, "rank": trainer.global_rank,
+                "world_size": trainer.world_size, "gather_device": trainer.strategy.root_device,
+                "precision": self.precision}
+
     def _embed_generations(self, trainer: pl.Trainer, pl_module: pl.LightningModule, images: Tensor,
                            positions: list[int]) -> Tensor:
         """Features of every rank's generations, ordered by seed position (``embed_dataset``)."""
         assert self.descriptor is not None
         embedded = embed_dataset(self.descriptor, _Generations(images, positions, len(self.seeds)),
-                                 batch_size=self.embed_batch_size, device=pl_module.device,
-                                 rank=trainer.global_rank, world_size=trainer.world_size,
-                                 gather_device=trainer.strategy.root_device, desc="generations")
+                                 desc="generations", **self._embed_options(trainer, pl_module))
         if not torch.equal(embedded.index, torch.arange(len(self.seeds))):
             raise RuntimeError(f"gathered {embedded.index.numel()} of {len(self.seeds)} generations across ranks")
         return embedded.features

@@ -260,3 +260,31 @@ def test_sampled_baseline_is_labelled_in_every_output(tmp_path: Path) -> None:
     assert "replication_baseline_sampled/top1_training" in events.Tags()["histograms"]
     assert "sampled: 4 of 7 training images (seed 0)" in watch.summary_text(trainer)
 
+
+
+def test_every_embedding_of_a_check_uses_the_monitors_precision(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``precision`` reaches the embedding of a check (``32`` keeps a GPU check in float32; the
+    training set and its mirrors take the same options, ``_embed_options``)."""
+    import callbacks.replication as replication
+
+    seen: list[str] = []
+    real = replication.embed_dataset
+
+    def spy(model: Any, dataset: Any, **options: Any) -> Any:
+        seen.append(options["precision"])
+        return real(model, dataset, **options)
+
+    monkeypatch.setattr(replication, "embed_dataset", spy)
+    images = torch.rand(4, 3, 8, 8)
+    features = {}
+    for precision in ("32", "bf16"):
+        monitor = ReplicationMonitor(precision=precision, num_samples=4, verbose=False)
+        monitor.descriptor = monitor.descriptor_config.build()
+        monitor.seeds = list(range(4))
+        trainer = type("T", (), {"global_rank": 0, "world_size": 1,
+                                 "strategy": type("S", (), {"root_device": torch.device("cpu")})()})()
+        module = type("M", (), {"device": torch.device("cpu")})()
+        features[precision] = monitor._embed_generations(trainer, module, images, list(range(4)))
+    assert seen == ["32", "bf16"]
+    assert features["32"].dtype == features["bf16"].dtype == torch.float32  # stored in float32 either way
+    assert torch.allclose(features["32"], features["bf16"], atol=0.05)
