@@ -398,3 +398,34 @@ def test_store_of_another_descriptor_is_refused(scanned: Path, tmp_path: Path) -
     with pytest.raises(UserError, match="does not match the descriptor of this scan.*input_size 32 vs 16"):
         main(["--generations", str(train_store), "--training", str(train_store), "--out", str(tmp_path / "out"),
               "--descriptor.input_size", "16"])
+
+
+# ----------------------------------------------------------------------------- issue 14: a scan you can trust
+# (every argument checked before work starts, outputs never inputs, one writer, outputs together, order)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--thresholds", "[]"], "--thresholds needs at least one threshold in [-1, 1]"),
+    (["--thresholds", "[0.5, 1.5]"], "--thresholds: 1.5 is not a similarity"),
+    (["--thresholds", "[-1.01]"], "--thresholds: -1.01 is not a similarity"),
+    (["--thresholds", "[0.5, 0.5]"], "--thresholds: each threshold once"),
+    (["--duplicate_threshold", "1.2"], "--duplicate_threshold: 1.2 is not a similarity"),
+])
+def test_arguments_checked_before_any_work(folders: Path, tmp_path: Path, extra: list[str], message: str) -> None:
+    """Out-of-range or missing thresholds are one line naming the option, and no folder is made."""
+    with pytest.raises(UserError, match=re.escape(message)):
+        main(["--generations", str(folders / "gen"), "--training", str(folders / "train"),
+              "--out", str(tmp_path / "out"), "--device", "cpu", "--progress", "false", *extra])
+    assert not (tmp_path / "out").exists()
+
+
+def test_unreadable_weights_name_the_weights_option_and_leave_no_folder(folders: Path, tmp_path: Path) -> None:
+    """A weights file that exists but cannot be loaded is blamed on --descriptor.weights (not on
+    --generations, the first input extracted) before the output folder is made."""
+    weights = tmp_path / "sscd.pt"
+    weights.write_bytes(b"")
+    with pytest.raises(UserError, match=r"^--descriptor\.weights: unreadable weights file"):
+        main(["--generations", str(folders / "gen"), "--training", str(folders / "train"),
+              "--out", str(tmp_path / "out"), "--descriptor.name", "sscd_resnet50",
+              "--descriptor.weights", str(weights), "--device", "cpu", "--progress", "false"])
+    assert not (tmp_path / "out").exists()

@@ -46,6 +46,7 @@ from lit.errors import UserError
 from lit.replication import DEFAULT_THRESHOLDS, DUPLICATE_THRESHOLD, MATCH_MIRRORS
 from lit.store import DTYPES, FeatureStore, is_store
 from models.descriptor_config import DescriptorConfig
+from models.weights import WeightsError
 
 
 def open_source(role: str, spec: str, record: dict[str, Any], config: DescriptorConfig, *, store_dir: Path,
@@ -146,6 +147,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     if args.index is not None and args.match_mirrors:
         raise UserError("--index searches the training store only, not its mirror: use exact search "
                         "(--index null) with --match_mirrors")
+    check_thresholds(args.thresholds, args.duplicate_threshold)
     if args.dtype not in DTYPES:
         raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, got {args.dtype!r}")
     try:  # DescriptorConfig checks itself; its messages name the field as "descriptor.<field>"
@@ -153,6 +155,30 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     except UserError as error:
         raise UserError(f"--{error}") from None
     return args
+
+
+def check_thresholds(thresholds: Sequence[float], duplicate_threshold: float) -> None:
+    """Similarities lie in [-1, 1]: every threshold must too, and a scan needs at least one (each once)."""
+    if not thresholds:
+        raise UserError("--thresholds needs at least one threshold in [-1, 1], e.g. [0.5]")
+    for value in thresholds:
+        if not -1.0 <= value <= 1.0:  # NaN fails here too
+            raise UserError(f"--thresholds: {value} is not a similarity; every threshold must lie in [-1, 1]")
+    if len(set(thresholds)) != len(thresholds):
+        raise UserError(f"--thresholds: each threshold once, got {list(thresholds)}")
+    if not -1.0 <= duplicate_threshold <= 1.0:
+        raise UserError(f"--duplicate_threshold: {duplicate_threshold} is not a similarity; it must lie in [-1, 1]")
+
+
+def check_builds(config: DescriptorConfig) -> None:
+    """Build the descriptor once and let it go: a weights file that cannot be read or does not fit
+    the architecture is refused naming ``--descriptor.weights``, before any work or folder."""
+    try:
+        config.build()
+    except WeightsError as error:
+        raise UserError(f"--descriptor.weights: {error}") from None
+    except UserError as error:
+        raise UserError(f"--{error}" if str(error).startswith("descriptor") else f"--descriptor: {error}") from None
 
 
 def _device(choice: str) -> torch.device:
@@ -185,6 +211,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
                 ImageSource.resolve(spec)
             except UserError as error:
                 raise UserError(f"--{role} {spec}: {error}") from None
+    embeds = args.match_mirrors or any(spec is not None and not is_store(Path(spec).expanduser())
+                                       for spec in inputs.values())
+    if embeds:  # the weights load and fit before any folder is made (extraction builds it again)
+        check_builds(config)
     prepare_out(out)
     store_dir = Path(args.store_dir).expanduser() if args.store_dir else out / "stores"
     common = {"store_dir": store_dir, "device": device, "batch_size": args.batch_size,
