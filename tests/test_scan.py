@@ -429,3 +429,20 @@ def test_unreadable_weights_name_the_weights_option_and_leave_no_folder(folders:
               "--out", str(tmp_path / "out"), "--descriptor.name", "sscd_resnet50",
               "--descriptor.weights", str(weights), "--device", "cpu", "--progress", "false"])
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("option, inside", [("--out", "generations"), ("--store_dir", "training")])
+def test_output_inside_an_input_folder_is_refused(folders: Path, tmp_path: Path, option: str, inside: str) -> None:
+    """An --out (or --store_dir) inside a walked input folder would feed the next scan its own plots
+    (20 generations became 22 in the audit): refused with one line, nothing written."""
+    import shutil  # noqa: PLC0415 - only this test copies the folders (a scan on main writes into them)
+
+    shutil.copytree(folders / "gen", tmp_path / "gen")
+    shutil.copytree(folders / "train", tmp_path / "train")
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    target = tmp_path / ("gen" if inside == "generations" else "train") / "scan"
+    extra = ["--out", str(target)] if option == "--out" else ["--out", str(tmp_path / "out"), "--store_dir", str(target)]
+    with pytest.raises(UserError, match=rf"^{option} .* lies inside --{inside} "):
+        main(["--generations", str(tmp_path / "gen"), "--training", str(tmp_path / "train"), *extra,
+              "--device", "cpu", "--progress", "false", "--report_rows", "0"])
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before

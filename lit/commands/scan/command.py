@@ -170,6 +170,25 @@ def check_thresholds(thresholds: Sequence[float], duplicate_threshold: float) ->
         raise UserError(f"--duplicate_threshold: {duplicate_threshold} is not a similarity; it must lie in [-1, 1]")
 
 
+def check_outputs_outside_inputs(outputs: dict[str, Path], inputs: dict[str, str | None]) -> None:
+    """Refuse an output folder (``--out``, ``--store_dir``) inside an input folder that is walked for
+    images: the next scan would count its plots as generations or training images (and the input's
+    listing would change with every run). Refused rather than left out of the walk, so that a folder
+    means the same images to ``lit scan``, ``lit predict`` and every other reader."""
+    for role, spec in inputs.items():
+        if spec is None:
+            continue
+        folder = Path(spec).expanduser()
+        if not folder.is_dir() or is_store(folder):
+            continue  # file lists, tar shards and stores are not walked
+        root = folder.resolve()
+        for option, path in outputs.items():
+            target = path.resolve()
+            if target == root or root in target.parents:
+                raise UserError(f"--{option} {path} lies inside --{role} {spec}: its files would become "
+                                f"{role} images of the next scan; choose a folder outside the inputs")
+
+
 def check_builds(config: DescriptorConfig) -> None:
     """Build the descriptor once and let it go: a weights file that cannot be read or does not fit
     the architecture is refused naming ``--descriptor.weights``, before any work or folder."""
@@ -211,12 +230,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
                 ImageSource.resolve(spec)
             except UserError as error:
                 raise UserError(f"--{role} {spec}: {error}") from None
+    store_dir = Path(args.store_dir).expanduser() if args.store_dir else out / "stores"
+    check_outputs_outside_inputs({"out": out, "store_dir": store_dir}, inputs)
     embeds = args.match_mirrors or any(spec is not None and not is_store(Path(spec).expanduser())
                                        for spec in inputs.values())
     if embeds:  # the weights load and fit before any folder is made (extraction builds it again)
         check_builds(config)
     prepare_out(out)
-    store_dir = Path(args.store_dir).expanduser() if args.store_dir else out / "stores"
     common = {"store_dir": store_dir, "device": device, "batch_size": args.batch_size,
               "num_workers": args.num_workers, "dtype": args.dtype, "progress": args.progress}
     generations = open_source("generations", args.generations, record, config, **common)
