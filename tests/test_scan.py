@@ -446,3 +446,57 @@ def test_output_inside_an_input_folder_is_refused(folders: Path, tmp_path: Path,
         main(["--generations", str(tmp_path / "gen"), "--training", str(tmp_path / "train"), *extra,
               "--device", "cpu", "--progress", "false", "--report_rows", "0"])
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+
+
+def _outputs(out: Path) -> dict[str, bytes]:
+    """The files a scan wrote at the top of ``out`` (not its stores), by name."""
+    return {p.name: p.read_bytes() for p in out.iterdir() if p.is_file() or p.name.startswith(".lit-scan-staging")}
+
+
+def test_outputs_appear_together_or_not_at_all(folders: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The report writer fails after matches.csv, summary.json and the plots were prepared: the folder
+    keeps the previous scan's set, byte for byte, and nothing new (no staging folder, no lock)."""
+    out = tmp_path / "out"
+    args = ["--generations", str(folders / "gen"), "--training", str(folders / "train"), "--out", str(out),
+            "--device", "cpu", "--progress", "false", "--report_rows", "2", "--thumb", "16", "--dtype", "float32"]
+    main([*args, "--k", "3"])
+    before = _outputs(out)
+    assert {"matches.csv", "summary.json", "report.html", "similarity_histogram.png"} <= set(before)
+
+    def broken_report(*_: object, **__: object) -> Path:
+        raise RuntimeError("the report writer failed")
+
+    monkeypatch.setattr("lit.commands.scan.outputs.write_report", broken_report)
+    with pytest.raises(RuntimeError, match="the report writer failed"):
+        main([*args, "--k", "2"])  # another k: every file would differ
+    assert _outputs(out) == before
+    fresh = tmp_path / "fresh"
+    with pytest.raises(RuntimeError, match="the report writer failed"):
+        main([*args, "--k", "2", "--out", str(fresh), "--store_dir", str(out / "stores")])
+    assert sorted(p.name for p in fresh.iterdir()) == [".lit-scan"]  # claimed, nothing written
+
+
+def test_a_second_writer_is_refused_and_a_dead_ones_lock_taken_over(folders: Path, tmp_path: Path) -> None:
+    """--out is locked: a lock naming a running process refuses the scan with one line (its lock and
+    files untouched); a lock left by a process that is gone is taken over with a warning."""
+    import subprocess  # noqa: PLC0415 - processes to hold and to leave locks
+    import sys  # noqa: PLC0415
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / ".lit-scan").write_text("made by lit scan\n")
+    args = ["--generations", str(folders / "gen"), "--training", str(folders / "train"), "--out", str(out),
+            "--device", "cpu", "--progress", "false", "--report_rows", "1", "--thumb", "16", "--k", "1"]
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (out / ".lit-scan.lock").write_text(f"{sleeper.pid}\n")
+        with pytest.raises(UserError, match=rf"^--out {re.escape(str(out))} is being written by process "
+                                            rf"{sleeper.pid} "):
+            main(args)
+        assert sorted(p.name for p in out.iterdir()) == [".lit-scan", ".lit-scan.lock"]
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    with pytest.warns(UserWarning, match=rf"taking over the lock .* of process {sleeper.pid}, which is no longer"):
+        main(args)
+    assert (out / "report.html").is_file() and not (out / ".lit-scan.lock").exists()

@@ -39,7 +39,7 @@ from datamodules.extraction_inputs import ImageSource
 from lit.commands.scan.approx import IndexOptions
 from lit.commands.scan.engine import run_scan
 from lit.commands.scan.mirror import mirrored_training
-from lit.commands.scan.outputs import console_lines, prepare_out, write_outputs
+from lit.commands.scan.outputs import console_lines, locked_out, write_outputs
 from lit.commands.scan.sources import FeatureSource, StoreSource, check_descriptor, extract_input
 from lit.commands.scan.types import ScanOptions
 from lit.errors import UserError
@@ -236,7 +236,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
                                        for spec in inputs.values())
     if embeds:  # the weights load and fit before any folder is made (extraction builds it again)
         check_builds(config)
-    prepare_out(out)
+    with locked_out(out):
+        return _scan(args, out, config, record, device, store_dir, start)
+
+
+def _scan(args: argparse.Namespace, out: Path, config: DescriptorConfig, record: dict[str, Any],
+          device: torch.device, store_dir: Path, start: float) -> dict[str, Path]:
+    """The work of :func:`main` once every argument is checked and ``out`` is claimed and locked."""
     common = {"store_dir": store_dir, "device": device, "batch_size": args.batch_size,
               "num_workers": args.num_workers, "dtype": args.dtype, "progress": args.progress}
     generations = open_source("generations", args.generations, record, config, **common)

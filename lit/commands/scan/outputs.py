@@ -1,28 +1,57 @@
-"""What a scan writes: its claimed output folder, ``matches.csv``, ``summary.json`` and, through
-:mod:`lit.commands.scan.report`, the plots and ``report.html``."""
+"""What a scan writes: its claimed and locked output folder, ``matches.csv``, ``summary.json`` and,
+through :mod:`lit.commands.scan.report`, the plots and ``report.html``.
+
+The files are written into a staging folder inside ``--out`` and moved into place together at
+the end (:func:`write_outputs`), so a failed or killed scan leaves the previous scan's set (or
+none), never a new ``matches.csv`` beside an old ``report.html``.
+"""
 
 
 from __future__ import annotations
 
 import csv
 import io
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from lit.commands.scan.report import write_plots, write_report
 from lit.commands.scan.sources import FeatureSource
 from lit.commands.scan.types import ScanOptions, ScanResult
-from lit.files import claim_folder, write_json, write_text_atomic
+from lit.files import claim_folder, folder_lock, write_json, write_text_atomic
 from lit.replication import duplicate_comparison, score_summary
 
 #: File that marks an output folder as made by ``lit scan`` (only such folders are written into again).
 MARKER = ".lit-scan"
+#: Lock file of the scan writing into an output folder (its process id; see :func:`lit.files.folder_lock`).
+LOCK = ".lit-scan.lock"
+#: Every plot a scan may write (one it did not write this time is removed with the rest of the old set).
+PLOTS = frozenset({"similarity_histogram.png", "duplicates.png", "classes.png"})
+#: Prefix of the staging folders the outputs are written into before they are moved into place.
+STAGING = ".lit-scan-staging-"
 
 
 def prepare_out(out: Path) -> None:
     """Create ``out`` (marked as the scan's own) or accept one a scan made; refuse any other non-empty folder."""
     claim_folder(out, MARKER, label=f"--out {out}", note="made by lit scan\n",
                  refusal=f"--out {out} is not empty and was not made by lit scan: choose a new or empty folder")
+
+
+@contextmanager
+def locked_out(out: Path) -> Iterator[Path]:
+    """Claim ``out`` (:func:`prepare_out`) and hold its lock for the block: a second scan into the same
+    folder is refused with one line; a lock left by a killed scan is taken over (with a warning), and
+    the staging folders a killed scan left are removed (they are the scan's own)."""
+    prepare_out(out)
+    with folder_lock(out, label=f"--out {out}", name=LOCK):
+        for stale in out.glob(STAGING + "*"):
+            if stale.is_dir():
+                shutil.rmtree(stale)
+        yield out
 
 
 def matches_rows(result: ScanResult, generations: FeatureSource, training: FeatureSource,
@@ -114,15 +143,27 @@ def build_summary(result: ScanResult, generations: FeatureSource, training: Feat
 def write_outputs(out: Path, result: ScanResult, generations: FeatureSource, training: FeatureSource,
                   options: ScanOptions, descriptor: dict[str, Any], report_rows: int = 20, thumb: int = 96,
                   wall_s: float | None = None) -> dict[str, Path]:
-    """matches.csv, summary.json, the plots and report.html in ``out``."""
-    header, rows = matches_rows(result, generations, training, options)
-    paths = {"matches": write_matches(out / "matches.csv", header, rows)}
-    summary = build_summary(result, generations, training, options, descriptor, wall_s)
-    paths["summary"] = write_json(out / "summary.json", summary)
-    paths.update(write_plots(out, result, options))
-    paths["report"] = write_report(out, result, summary, generations, training, report_rows=report_rows,
-                                   thumb=thumb, plots={k: v for k, v in paths.items() if k.startswith("plot_")})
-    return paths
+    """matches.csv, summary.json, the plots and report.html in ``out``: written into a staging folder
+    inside ``out`` and moved into place together once all of them are written (a failure before
+    leaves ``out`` as it was and removes the staging folder)."""
+    staging = Path(tempfile.mkdtemp(prefix=STAGING, dir=out))
+    try:
+        header, rows = matches_rows(result, generations, training, options)
+        paths = {"matches": write_matches(staging / "matches.csv", header, rows)}
+        summary = build_summary(result, generations, training, options, descriptor, wall_s)
+        paths["summary"] = write_json(staging / "summary.json", summary)
+        paths.update(write_plots(staging, result, options))
+        paths["report"] = write_report(staging, result, summary, generations, training, report_rows=report_rows,
+                                       thumb=thumb, plots={k: v for k, v in paths.items() if k.startswith("plot_")})
+        placed = {}
+        for key, path in sorted(paths.items(), key=lambda item: item[0] == "report"):  # report.html last
+            os.replace(path, out / path.name)
+            placed[key] = out / path.name
+        for name in PLOTS - {path.name for path in placed.values()}:  # a plot of an earlier scan (ours)
+            (out / name).unlink(missing_ok=True)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return placed
 
 
 
