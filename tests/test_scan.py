@@ -500,3 +500,46 @@ def test_a_second_writer_is_refused_and_a_dead_ones_lock_taken_over(folders: Pat
     with pytest.warns(UserWarning, match=rf"taking over the lock .* of process {sleeper.pid}, which is no longer"):
         main(args)
     assert (out / "report.html").is_file() and not (out / ".lit-scan.lock").exists()
+
+
+def test_matches_csv_is_in_score_order(scanned: Path) -> None:
+    """matches.csv: generations by top-1 score, highest first (the copies on top), ranks 1..k in order
+    within each generation."""
+    with open(scanned / "matches.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    blocks = [rows[i:i + 3] for i in range(0, len(rows), 3)]
+    assert all([r["rank"] for r in block] == ["1", "2", "3"] for block in blocks)
+    assert all(len({r["generation"] for r in block}) == 1 for block in blocks)
+    top1 = [float(block[0]["score"]) for block in blocks]
+    assert top1 == sorted(top1, reverse=True)
+    assert {block[0]["generation"] for block in blocks[:3]} == {f"gen/copy{i}.png" for i in range(3)}
+
+
+def test_generation_order_breaks_ties_by_key() -> None:
+    from lit.commands.scan.report import generation_order  # noqa: PLC0415 - new in this change
+
+    ranking = torch.tensor([[0.5, 0.1], [0.9, 0.2], [0.5, 0.4], [0.7, 0.0], [0.5, 0.3]])
+    assert generation_order(ranking, ["b", "z", "a", "c", "b0"]) == [1, 3, 2, 0, 4]
+
+
+def test_thresholds_are_said_to_be_sscds(folders: Path, scanned: Path, tmp_path: Path,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """With a descriptor other than sscd_resnet50 the console, summary.json and report.html say that
+    0.5 is SSCD's threshold and to read rates against the baseline; with SSCD's own record, nothing."""
+    import html  # noqa: PLC0415
+
+    from lit.commands.scan.outputs import threshold_note  # noqa: PLC0415 - new in this change
+
+    out = tmp_path / "out"
+    main(["--generations", str(folders / "gen.tsv"), "--training", str(folders / "train"), "--out", str(out),
+          "--store_dir", str(scanned / "stores"), "--k", "3", "--dtype", "float32", "--device", "cpu",
+          "--report_rows", "1", "--thumb", "16", "--progress", "false"])
+    said = "0.5 is SSCD's replication threshold, calibrated for sscd_resnet50; with pixel read each rate against " \
+           "the training baseline's column"
+    assert said in capsys.readouterr().out
+    assert said in json.loads((out / "summary.json").read_text())["threshold_note"]
+    assert html.escape(said) in (out / "report.html").read_text()
+    sscd = {"name": "sscd_resnet50", "display_name": "sscd_resnet50", "random_init": False}
+    assert threshold_note(sscd, (0.5,)) is None
+    assert "with sscd_resnet50 (random init) read" in threshold_note(
+        {**sscd, "random_init": True, "display_name": "sscd_resnet50 (random init)"}, (0.5,))

@@ -264,7 +264,7 @@ def _scan(args: argparse.Namespace, out: Path, config: DescriptorConfig, record:
     result = run_scan(generations, training, options, background, mirrored)
     paths = write_outputs(out, result, generations, training, options, record, report_rows=args.report_rows,
                           thumb=args.thumb, wall_s=time.perf_counter() - start)
-    print("\n".join(console_lines(result, generations, training, options)))
+    print("\n".join(console_lines(result, generations, training, options, record)))
     print(f"report: {paths['report']} (matches.csv, summary.json and plots beside it)")
     return paths
 

@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from lit.commands.scan.report import write_plots, write_report
+from lit.commands.scan.report import generation_order, write_plots, write_report
 from lit.commands.scan.sources import FeatureSource
 from lit.commands.scan.types import ScanOptions, ScanResult
 from lit.files import claim_folder, folder_lock, write_json, write_text_atomic
@@ -54,10 +54,28 @@ def locked_out(out: Path) -> Iterator[Path]:
         yield out
 
 
+#: The descriptor the replication thresholds were calibrated for (the paper's 0.5 is SSCD's).
+CALIBRATED_FOR = "sscd_resnet50"
+
+
+def threshold_note(descriptor: dict[str, Any], thresholds: tuple[float, ...]) -> str | None:
+    """What to tell a reader whose descriptor is not the one the thresholds were calibrated for
+    (``None`` for :data:`CALIBRATED_FOR` with its real weights): read rates against the baseline."""
+    if descriptor.get("name") == CALIBRATED_FOR and not descriptor.get("random_init"):
+        return None
+    name = descriptor.get("display_name", descriptor.get("name"))
+    listed = ", ".join(f"{t:g}" for t in thresholds)
+    return (f"note: the thresholds ({listed}) are on SSCD's scale: 0.5 is SSCD's replication threshold, "
+            f"calibrated for {CALIBRATED_FOR}; with {name} read each rate against the training baseline's "
+            "column, not as a replication rate of its own")
+
+
 def matches_rows(result: ScanResult, generations: FeatureSource, training: FeatureSource,
                  options: ScanOptions) -> tuple[list[str], list[list[Any]]]:
-    """Header and rows of matches.csv: one row per (generation, rank), generations in row order
-    (``mirrored``: 1 where the match was the flipped training image, only with ``--match_mirrors``)."""
+    """Header and rows of matches.csv: one row per (generation, rank), generations by top-1 score,
+    highest first, ties by generation key (:func:`generation_order`: the report's order; the normalised
+    score with a background), ranks in order within a generation (``mirrored``: 1 where the match was
+    the flipped training image, only with ``--match_mirrors``)."""
     header = ["generation", "rank", "training", "score"]
     normalized = result.normalized is not None
     if normalized:
@@ -80,7 +98,7 @@ def matches_rows(result: ScanResult, generations: FeatureSource, training: Featu
     header += [name for name, _, _ in extras]
     gen_keys, train_keys = generations.keys_of(gen_rows), training.keys_of(train_rows)
     rows: list[list[Any]] = []
-    for g in gen_rows:
+    for g in generation_order(result.ranking_scores, gen_keys):
         for rank in range(scores.shape[1]):
             t = int(indices[g, rank])
             if t < 0:
@@ -132,6 +150,7 @@ def build_summary(result: ScanResult, generations: FeatureSource, training: Feat
         "classes": None if result.classes is None else {**result.classes.record(), "generation_classes": result.class_source,
                                                         "class_sample": options.class_sample},
         "descriptor": descriptor,
+        "threshold_note": threshold_note(descriptor, options.thresholds),
         "stores": {"generations": generations.manifest, "training": training.manifest},
         "timings_s": {**result.timings, **({"wall": wall_s} if wall_s is not None else {})},
     }
@@ -169,12 +188,15 @@ def write_outputs(out: Path, result: ScanResult, generations: FeatureSource, tra
 
 
 def console_lines(result: ScanResult, generations: FeatureSource, training: FeatureSource,
-                  options: ScanOptions) -> list[str]:
-    """What ``lit scan`` prints: the rates, the baseline (and how it was taken) and the matching."""
+                  options: ScanOptions, descriptor: dict[str, Any] | None = None) -> list[str]:
+    """What ``lit scan`` prints: the rates, the baseline (and how it was taken) and the matching, and
+    for a ``descriptor`` other than the thresholds' own, :func:`threshold_note`."""
     stats = score_summary(result.top.scores[:, 0], options.thresholds)
     base = score_summary(result.baseline, options.thresholds)
     rates = ", ".join(f"rate@{t} {rate:.3f}" for t, rate in stats["rates"].items())
     base_rates = ", ".join(f"rate@{t} {rate:.3f}" for t, rate in base["rates"].items())
     mirrors = "mirror-aware matching" if options.match_mirrors else "no mirror matching"
     head = f"lit scan: {generations.num_rows} generations vs {training.num_rows} training images ({mirrors}); {rates}"
-    return [head, f"baseline ({result.baseline_sample.label}): {base_rates}"]
+    lines = [head, f"baseline ({result.baseline_sample.label}): {base_rates}"]
+    note = None if descriptor is None else threshold_note(descriptor, options.thresholds)
+    return lines if note is None else [*lines, note]
