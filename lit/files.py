@@ -171,6 +171,8 @@ def folder_lock(folder: str | Path, *, label: str, name: str = ".lit.lock") -> I
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as error:
+            if error.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP):
+                break  # a file system without flock: the process id alone decides (below)
             os.close(handle)
             if error.errno not in (errno.EWOULDBLOCK, errno.EACCES):
                 raise
