@@ -131,9 +131,11 @@ def test_folder_lock_holds_the_pid_and_is_removed(tmp_path: Path) -> None:
     with folder_lock(tmp_path, label="--out x", name=".lock") as lock:
         assert lock == tmp_path / ".lock"
         assert lock.read_text().strip() == str(os.getpid())
-        with pytest.raises(UserError, match=r"^--out x is being written by another lit process"):
-            with folder_lock(tmp_path, label="--out x", name=".lock"):  # a second writer, even in-process
-                pass
+        with (
+            pytest.raises(UserError, match=r"^--out x is being written by another lit process"),
+            folder_lock(tmp_path, label="--out x", name=".lock"),  # a second writer, even in-process
+        ):
+            pass
         assert lock.read_text().strip() == str(os.getpid())  # the refusal left the holder's lock alone
     assert not (tmp_path / ".lock").exists()
 
@@ -148,31 +150,39 @@ def test_folder_lock_refuses_a_live_holder_in_another_process(tmp_path: Path) ->
                               env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
-        with pytest.raises(UserError, match=rf"another lit process \(process {holder.pid}\)"):
-            with folder_lock(tmp_path, label="--out x", name=".lock"):
-                pass
+        with (
+            pytest.raises(UserError, match=rf"another lit process \(process {holder.pid}\)"),
+            folder_lock(tmp_path, label="--out x", name=".lock"),
+        ):
+            pass
     finally:
         holder.kill()
         holder.wait()
-    with pytest.warns(StaleLockWarning, match=rf"process {holder.pid}, which is no longer running"):
-        with folder_lock(tmp_path, label="--out x", name=".lock") as lock:  # killed: its lock is stale
-            assert lock.read_text().strip() == str(os.getpid())
+    with (
+        pytest.warns(StaleLockWarning, match=rf"process {holder.pid}, which is no longer running"),
+        folder_lock(tmp_path, label="--out x", name=".lock") as lock,  # killed: its lock is stale
+    ):
+        assert lock.read_text().strip() == str(os.getpid())
 
 
 def test_folder_lock_takes_over_a_dead_pid_and_never_a_live_one(tmp_path: Path) -> None:
     lock = tmp_path / ".lock"
     dead = _dead_pid()
     lock.write_text(f"{dead}\n")
-    with pytest.warns(StaleLockWarning, match=rf"taking over the lock .* of process {dead}"):
-        with folder_lock(tmp_path, label="--out x", name=".lock"):
-            assert lock.read_text().strip() == str(os.getpid())
+    with (
+        pytest.warns(StaleLockWarning, match=rf"taking over the lock .* of process {dead}"),
+        folder_lock(tmp_path, label="--out x", name=".lock"),
+    ):
+        assert lock.read_text().strip() == str(os.getpid())
     assert not lock.exists()
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:  # a lock file naming a running process (written without flock): never taken over
         lock.write_text(f"{sleeper.pid}\n")
-        with pytest.raises(UserError, match=rf"^--out x is being written by process {sleeper.pid} "):
-            with folder_lock(tmp_path, label="--out x", name=".lock"):
-                pass
+        with (
+            pytest.raises(UserError, match=rf"^--out x is being written by process {sleeper.pid} "),
+            folder_lock(tmp_path, label="--out x", name=".lock"),
+        ):
+            pass
         assert lock.read_text().strip() == str(sleeper.pid)
     finally:
         sleeper.kill()

@@ -435,7 +435,7 @@ def test_unreadable_weights_name_the_weights_option_and_leave_no_folder(folders:
 def test_output_inside_an_input_folder_is_refused(folders: Path, tmp_path: Path, option: str, inside: str) -> None:
     """An --out (or --store_dir) inside a walked input folder would feed the next scan its own plots
     (20 generations became 22 in the audit): refused with one line, nothing written."""
-    import shutil  # noqa: PLC0415 - only this test copies the folders (a scan on main writes into them)
+    import shutil  # only this test copies the folders (a scan on main writes into them)
 
     shutil.copytree(folders / "gen", tmp_path / "gen")
     shutil.copytree(folders / "train", tmp_path / "train")
@@ -479,8 +479,8 @@ def test_outputs_appear_together_or_not_at_all(folders: Path, tmp_path: Path, mo
 def test_a_second_writer_is_refused_and_a_dead_ones_lock_taken_over(folders: Path, tmp_path: Path) -> None:
     """--out is locked: a lock naming a running process refuses the scan with one line (its lock and
     files untouched); a lock left by a process that is gone is taken over with a warning."""
-    import subprocess  # noqa: PLC0415 - processes to hold and to leave locks
-    import sys  # noqa: PLC0415
+    import subprocess  # processes to hold and to leave locks
+    import sys
 
     out = tmp_path / "out"
     out.mkdir()
@@ -516,7 +516,7 @@ def test_matches_csv_is_in_score_order(scanned: Path) -> None:
 
 
 def test_generation_order_breaks_ties_by_key() -> None:
-    from lit.commands.scan.report import generation_order  # noqa: PLC0415 - new in this change
+    from lit.commands.scan.report import generation_order  # new in this change
 
     ranking = torch.tensor([[0.5, 0.1], [0.9, 0.2], [0.5, 0.4], [0.7, 0.0], [0.5, 0.3]])
     assert generation_order(ranking, ["b", "z", "a", "c", "b0"]) == [1, 3, 2, 0, 4]
@@ -526,9 +526,9 @@ def test_thresholds_are_said_to_be_sscds(folders: Path, scanned: Path, tmp_path:
                                         capsys: pytest.CaptureFixture[str]) -> None:
     """With a descriptor other than sscd_resnet50 the console, summary.json and report.html say that
     0.5 is SSCD's threshold and to read rates against the baseline; with SSCD's own record, nothing."""
-    import html  # noqa: PLC0415
+    import html
 
-    from lit.commands.scan.outputs import threshold_note  # noqa: PLC0415 - new in this change
+    from lit.commands.scan.outputs import threshold_note  # new in this change
 
     out = tmp_path / "out"
     main(["--generations", str(folders / "gen.tsv"), "--training", str(folders / "train"), "--out", str(out),

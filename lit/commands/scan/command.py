@@ -40,7 +40,12 @@ from lit.commands.scan.approx import IndexOptions
 from lit.commands.scan.engine import run_scan
 from lit.commands.scan.mirror import mirrored_training
 from lit.commands.scan.outputs import console_lines, locked_out, write_outputs
-from lit.commands.scan.sources import FeatureSource, StoreSource, check_descriptor, extract_input
+from lit.commands.scan.sources import (
+    FeatureSource,
+    StoreSource,
+    check_descriptor,
+    extract_input,
+)
 from lit.commands.scan.types import ScanOptions
 from lit.errors import UserError
 from lit.replication import DEFAULT_THRESHOLDS, DUPLICATE_THRESHOLD, MATCH_MIRRORS

@@ -174,7 +174,7 @@ def write_outputs(out: Path, result: ScanResult, generations: FeatureSource, tra
         paths.update(write_plots(staging, result, options))
         paths["report"] = write_report(staging, result, summary, generations, training, report_rows=report_rows,
                                        thumb=thumb, plots={k: v for k, v in paths.items() if k.startswith("plot_")})
-        placed = {}
+        placed: dict[str, Path] = {}
         for key, path in sorted(paths.items(), key=lambda item: item[0] == "report"):  # report.html last
             os.replace(path, out / path.name)
             placed[key] = out / path.name
