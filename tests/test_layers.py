@@ -119,12 +119,33 @@ def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
                 if item == node:
                     break
             if len(component) > 1:
-                found.append(sorted(component) + [sorted(component)[0]])
+                found.append(_cycle_through(graph, set(component)))
 
     for node in sorted(graph):
         if node not in index:
             visit(node)
     return found
+
+
+def _cycle_through(graph: dict[str, set[str]], component: set[str]) -> list[str]:
+    """A real import path from the first module of ``component`` back to itself (breadth-first)."""
+    start = min(component)
+    parents: dict[str, str] = {}
+    frontier = [start]
+    while frontier:
+        following = []
+        for node in frontier:
+            for target in sorted(graph[node] & component):
+                if target == start:
+                    path = [node]
+                    while path[-1] != start:
+                        path.append(parents[path[-1]])
+                    return [start, *reversed(path[:-1]), start] if node != start else [start, start]
+                if target not in parents:
+                    parents[target] = node
+                    following.append(target)
+        frontier = following
+    raise AssertionError(f"no cycle through {start}")  # a strongly connected component always has one
 
 
 def test_the_suite_imports_one_way_without_cycles() -> None:
