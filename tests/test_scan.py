@@ -398,3 +398,19 @@ def test_store_of_another_descriptor_is_refused(scanned: Path, tmp_path: Path) -
     with pytest.raises(UserError, match="does not match the descriptor of this scan.*input_size 32 vs 16"):
         main(["--generations", str(train_store), "--training", str(train_store), "--out", str(tmp_path / "out"),
               "--descriptor.input_size", "16"])
+
+
+def test_random_init_scan_of_a_folder_against_itself_finds_every_image(folders: Path, tmp_path: Path) -> None:
+    """Generations and training are embedded through one random network (the seeded one), so every image's
+    top-1 is itself at cosine 1.0 (two unseeded networks gave top-1 0.06 here)."""
+    out = tmp_path / "out"
+    main(["--generations", str(folders / "train"), "--training", str(folders / "train"), "--out", str(out),
+          "--descriptor.name", "vit_s16_in1k", "--descriptor.random_init", "true", "--descriptor.input_size", "32",
+          "--k", "1", "--dtype", "float32", "--device", "cpu", "--progress", "false", "--thumb", "16",
+          "--report_rows", "2"])
+    with open(out / "matches.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 24
+    assert [float(r["score"]) for r in rows] == pytest.approx([1.0] * 24, abs=1e-5)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["descriptor"]["random_init"] is True and summary["descriptor"]["seed"] == 0

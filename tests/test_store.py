@@ -226,3 +226,27 @@ def test_a_descriptor_is_compatible_with_the_store_it_made_built_or_not(tmp_path
     store.check_compatible(config.record(), DIFFERENCES)
     with pytest.raises(UserError, match="input_size 16 vs 32"):
         store.check_compatible(DescriptorConfig("pixel").record(), DIFFERENCES)
+
+
+def test_random_init_stores_of_different_seeds_refuse_each_other(tmp_path: Path) -> None:
+    """Two random networks' features are not comparable: the seed is compared like the weights' hash
+    (``weights_sha256`` is None for both, which alone used to pass)."""
+    seed0 = DescriptorConfig("vit_s16_in1k", random_init=True, input_size=32).record()
+    seed1 = DescriptorConfig("vit_s16_in1k", random_init=True, input_size=32, seed=1).record()
+    StoreWriter(tmp_path / "s", seed0, (4,), compare=DIFFERENCES).finalize()
+    store = FeatureStore.open(tmp_path / "s")
+    store.check_compatible(seed0, DIFFERENCES)
+    with pytest.raises(UserError, match="seed 0 vs 1") as raised:
+        store.check_compatible(seed1, DIFFERENCES)
+    assert "\n" not in str(raised.value)
+    with pytest.raises(UserError, match="seed 0 vs 1") as raised:
+        StoreWriter(tmp_path / "s", seed1, (4,), compare=DIFFERENCES)
+    assert "\n" not in str(raised.value)
+    unseeded = {k: v for k, v in seed0.items() if k != "seed"}  # a random-init store of an earlier version
+    StoreWriter(tmp_path / "old", unseeded, (4,), compare=DIFFERENCES).finalize()
+    with pytest.raises(UserError, match="seed None vs 0"):
+        FeatureStore.open(tmp_path / "old").check_compatible(seed0, DIFFERENCES)
+    # a real descriptor's store of an earlier version (no seed field) stays compatible
+    StoreWriter(tmp_path / "pixel", {k: v for k, v in RECORD.items() if k != "seed"}, (4,),
+                compare=DIFFERENCES).finalize()
+    FeatureStore.open(tmp_path / "pixel").check_compatible(RECORD, DIFFERENCES)

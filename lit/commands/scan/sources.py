@@ -278,9 +278,13 @@ def input_fingerprint(spec: str) -> tuple[str, str, bool]:
 
 
 def store_folder_name(role: str, fingerprint: str, record: dict[str, Any], dtype: str) -> str:
-    """``<role>-<12 hex>``: one store per (input and its content, descriptor, dtype)."""
-    key = json.dumps({"fingerprint": fingerprint, "dtype": dtype,
-                      "descriptor": DescriptorConfig.compared(record)}, sort_keys=True)
+    """``<role>-<12 hex>``: one store per (input and its content, descriptor, dtype).
+
+    A ``seed`` of None (no random init) is left out of the name, so the stores of real descriptors
+    keep the names they had before the seed was recorded; random-init stores of those versions
+    (unseeded networks) are not found again, and are extracted anew."""
+    compared = {k: v for k, v in DescriptorConfig.compared(record).items() if not (k == "seed" and v is None)}
+    key = json.dumps({"fingerprint": fingerprint, "dtype": dtype, "descriptor": compared}, sort_keys=True)
     return f"{role}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
 
 
