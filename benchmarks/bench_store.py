@@ -87,27 +87,33 @@ def main() -> None:
           f"(+ {keys / args.rows:.1f} bytes/row of keys), written in {write_s:.1f} s "
           f"({disk / write_s / 2**20:.0f} MB/s incl. random generation and sha256)")
 
+    picker = FeatureStore.open(root)  # the queries come from a store of their own: `store` is fresh below
+    queries = picker.rows(rng.choice(args.rows, args.queries, replace=False), np.float32)
+    many = picker.rows(rng.choice(args.rows, args.scan_queries, replace=False), np.float32)
+    del picker
     started = time.perf_counter()
-    store = FeatureStore.open(root)
+    store = FeatureStore.open(root)  # the manifest, every shard's header and size
     open_s = time.perf_counter() - started
-    started = time.perf_counter()
-    store.verify()  # what the first use of each shard costs a freshly opened store
-    verify_s = time.perf_counter() - started
-    queries = store.rows(rng.choice(args.rows, args.queries, replace=False), np.float32)
 
     baseline = _reset_peak()
     started = time.perf_counter()
-    best_index = _top1(store, queries, args.block)
-    ours_s, ours_peak = time.perf_counter() - started, _status("VmHWM") - baseline
-    many = store.rows(rng.choice(args.rows, args.scan_queries, replace=False), np.float32)
+    best_index = _top1(store, queries, args.block)  # fresh store: each shard checked before its rows are used
+    first_s, ours_peak = time.perf_counter() - started, _status("VmHWM") - baseline
+    started = time.perf_counter()
+    _top1(store, queries, args.block)  # the same scan again: every shard checked already
+    ours_s = time.perf_counter() - started
     started = time.perf_counter()
     _top1(store, many, args.block)
     many_s = time.perf_counter() - started
-    check_s = open_s + verify_s
-    print(f"checks: open {open_s:.2f} s + verify {verify_s:.2f} s = {check_s:.2f} s "
-          f"({disk / 2**20 / verify_s:.0f} MB/s); exact scan of {args.queries} queries {ours_s:.2f} s "
-          f"(checks = {100 * check_s / ours_s:.1f}% of it), of {args.scan_queries} queries {many_s:.2f} s "
-          f"({100 * check_s / many_s:.1f}%)")
+    started = time.perf_counter()
+    store.verify()  # the checks alone, one shard after another
+    verify_s = time.perf_counter() - started
+    added = open_s + first_s - ours_s
+    print(f"checks alone: open {open_s:.2f} s + verify {verify_s:.2f} s ({disk / 2**20 / verify_s:.0f} MB/s); "
+          f"exact scan of {args.queries} queries: {first_s:.2f} s on the fresh store (checks overlapped), "
+          f"{ours_s:.2f} s checked already: +{added:.2f} s = {100 * added / ours_s:+.1f}%; "
+          f"exact scan of {args.scan_queries} queries {many_s:.2f} s (checks alone = "
+          f"{100 * (open_s + verify_s) / many_s:.1f}% of it)")
     if args.no_reference:
         if args.dir is None:
             shutil.rmtree(root.parent)

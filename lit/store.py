@@ -29,6 +29,7 @@ import json
 import re
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -525,8 +526,28 @@ class FeatureStore:
         if block_rows < 1:
             raise ValueError(f"block_rows must be >= 1, got {block_rows}")
         out_dtype = self.dtype if dtype is None else np.dtype(dtype)
-        for start in range(0, self.num_rows, block_rows):
-            yield start, self.slice(start, min(start + block_rows, self.num_rows), out_dtype)
+        # each shard is checked before its rows are used, the next one in a thread while the caller works
+        # on this one's blocks (hashlib and numpy release the GIL): the check costs a scan little wall time
+        pending: dict[int, Future[None]] = {}
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="store-check") as pool:
+            def check(i: int) -> None:
+                if i < len(self.shards) and i not in self._checked and i not in pending:
+                    pending[i] = pool.submit(self.check_shard, i)
+
+            try:
+                for start in range(0, self.num_rows, block_rows):
+                    stop = min(start + block_rows, self.num_rows)
+                    first = int(np.searchsorted(self.offsets, start, side="right") - 1)
+                    last = int(np.searchsorted(self.offsets, stop - 1, side="right") - 1)
+                    for i in range(first, last + 2):
+                        check(i)
+                    for i in range(first, last + 1):
+                        if i in pending:
+                            pending.pop(i).result()
+                    yield start, self.slice(start, stop, out_dtype)
+            finally:
+                for future in pending.values():
+                    future.cancel()
 
     def slice(self, start: int, stop: int, dtype: str | np.dtype | None = None) -> np.ndarray:
         """Rows ``[start, stop)`` as an in-memory array."""
