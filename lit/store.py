@@ -8,13 +8,16 @@ A store is a folder the suite marks as its own::
       shard-000000.json          the shard's rows: keys, captions, labels, skipped inputs, sha256
       ...
       manifest.json              written by finalize(): every shard in global order, counts, checksums
+                                 (the .npy's SHA-256 and size, the row file's SHA-256)
 
 A shard is complete when its ``.json`` exists (written after the ``.npy``, both via a
 temporary file and ``os.replace``), so a killed writer leaves only whole shards plus
 temporary files that the next writer removes. Shards are ordered by their ``start``
 (a global row index of the input, so the order does not depend on how many processes
 wrote them), then by name. Rows are read through ``np.load(mmap_mode="r")``: a store
-is never loaded whole (``iter_blocks`` for scans, ``rows`` to gather a shortlist).
+is never loaded whole (``iter_blocks`` for scans, ``rows`` to gather a shortlist), and
+nothing of it is used unchecked (:class:`FeatureStore`: sizes on open, checksums and finite
+rows before a shard's first use; a damaged store is one :class:`DamagedStoreError` line).
 
 Cost on disk: ``prod(feature_shape) * itemsize`` bytes a row plus a 128-byte ``.npy``
 header per shard: 512-d float16 is 1 KiB an image (12M images: 12 GiB); DINO ViT-B/16
