@@ -642,4 +642,7 @@ def is_store(root: str | Path) -> bool:
     return _is_store(Path(root))
 
 
-__all__ = ["DTYPES", "DamagedStoreError", "RecordComparison", "FeatureStore", "ShardInfo", "StoreWriter", "is_store", "open_store"]
+__all__ = [
+    "DTYPES", "DamagedStoreError", "FeatureStore", "RecordComparison", "ShardInfo", "StoreWriter", "is_store",
+    "open_store",
+]

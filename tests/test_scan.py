@@ -433,7 +433,7 @@ def test_a_damaged_store_of_the_scan_is_extracted_again_never_reused(
     main(args)
     first = (out / "matches.csv").read_text()
     store = next(p for p in (out / "stores").iterdir() if p.name.startswith("training"))
-    shard = sorted(store.glob("shard-*.npy"))[0]
+    shard = min(store.glob("shard-*.npy"))
     if damage == "xor":
         _xor_bytes(shard)
     elif damage == "delete":
@@ -458,7 +458,7 @@ def test_a_damaged_store_given_by_the_user_is_one_line(scanned: Path, tmp_path: 
     store.mkdir()
     for path in source.iterdir():
         (store / path.name).write_bytes(path.read_bytes())
-    _xor_bytes(sorted(store.glob("shard-*.npy"))[0])
+    _xor_bytes(min(store.glob("shard-*.npy")))
     with pytest.raises(UserError) as raised:
         main(["--generations", str(scanned / "stores" / next(p.name for p in (scanned / "stores").iterdir()
                                                              if p.name.startswith("generations"))),
