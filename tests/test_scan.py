@@ -445,7 +445,7 @@ def test_a_damaged_store_of_the_scan_is_extracted_again_never_reused(
     capsys.readouterr()
     main(args)
     console = capsys.readouterr().out
-    assert f"training: feature store {store} is damaged (" in console and "extracting it again" in console
+    assert f"training: feature store {store} is damaged: " in console and "; extracting it again" in console
     assert "training: reused" not in console and "training: extracted feature store" in console
     assert "generations: reused" in console  # the sound one is still reused
     assert (out / "matches.csv").read_text() == first

@@ -316,7 +316,7 @@ def extract_input(role: str, spec: str, store_dir: Path, config: DescriptorConfi
         except DamagedStoreError as error:
             if not is_store(target):
                 raise
-            print(f"{role}: feature store {target} is damaged ({error.what}): extracting it again")
+            print(f"{role}: feature store {target} is damaged: {error.what}; extracting it again")
             shutil.rmtree(target)  # this scan's own store (named by it, marked as a store), never a user's
         else:
             check_descriptor(store, record)
