@@ -5,15 +5,20 @@
   ``os.replace``), so a killed run never leaves a half-written file behind;
 - :func:`file_sha256`: the SHA-256 of a file's bytes (weights, checkpoints, shards);
 - :func:`claim_folder`: an output folder is the suite's own (its marker file is there) or
-  new / empty, else it is refused with one line: a user's files are never replaced.
+  new / empty, else it is refused with one line: a user's files are never replaced;
+- :func:`folder_lock`: one writer at a time in a folder (a lock file holding the writer's
+  process id; a stale one, left by a process that is gone, is taken over with a warning).
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import json
 import os
 import tempfile
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from functools import lru_cache
@@ -125,3 +130,88 @@ def claim_folder(folder: str | Path, marker: str, *, label: str, refusal: str | 
     if note is not None:
         write_text_atomic(root / marker, note)
     return False
+
+
+class StaleLockWarning(UserWarning):
+    """A lock file left by a process that is gone was taken over."""
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this id runs on this machine (one of another user's counts)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _read_pid(handle: int) -> int | None:
+    os.lseek(handle, 0, os.SEEK_SET)
+    text = os.read(handle, 64).decode("ascii", "replace").strip()
+    return int(text) if text.isdigit() else None
+
+
+@contextmanager
+def folder_lock(folder: str | Path, *, label: str, name: str = ".lit.lock") -> Iterator[Path]:
+    """Hold ``folder/name`` for the block: one writer at a time in ``folder`` (which must exist).
+
+    The lock file holds this process's id and an exclusive ``flock`` while the block runs; it is
+    removed at the end. A second writer (the ``flock`` is held, or the file names another live
+    process: a lock is never taken from a running process) is refused with one line that names
+    ``label``, the process and the file. A lock file whose process is gone (killed) is taken over
+    with a :class:`StaleLockWarning`. Yields the lock file.
+    """
+    path = Path(folder) / name
+    while True:
+        handle = os.open(path, os.O_RDWR | os.O_CREAT, _file_mode())
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as error:
+            if error.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP):
+                break  # a file system without flock: the process id alone decides (below)
+            os.close(handle)
+            if error.errno not in (errno.EWOULDBLOCK, errno.EACCES):
+                raise
+            owner = _pid_in(path)
+            raise UserError(f"{label} is being written by another lit process{owner} (lock file {path}); "
+                            "wait for it to finish") from None
+        try:
+            if os.fstat(handle).st_ino != path.stat().st_ino:  # removed by its last holder meanwhile
+                raise FileNotFoundError(path)
+        except FileNotFoundError:
+            os.close(handle)
+            continue
+        break
+    try:
+        previous = _read_pid(handle)
+        if previous is not None and previous != os.getpid() and pid_alive(previous):
+            raise UserError(f"{label} is being written by process {previous} (lock file {path}); wait for it "
+                            f"to finish, or delete {path} if no lit process {previous} is running")
+        if previous is not None:  # our own id too (reused after a restart): no lock of ours holds the flock
+            warnings.warn(f"{label}: taking over the lock {path} of process {previous}, which is no longer "
+                          "running (a killed run)", StaleLockWarning, stacklevel=3)
+        os.ftruncate(handle, 0)
+        os.lseek(handle, 0, os.SEEK_SET)
+        os.write(handle, f"{os.getpid()}\n".encode("ascii"))
+        os.fsync(handle)
+    except BaseException:
+        os.close(handle)
+        raise
+    try:
+        yield path
+    finally:
+        path.unlink(missing_ok=True)  # still holding the flock: no one can take a removed file
+        os.close(handle)
+
+
+def _pid_in(path: Path) -> str:
+    """`` <pid>`` as written in a lock file, or nothing when it cannot be read."""
+    try:
+        text = path.read_text(encoding="ascii").strip()
+    except (OSError, UnicodeDecodeError):
+        return ""
+    return f" (process {text})" if text.isdigit() else ""

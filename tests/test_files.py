@@ -5,12 +5,22 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from lit.errors import UserError
-from lit.files import atomic_path, claim_folder, file_sha256, write_json, write_text_atomic
+from lit.files import (
+    StaleLockWarning,
+    atomic_path,
+    claim_folder,
+    file_sha256,
+    folder_lock,
+    write_json,
+    write_text_atomic,
+)
 from lit.plots import new_figure, save_figure
 from lit.seeding import derive_seed
 
@@ -108,3 +118,72 @@ def test_derive_seed_is_stable_ordered_and_typed() -> None:
     # the values every procedural scene and training seed depends on: blake2b of the parts' repr
     expected = int.from_bytes(hashlib.blake2b(b"(3, 'copy', 7)", digest_size=8).digest(), "little") >> 1
     assert derive_seed(3, "copy", 7) == expected
+
+
+def _dead_pid() -> int:
+    """The id of a process that has exited (and been reaped)."""
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return process.pid
+
+
+def test_folder_lock_holds_the_pid_and_is_removed(tmp_path: Path) -> None:
+    with folder_lock(tmp_path, label="--out x", name=".lock") as lock:
+        assert lock == tmp_path / ".lock"
+        assert lock.read_text().strip() == str(os.getpid())
+        with (
+            pytest.raises(UserError, match=r"^--out x is being written by another lit process"),
+            folder_lock(tmp_path, label="--out x", name=".lock"),  # a second writer, even in-process
+        ):
+            pass
+        assert lock.read_text().strip() == str(os.getpid())  # the refusal left the holder's lock alone
+    assert not (tmp_path / ".lock").exists()
+
+
+def test_folder_lock_refuses_a_live_holder_in_another_process(tmp_path: Path) -> None:
+    code = ("import sys, time\n"
+            "from lit.files import folder_lock\n"
+            "with folder_lock(sys.argv[1], label='x', name='.lock'):\n"
+            "    print('held', flush=True)\n"
+            "    time.sleep(60)\n")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        with (
+            pytest.raises(UserError, match=rf"another lit process \(process {holder.pid}\)"),
+            folder_lock(tmp_path, label="--out x", name=".lock"),
+        ):
+            pass
+    finally:
+        holder.kill()
+        holder.wait()
+    with (
+        pytest.warns(StaleLockWarning, match=rf"process {holder.pid}, which is no longer running"),
+        folder_lock(tmp_path, label="--out x", name=".lock") as lock,  # killed: its lock is stale
+    ):
+        assert lock.read_text().strip() == str(os.getpid())
+
+
+def test_folder_lock_takes_over_a_dead_pid_and_never_a_live_one(tmp_path: Path) -> None:
+    lock = tmp_path / ".lock"
+    dead = _dead_pid()
+    lock.write_text(f"{dead}\n")
+    with (
+        pytest.warns(StaleLockWarning, match=rf"taking over the lock .* of process {dead}"),
+        folder_lock(tmp_path, label="--out x", name=".lock"),
+    ):
+        assert lock.read_text().strip() == str(os.getpid())
+    assert not lock.exists()
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:  # a lock file naming a running process (written without flock): never taken over
+        lock.write_text(f"{sleeper.pid}\n")
+        with (
+            pytest.raises(UserError, match=rf"^--out x is being written by process {sleeper.pid} "),
+            folder_lock(tmp_path, label="--out x", name=".lock"),
+        ):
+            pass
+        assert lock.read_text().strip() == str(sleeper.pid)
+    finally:
+        sleeper.kill()
+        sleeper.wait()

@@ -400,6 +400,151 @@ def test_store_of_another_descriptor_is_refused(scanned: Path, tmp_path: Path) -
               "--descriptor.input_size", "16"])
 
 
+# ----------------------------------------------------------------------------- issue 14: a scan you can trust
+# (every argument checked before work starts, outputs never inputs, one writer, outputs together, order)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--thresholds", "[]"], "--thresholds needs at least one threshold in [-1, 1]"),
+    (["--thresholds", "[0.5, 1.5]"], "--thresholds: 1.5 is not a similarity"),
+    (["--thresholds", "[-1.01]"], "--thresholds: -1.01 is not a similarity"),
+    (["--thresholds", "[0.5, 0.5]"], "--thresholds: each threshold once"),
+    (["--duplicate_threshold", "1.2"], "--duplicate_threshold: 1.2 is not a similarity"),
+])
+def test_arguments_checked_before_any_work(folders: Path, tmp_path: Path, extra: list[str], message: str) -> None:
+    """Out-of-range or missing thresholds are one line naming the option, and no folder is made."""
+    with pytest.raises(UserError, match=re.escape(message)):
+        main(["--generations", str(folders / "gen"), "--training", str(folders / "train"),
+              "--out", str(tmp_path / "out"), "--device", "cpu", "--progress", "false", *extra])
+    assert not (tmp_path / "out").exists()
+
+
+def test_unreadable_weights_name_the_weights_option_and_leave_no_folder(folders: Path, tmp_path: Path) -> None:
+    """A weights file that exists but cannot be loaded is blamed on --descriptor.weights (not on
+    --generations, the first input extracted) before the output folder is made."""
+    weights = tmp_path / "sscd.pt"
+    weights.write_bytes(b"")
+    with pytest.raises(UserError, match=r"^--descriptor\.weights: unreadable weights file"):
+        main(["--generations", str(folders / "gen"), "--training", str(folders / "train"),
+              "--out", str(tmp_path / "out"), "--descriptor.name", "sscd_resnet50",
+              "--descriptor.weights", str(weights), "--device", "cpu", "--progress", "false"])
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("option, inside", [("--out", "generations"), ("--store_dir", "training")])
+def test_output_inside_an_input_folder_is_refused(folders: Path, tmp_path: Path, option: str, inside: str) -> None:
+    """An --out (or --store_dir) inside a walked input folder would feed the next scan its own plots
+    (20 generations became 22 in the audit): refused with one line, nothing written."""
+    import shutil  # only this test copies the folders (a scan on main writes into them)
+
+    shutil.copytree(folders / "gen", tmp_path / "gen")
+    shutil.copytree(folders / "train", tmp_path / "train")
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    target = tmp_path / ("gen" if inside == "generations" else "train") / "scan"
+    extra = ["--out", str(target)] if option == "--out" else ["--out", str(tmp_path / "out"), "--store_dir", str(target)]
+    with pytest.raises(UserError, match=rf"^{option} .* lies inside --{inside} "):
+        main(["--generations", str(tmp_path / "gen"), "--training", str(tmp_path / "train"), *extra,
+              "--device", "cpu", "--progress", "false", "--report_rows", "0"])
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+
+
+def _outputs(out: Path) -> dict[str, bytes]:
+    """The files a scan wrote at the top of ``out`` (not its stores), by name."""
+    return {p.name: p.read_bytes() for p in out.iterdir() if p.is_file() or p.name.startswith(".lit-scan-staging")}
+
+
+def test_outputs_appear_together_or_not_at_all(folders: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The report writer fails after matches.csv, summary.json and the plots were prepared: the folder
+    keeps the previous scan's set, byte for byte, and nothing new (no staging folder, no lock)."""
+    out = tmp_path / "out"
+    args = ["--generations", str(folders / "gen"), "--training", str(folders / "train"), "--out", str(out),
+            "--device", "cpu", "--progress", "false", "--report_rows", "2", "--thumb", "16", "--dtype", "float32"]
+    main([*args, "--k", "3"])
+    before = _outputs(out)
+    assert {"matches.csv", "summary.json", "report.html", "similarity_histogram.png"} <= set(before)
+
+    def broken_report(*_: object, **__: object) -> Path:
+        raise RuntimeError("the report writer failed")
+
+    monkeypatch.setattr("lit.commands.scan.outputs.write_report", broken_report)
+    with pytest.raises(RuntimeError, match="the report writer failed"):
+        main([*args, "--k", "2"])  # another k: every file would differ
+    assert _outputs(out) == before
+    fresh = tmp_path / "fresh"
+    with pytest.raises(RuntimeError, match="the report writer failed"):
+        main([*args, "--k", "2", "--out", str(fresh), "--store_dir", str(out / "stores")])
+    assert sorted(p.name for p in fresh.iterdir()) == [".lit-scan"]  # claimed, nothing written
+
+
+def test_a_second_writer_is_refused_and_a_dead_ones_lock_taken_over(folders: Path, tmp_path: Path) -> None:
+    """--out is locked: a lock naming a running process refuses the scan with one line (its lock and
+    files untouched); a lock left by a process that is gone is taken over with a warning."""
+    import subprocess  # processes to hold and to leave locks
+    import sys
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / ".lit-scan").write_text("made by lit scan\n")
+    args = ["--generations", str(folders / "gen"), "--training", str(folders / "train"), "--out", str(out),
+            "--device", "cpu", "--progress", "false", "--report_rows", "1", "--thumb", "16", "--k", "1"]
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (out / ".lit-scan.lock").write_text(f"{sleeper.pid}\n")
+        with pytest.raises(UserError, match=rf"^--out {re.escape(str(out))} is being written by process "
+                                            rf"{sleeper.pid} "):
+            main(args)
+        assert sorted(p.name for p in out.iterdir()) == [".lit-scan", ".lit-scan.lock"]
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    with pytest.warns(UserWarning, match=rf"taking over the lock .* of process {sleeper.pid}, which is no longer"):
+        main(args)
+    assert (out / "report.html").is_file() and not (out / ".lit-scan.lock").exists()
+
+
+def test_matches_csv_is_in_score_order(scanned: Path) -> None:
+    """matches.csv: generations by top-1 score, highest first (the copies on top), ranks 1..k in order
+    within each generation."""
+    with open(scanned / "matches.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    blocks = [rows[i:i + 3] for i in range(0, len(rows), 3)]
+    assert all([r["rank"] for r in block] == ["1", "2", "3"] for block in blocks)
+    assert all(len({r["generation"] for r in block}) == 1 for block in blocks)
+    top1 = [float(block[0]["score"]) for block in blocks]
+    assert top1 == sorted(top1, reverse=True)
+    assert {block[0]["generation"] for block in blocks[:3]} == {f"gen/copy{i}.png" for i in range(3)}
+
+
+def test_generation_order_breaks_ties_by_key() -> None:
+    from lit.commands.scan.report import generation_order  # new in this change
+
+    ranking = torch.tensor([[0.5, 0.1], [0.9, 0.2], [0.5, 0.4], [0.7, 0.0], [0.5, 0.3]])
+    assert generation_order(ranking, ["b", "z", "a", "c", "b0"]) == [1, 3, 2, 0, 4]
+
+
+def test_thresholds_are_said_to_be_sscds(folders: Path, scanned: Path, tmp_path: Path,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """With a descriptor other than sscd_resnet50 the console, summary.json and report.html say that
+    0.5 is SSCD's threshold and to read rates against the baseline; with SSCD's own record, nothing."""
+    import html
+
+    from lit.commands.scan.outputs import threshold_note  # new in this change
+
+    out = tmp_path / "out"
+    main(["--generations", str(folders / "gen.tsv"), "--training", str(folders / "train"), "--out", str(out),
+          "--store_dir", str(scanned / "stores"), "--k", "3", "--dtype", "float32", "--device", "cpu",
+          "--report_rows", "1", "--thumb", "16", "--progress", "false"])
+    said = "0.5 is SSCD's replication threshold, calibrated for sscd_resnet50; with pixel read each rate against " \
+           "the training baseline's column"
+    assert said in capsys.readouterr().out
+    assert said in json.loads((out / "summary.json").read_text())["threshold_note"]
+    assert html.escape(said) in (out / "report.html").read_text()
+    sscd = {"name": "sscd_resnet50", "display_name": "sscd_resnet50", "random_init": False}
+    assert threshold_note(sscd, (0.5,)) is None
+    assert "with sscd_resnet50 (random init) read" in threshold_note(
+        {**sscd, "random_init": True, "display_name": "sscd_resnet50 (random init)"}, (0.5,))
+
+
 def test_random_init_scan_of_a_folder_against_itself_finds_every_image(folders: Path, tmp_path: Path) -> None:
     """Generations and training are embedded through one random network (the seeded one), so every image's
     top-1 is itself at cosine 1.0 (two unseeded networks gave top-1 0.06 here)."""

@@ -39,13 +39,19 @@ from datamodules.extraction_inputs import ImageSource
 from lit.commands.scan.approx import IndexOptions
 from lit.commands.scan.engine import run_scan
 from lit.commands.scan.mirror import mirrored_training
-from lit.commands.scan.outputs import console_lines, prepare_out, write_outputs
-from lit.commands.scan.sources import FeatureSource, StoreSource, check_descriptor, extract_input
+from lit.commands.scan.outputs import console_lines, locked_out, write_outputs
+from lit.commands.scan.sources import (
+    FeatureSource,
+    StoreSource,
+    check_descriptor,
+    extract_input,
+)
 from lit.commands.scan.types import ScanOptions
 from lit.errors import UserError
 from lit.replication import DEFAULT_THRESHOLDS, DUPLICATE_THRESHOLD, MATCH_MIRRORS
 from lit.store import DTYPES, FeatureStore, is_store
 from models.descriptor_config import DescriptorConfig
+from models.weights import WeightsError
 
 
 def open_source(role: str, spec: str, record: dict[str, Any], config: DescriptorConfig, *, store_dir: Path,
@@ -146,6 +152,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     if args.index is not None and args.match_mirrors:
         raise UserError("--index searches the training store only, not its mirror: use exact search "
                         "(--index null) with --match_mirrors")
+    check_thresholds(args.thresholds, args.duplicate_threshold)
     if args.dtype not in DTYPES:
         raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, got {args.dtype!r}")
     try:  # DescriptorConfig checks itself; its messages name the field as "descriptor.<field>"
@@ -153,6 +160,49 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     except UserError as error:
         raise UserError(f"--{error}") from None
     return args
+
+
+def check_thresholds(thresholds: Sequence[float], duplicate_threshold: float) -> None:
+    """Similarities lie in [-1, 1]: every threshold must too, and a scan needs at least one (each once)."""
+    if not thresholds:
+        raise UserError("--thresholds needs at least one threshold in [-1, 1], e.g. [0.5]")
+    for value in thresholds:
+        if not -1.0 <= value <= 1.0:  # NaN fails here too
+            raise UserError(f"--thresholds: {value} is not a similarity; every threshold must lie in [-1, 1]")
+    if len(set(thresholds)) != len(thresholds):
+        raise UserError(f"--thresholds: each threshold once, got {list(thresholds)}")
+    if not -1.0 <= duplicate_threshold <= 1.0:
+        raise UserError(f"--duplicate_threshold: {duplicate_threshold} is not a similarity; it must lie in [-1, 1]")
+
+
+def check_outputs_outside_inputs(outputs: dict[str, Path], inputs: dict[str, str | None]) -> None:
+    """Refuse an output folder (``--out``, ``--store_dir``) inside an input folder that is walked for
+    images: the next scan would count its plots as generations or training images (and the input's
+    listing would change with every run). Refused rather than left out of the walk, so that a folder
+    means the same images to ``lit scan``, ``lit predict`` and every other reader."""
+    for role, spec in inputs.items():
+        if spec is None:
+            continue
+        folder = Path(spec).expanduser()
+        if not folder.is_dir() or is_store(folder):
+            continue  # file lists, tar shards and stores are not walked
+        root = folder.resolve()
+        for option, path in outputs.items():
+            target = path.resolve()
+            if target == root or root in target.parents:
+                raise UserError(f"--{option} {path} lies inside --{role} {spec}: its files would become "
+                                f"{role} images of the next scan; choose a folder outside the inputs")
+
+
+def check_builds(config: DescriptorConfig) -> None:
+    """Build the descriptor once and let it go: a weights file that cannot be read or does not fit
+    the architecture is refused naming ``--descriptor.weights``, before any work or folder."""
+    try:
+        config.build()
+    except WeightsError as error:
+        raise UserError(f"--descriptor.weights: {error}") from None
+    except UserError as error:
+        raise UserError(f"--{error}" if str(error).startswith("descriptor") else f"--descriptor: {error}") from None
 
 
 def _device(choice: str) -> torch.device:
@@ -185,8 +235,19 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
                 ImageSource.resolve(spec)
             except UserError as error:
                 raise UserError(f"--{role} {spec}: {error}") from None
-    prepare_out(out)
     store_dir = Path(args.store_dir).expanduser() if args.store_dir else out / "stores"
+    check_outputs_outside_inputs({"out": out, "store_dir": store_dir}, inputs)
+    embeds = args.match_mirrors or any(spec is not None and not is_store(Path(spec).expanduser())
+                                       for spec in inputs.values())
+    if embeds:  # the weights load and fit before any folder is made (extraction builds it again)
+        check_builds(config)
+    with locked_out(out):
+        return _scan(args, out, config, record, device, store_dir, start)
+
+
+def _scan(args: argparse.Namespace, out: Path, config: DescriptorConfig, record: dict[str, Any],
+          device: torch.device, store_dir: Path, start: float) -> dict[str, Path]:
+    """The work of :func:`main` once every argument is checked and ``out`` is claimed and locked."""
     common = {"store_dir": store_dir, "device": device, "batch_size": args.batch_size,
               "num_workers": args.num_workers, "dtype": args.dtype, "progress": args.progress}
     generations = open_source("generations", args.generations, record, config, **common)
@@ -208,7 +269,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
     result = run_scan(generations, training, options, background, mirrored)
     paths = write_outputs(out, result, generations, training, options, record, report_rows=args.report_rows,
                           thumb=args.thumb, wall_s=time.perf_counter() - start)
-    print("\n".join(console_lines(result, generations, training, options)))
+    print("\n".join(console_lines(result, generations, training, options, record)))
     print(f"report: {paths['report']} (matches.csv, summary.json and plots beside it)")
     return paths
 

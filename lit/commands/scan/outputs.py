@@ -1,22 +1,38 @@
-"""What a scan writes: its claimed output folder, ``matches.csv``, ``summary.json`` and, through
-:mod:`lit.commands.scan.report`, the plots and ``report.html``."""
+"""What a scan writes: its claimed and locked output folder, ``matches.csv``, ``summary.json`` and,
+through :mod:`lit.commands.scan.report`, the plots and ``report.html``.
+
+The files are written into a staging folder inside ``--out`` and moved into place together at
+the end (:func:`write_outputs`), so a failed or killed scan leaves the previous scan's set (or
+none), never a new ``matches.csv`` beside an old ``report.html``.
+"""
 
 
 from __future__ import annotations
 
 import csv
 import io
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from lit.commands.scan.report import write_plots, write_report
+from lit.commands.scan.report import generation_order, write_plots, write_report
 from lit.commands.scan.sources import FeatureSource
 from lit.commands.scan.types import ScanOptions, ScanResult
-from lit.files import claim_folder, write_json, write_text_atomic
+from lit.files import claim_folder, folder_lock, write_json, write_text_atomic
 from lit.replication import duplicate_comparison, score_summary
 
 #: File that marks an output folder as made by ``lit scan`` (only such folders are written into again).
 MARKER = ".lit-scan"
+#: Lock file of the scan writing into an output folder (its process id; see :func:`lit.files.folder_lock`).
+LOCK = ".lit-scan.lock"
+#: Every plot a scan may write (one it did not write this time is removed with the rest of the old set).
+PLOTS = frozenset({"similarity_histogram.png", "duplicates.png", "classes.png"})
+#: Prefix of the staging folders the outputs are written into before they are moved into place.
+STAGING = ".lit-scan-staging-"
 
 
 def prepare_out(out: Path) -> None:
@@ -25,10 +41,41 @@ def prepare_out(out: Path) -> None:
                  refusal=f"--out {out} is not empty and was not made by lit scan: choose a new or empty folder")
 
 
+@contextmanager
+def locked_out(out: Path) -> Iterator[Path]:
+    """Claim ``out`` (:func:`prepare_out`) and hold its lock for the block: a second scan into the same
+    folder is refused with one line; a lock left by a killed scan is taken over (with a warning), and
+    the staging folders a killed scan left are removed (they are the scan's own)."""
+    prepare_out(out)
+    with folder_lock(out, label=f"--out {out}", name=LOCK):
+        for stale in out.glob(STAGING + "*"):
+            if stale.is_dir():
+                shutil.rmtree(stale)
+        yield out
+
+
+#: The descriptor the replication thresholds were calibrated for (the paper's 0.5 is SSCD's).
+CALIBRATED_FOR = "sscd_resnet50"
+
+
+def threshold_note(descriptor: dict[str, Any], thresholds: tuple[float, ...]) -> str | None:
+    """What to tell a reader whose descriptor is not the one the thresholds were calibrated for
+    (``None`` for :data:`CALIBRATED_FOR` with its real weights): read rates against the baseline."""
+    if descriptor.get("name") == CALIBRATED_FOR and not descriptor.get("random_init"):
+        return None
+    name = descriptor.get("display_name", descriptor.get("name"))
+    listed = ", ".join(f"{t:g}" for t in thresholds)
+    return (f"note: the thresholds ({listed}) are on SSCD's scale: 0.5 is SSCD's replication threshold, "
+            f"calibrated for {CALIBRATED_FOR}; with {name} read each rate against the training baseline's "
+            "column, not as a replication rate of its own")
+
+
 def matches_rows(result: ScanResult, generations: FeatureSource, training: FeatureSource,
                  options: ScanOptions) -> tuple[list[str], list[list[Any]]]:
-    """Header and rows of matches.csv: one row per (generation, rank), generations in row order
-    (``mirrored``: 1 where the match was the flipped training image, only with ``--match_mirrors``)."""
+    """Header and rows of matches.csv: one row per (generation, rank), generations by top-1 score,
+    highest first, ties by generation key (:func:`generation_order`: the report's order; the normalised
+    score with a background), ranks in order within a generation (``mirrored``: 1 where the match was
+    the flipped training image, only with ``--match_mirrors``)."""
     header = ["generation", "rank", "training", "score"]
     normalized = result.normalized is not None
     if normalized:
@@ -51,7 +98,7 @@ def matches_rows(result: ScanResult, generations: FeatureSource, training: Featu
     header += [name for name, _, _ in extras]
     gen_keys, train_keys = generations.keys_of(gen_rows), training.keys_of(train_rows)
     rows: list[list[Any]] = []
-    for g in gen_rows:
+    for g in generation_order(result.ranking_scores, gen_keys):
         for rank in range(scores.shape[1]):
             t = int(indices[g, rank])
             if t < 0:
@@ -103,6 +150,7 @@ def build_summary(result: ScanResult, generations: FeatureSource, training: Feat
         "classes": None if result.classes is None else {**result.classes.record(), "generation_classes": result.class_source,
                                                         "class_sample": options.class_sample},
         "descriptor": descriptor,
+        "threshold_note": threshold_note(descriptor, options.thresholds),
         "stores": {"generations": generations.manifest, "training": training.manifest},
         "timings_s": {**result.timings, **({"wall": wall_s} if wall_s is not None else {})},
     }
@@ -114,26 +162,41 @@ def build_summary(result: ScanResult, generations: FeatureSource, training: Feat
 def write_outputs(out: Path, result: ScanResult, generations: FeatureSource, training: FeatureSource,
                   options: ScanOptions, descriptor: dict[str, Any], report_rows: int = 20, thumb: int = 96,
                   wall_s: float | None = None) -> dict[str, Path]:
-    """matches.csv, summary.json, the plots and report.html in ``out``."""
-    header, rows = matches_rows(result, generations, training, options)
-    paths = {"matches": write_matches(out / "matches.csv", header, rows)}
-    summary = build_summary(result, generations, training, options, descriptor, wall_s)
-    paths["summary"] = write_json(out / "summary.json", summary)
-    paths.update(write_plots(out, result, options))
-    paths["report"] = write_report(out, result, summary, generations, training, report_rows=report_rows,
-                                   thumb=thumb, plots={k: v for k, v in paths.items() if k.startswith("plot_")})
-    return paths
+    """matches.csv, summary.json, the plots and report.html in ``out``: written into a staging folder
+    inside ``out`` and moved into place together once all of them are written (a failure before
+    leaves ``out`` as it was and removes the staging folder)."""
+    staging = Path(tempfile.mkdtemp(prefix=STAGING, dir=out))
+    try:
+        header, rows = matches_rows(result, generations, training, options)
+        paths = {"matches": write_matches(staging / "matches.csv", header, rows)}
+        summary = build_summary(result, generations, training, options, descriptor, wall_s)
+        paths["summary"] = write_json(staging / "summary.json", summary)
+        paths.update(write_plots(staging, result, options))
+        paths["report"] = write_report(staging, result, summary, generations, training, report_rows=report_rows,
+                                       thumb=thumb, plots={k: v for k, v in paths.items() if k.startswith("plot_")})
+        placed: dict[str, Path] = {}
+        for key, path in sorted(paths.items(), key=lambda item: item[0] == "report"):  # report.html last
+            os.replace(path, out / path.name)
+            placed[key] = out / path.name
+        for name in PLOTS - {path.name for path in placed.values()}:  # a plot of an earlier scan (ours)
+            (out / name).unlink(missing_ok=True)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return placed
 
 
 
 
 def console_lines(result: ScanResult, generations: FeatureSource, training: FeatureSource,
-                  options: ScanOptions) -> list[str]:
-    """What ``lit scan`` prints: the rates, the baseline (and how it was taken) and the matching."""
+                  options: ScanOptions, descriptor: dict[str, Any] | None = None) -> list[str]:
+    """What ``lit scan`` prints: the rates, the baseline (and how it was taken) and the matching, and
+    for a ``descriptor`` other than the thresholds' own, :func:`threshold_note`."""
     stats = score_summary(result.top.scores[:, 0], options.thresholds)
     base = score_summary(result.baseline, options.thresholds)
     rates = ", ".join(f"rate@{t} {rate:.3f}" for t, rate in stats["rates"].items())
     base_rates = ", ".join(f"rate@{t} {rate:.3f}" for t, rate in base["rates"].items())
     mirrors = "mirror-aware matching" if options.match_mirrors else "no mirror matching"
     head = f"lit scan: {generations.num_rows} generations vs {training.num_rows} training images ({mirrors}); {rates}"
-    return [head, f"baseline ({result.baseline_sample.label}): {base_rates}"]
+    lines = [head, f"baseline ({result.baseline_sample.label}): {base_rates}"]
+    note = None if descriptor is None else threshold_note(descriptor, options.thresholds)
+    return lines if note is None else [*lines, note]

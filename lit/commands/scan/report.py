@@ -145,9 +145,11 @@ figcaption .score{font-weight:bold;font-size:12px}
 """
 
 
-def _row_order(ranking: Tensor) -> list[int]:
-    """Generation rows by top-1 score, highest first, ties by row."""
-    return torch.sort(ranking[:, 0], descending=True, stable=True).indices.tolist()
+def generation_order(ranking: Tensor, keys: list[str]) -> list[int]:
+    """Generation rows by top-1 score (column 0 of ``ranking``), highest first, ties by key: the order
+    of matches.csv and of the report's rows (deterministic whatever order the input was read in)."""
+    top1 = ranking[:, 0].tolist()
+    return sorted(range(len(top1)), key=lambda row: (-top1[row], keys[row]))
 
 
 def _caption(source: FeatureSource, row: int) -> str:
@@ -220,7 +222,7 @@ def render_report(result: ScanResult, summary: dict[str, Any], generations: Feat
     normalized = result.normalized is not None
     rows_html = []
     unreadable = 0
-    for g in _row_order(ranking)[:report_rows]:
+    for g in generation_order(ranking, generations.keys)[:report_rows]:
         uri, ok = thumbnail_uri(generations, g, thumb)
         unreadable += not ok
         cells = [_figure(uri, f"generation {g}", generations.keys_of([g])[0], _caption(generations, g), "gen")]
@@ -245,6 +247,8 @@ def render_report(result: ScanResult, summary: dict[str, Any], generations: Feat
         notes.append(f"{skipped} unreadable images were skipped (listed in summary.json).")
     if unreadable:
         notes.append(f"{unreadable} thumbnails could not be read from their files and show a placeholder.")
+    if summary.get("threshold_note"):
+        notes.append(summary["threshold_note"])
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>lit scan report</title>
 <style>{_STYLE} :root{{--thumb:{thumb + 8}px}}</style></head>
