@@ -6,7 +6,10 @@ finds the top-1 row of Q queries two ways, side by side in one run:
 - ours: ``FeatureStore.iter_blocks`` (memory-mapped shards, one block in memory at a time);
 - reference: load every shard (``np.load``), concatenate, convert to float32, one product.
 
-Both give the same top-1 (asserted). Peak resident memory above the phase's baseline is read
+Both give the same top-1 (asserted). Before them, the store's checks against its manifest
+(``lit.store.FeatureStore``): ``open`` (manifest, every shard's header and size) and ``verify``
+(every shard's SHA-256, NaN / inf rows and row file, what a fresh store does once before it uses
+a shard's rows), set beside the exact scan of ``--queries`` and of ``--scan-queries`` queries. Peak resident memory above the phase's baseline is read
 from ``/proc/self/status`` (VmHWM, reset between phases through ``/proc/self/clear_refs``).
 
     .venv/bin/python benchmarks/bench_store.py                  # 1,000,000 x 512: 1 GB on disk
@@ -40,6 +43,19 @@ def _reset_peak() -> int:
     return _status("VmRSS")
 
 
+def _top1(store: FeatureStore, queries: np.ndarray, block_rows: int) -> np.ndarray:
+    """Index of every query's top-1 row, over ``iter_blocks`` (one float32 block in memory at a time)."""
+    best = np.full(len(queries), -np.inf, dtype=np.float32)
+    best_index = np.zeros(len(queries), dtype=np.int64)
+    for start, block in store.iter_blocks(block_rows, np.float32):
+        scores = queries @ block.T
+        top = scores.argmax(axis=1)
+        value = scores[np.arange(len(queries)), top]
+        better = value > best
+        best[better], best_index[better] = value[better], start + top[better]
+    return best_index
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=1_000_000)
@@ -47,6 +63,9 @@ def main() -> None:
     parser.add_argument("--shard", type=int, default=65536, help="rows per shard")
     parser.add_argument("--block", type=int, default=65536, help="rows per scanned block")
     parser.add_argument("--queries", type=int, default=16)
+    parser.add_argument("--scan-queries", type=int, default=1024,
+                        help="queries of a second exact scan (a scan of that many generations), for the check's share")
+    parser.add_argument("--no-reference", action="store_true", help="skip loading the store whole")
     parser.add_argument("--dir", default=None, help="where to write the store (default: a temporary folder)")
     args = parser.parse_args()
 
@@ -68,20 +87,37 @@ def main() -> None:
           f"(+ {keys / args.rows:.1f} bytes/row of keys), written in {write_s:.1f} s "
           f"({disk / write_s / 2**20:.0f} MB/s incl. random generation and sha256)")
 
-    store = FeatureStore.open(root)
-    queries = store.rows(rng.choice(args.rows, args.queries, replace=False), np.float32)
+    picker = FeatureStore.open(root)  # the queries come from a store of their own: `store` is fresh below
+    queries = picker.rows(rng.choice(args.rows, args.queries, replace=False), np.float32)
+    many = picker.rows(rng.choice(args.rows, args.scan_queries, replace=False), np.float32)
+    del picker
+    started = time.perf_counter()
+    store = FeatureStore.open(root)  # the manifest, every shard's header and size
+    open_s = time.perf_counter() - started
 
     baseline = _reset_peak()
     started = time.perf_counter()
-    best = np.full(args.queries, -np.inf, dtype=np.float32)
-    best_index = np.zeros(args.queries, dtype=np.int64)
-    for start, block in store.iter_blocks(args.block, np.float32):
-        scores = queries @ block.T
-        top = scores.argmax(axis=1)
-        value = scores[np.arange(args.queries), top]
-        better = value > best
-        best[better], best_index[better] = value[better], start + top[better]
-    ours_s, ours_peak = time.perf_counter() - started, _status("VmHWM") - baseline
+    best_index = _top1(store, queries, args.block)  # fresh store: each shard checked before its rows are used
+    first_s, ours_peak = time.perf_counter() - started, _status("VmHWM") - baseline
+    started = time.perf_counter()
+    _top1(store, queries, args.block)  # the same scan again: every shard checked already
+    ours_s = time.perf_counter() - started
+    started = time.perf_counter()
+    _top1(store, many, args.block)
+    many_s = time.perf_counter() - started
+    started = time.perf_counter()
+    store.verify()  # the checks alone, one shard after another
+    verify_s = time.perf_counter() - started
+    added = open_s + first_s - ours_s
+    print(f"checks alone: open {open_s:.2f} s + verify {verify_s:.2f} s ({disk / 2**20 / verify_s:.0f} MB/s); "
+          f"exact scan of {args.queries} queries: {first_s:.2f} s on the fresh store (checks overlapped), "
+          f"{ours_s:.2f} s checked already: +{added:.2f} s = {100 * added / ours_s:+.1f}%; "
+          f"exact scan of {args.scan_queries} queries {many_s:.2f} s (checks alone = "
+          f"{100 * (open_s + verify_s) / many_s:.1f}% of it)")
+    if args.no_reference:
+        if args.dir is None:
+            shutil.rmtree(root.parent)
+        return
 
     picks = rng.integers(0, args.rows, 100_000)
     started = time.perf_counter()

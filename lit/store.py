@@ -8,13 +8,16 @@ A store is a folder the suite marks as its own::
       shard-000000.json          the shard's rows: keys, captions, labels, skipped inputs, sha256
       ...
       manifest.json              written by finalize(): every shard in global order, counts, checksums
+                                 (the .npy's SHA-256 and size, the row file's SHA-256)
 
 A shard is complete when its ``.json`` exists (written after the ``.npy``, both via a
 temporary file and ``os.replace``), so a killed writer leaves only whole shards plus
 temporary files that the next writer removes. Shards are ordered by their ``start``
 (a global row index of the input, so the order does not depend on how many processes
 wrote them), then by name. Rows are read through ``np.load(mmap_mode="r")``: a store
-is never loaded whole (``iter_blocks`` for scans, ``rows`` to gather a shortlist).
+is never loaded whole (``iter_blocks`` for scans, ``rows`` to gather a shortlist), and
+nothing of it is used unchecked (:class:`FeatureStore`: sizes on open, checksums and finite
+rows before a shard's first use; a damaged store is one :class:`DamagedStoreError` line).
 
 Cost on disk: ``prod(feature_shape) * itemsize`` bytes a row plus a 128-byte ``.npy``
 header per shard: 512-d float16 is 1 KiB an image (12M images: 12 GiB); DINO ViT-B/16
@@ -29,6 +32,7 @@ import json
 import re
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,7 +41,7 @@ import numpy as np
 import torch
 
 from lit.errors import UserError
-from lit.files import claim_folder, file_sha256, write_bytes_atomic, write_json
+from lit.files import claim_folder, write_bytes_atomic, write_json
 
 FORMAT = "lit-feature-store"
 VERSION = 1
@@ -235,13 +239,15 @@ class StoreWriter:
 
     def finalize(self, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """Write ``manifest.json`` from the complete shards present (ordered by ``start``, then name)."""
-        shards = []
+        shards, checks = [], {}
         for meta_path in sorted(self.root.glob("shard-*.json")):
-            meta = json.loads(meta_path.read_text())
+            text = meta_path.read_bytes()
+            meta = json.loads(text)
             npy = self.root / f"shard-{meta['name']}.npy"
             if not npy.is_file():
                 continue
             shards.append(_shard_info(meta))
+            checks[meta["name"]] = {"bytes": npy.stat().st_size, "meta_sha256": hashlib.sha256(text).hexdigest()}
         shards.sort(key=lambda s: (s.start is None, s.start if s.start is not None else 0, s.name))
         manifest = {
             "format": FORMAT,
@@ -254,7 +260,7 @@ class StoreWriter:
             "bytes_per_row": int(np.prod(self.feature_shape)) * np.dtype(self.dtype).itemsize,
             "shards": [
                 {"name": s.name, "file": s.file, "rows": s.rows, "start": s.start, "sha256": s.sha256,
-                 "skipped": list(s.skipped),
+                 **checks[s.name], "skipped": list(s.skipped),
                  **({"source": s.source} if s.source is not None else {}),
                  **({"info": dict(s.info)} if s.info is not None else {})}
                 for s in shards
@@ -275,8 +281,39 @@ def _shard_info(meta: Mapping[str, Any]) -> ShardInfo:
 # --------------------------------------------------------------------------- reading
 
 
+class DamagedStoreError(UserError):
+    """A store whose manifest, shards or row files are not what its manifest says (one line: the
+    store, the file and what is wrong in ``what``, and what to do)."""
+
+    def __init__(self, root: Path, what: str) -> None:
+        super().__init__(f"feature store {root} is damaged: {what}; remove it and extract the features again")
+        self.root, self.what = root, what
+
+    def __reduce__(self) -> tuple[Any, ...]:  # picklable (the message is rebuilt from root and what)
+        return DamagedStoreError, (self.root, self.what)
+
+
+def _damaged(root: Path, what: str) -> DamagedStoreError:
+    return DamagedStoreError(root, what)
+
+
+_CHECK_BYTES = 2**18
+"""Bytes of a shard hashed and checked for NaN / inf at a time (see :meth:`FeatureStore.check_shard`)."""
+_EXPONENT_BITS = {"float16": (np.uint16, np.uint16(0x7C00)), "float32": (np.uint32, np.uint32(0x7F800000))}
+"""Unsigned view and exponent mask of each stored dtype: a value is NaN or inf when all its exponent bits are set."""
+
+
 class FeatureStore:
-    """A finalized store, read through memory maps (never loaded whole)."""
+    """A finalized store, read through memory maps (never loaded whole).
+
+    Nothing is used unchecked: :meth:`open` reads the manifest and checks that every shard and
+    its row file exist and that each ``.npy`` has the dtype, shape and size the manifest lists
+    (a header read and a ``stat``, no data); the first time any row of a shard is used (features,
+    keys, captions or labels), :meth:`check_shard` hashes the shard (SHA-256 against the manifest,
+    NaN / inf rows refused) and its row file (against the manifest's ``meta_sha256``; keys, rows
+    and checksum against the manifest), once per opened store. A problem is a one-line
+    :class:`DamagedStoreError` (a ``UserError``) naming the store and the file.
+    """
 
     def __init__(self, root: Path, manifest: dict[str, Any]) -> None:
         self.root = root
@@ -284,22 +321,35 @@ class FeatureStore:
         self.shards = [_shard_info(s) for s in manifest["shards"]]
         self.offsets = np.concatenate([[0], np.cumsum([s.rows for s in self.shards], dtype=np.int64)])
         self._meta: dict[int, dict[str, Any]] = {}
+        self._checked: set[int] = set()
 
     @classmethod
     def open(cls, root: str | Path) -> FeatureStore:
-        """Open the store at ``root`` (a one-line ``UserError`` when it is not a finalized store)."""
+        """Open the store at ``root`` (a one-line ``UserError`` when it is not a finalized store, or when
+        its manifest, a shard or a row file is missing, unreadable or of the wrong size)."""
         root = Path(root)
         path = root / MANIFEST
         if not path.is_file():
             what = "an unfinished feature store (no manifest.json: rerun the extraction)" if _is_store(root) \
                 else "not a feature store (no manifest.json)"
             raise UserError(f"{root} is {what}")
-        manifest = json.loads(path.read_text())
-        if manifest.get("format") != FORMAT:
-            raise UserError(f"{path} is not a feature-store manifest (format {manifest.get('format')!r})")
-        if manifest.get("version", 0) > VERSION:
+        try:
+            manifest = json.loads(path.read_bytes())
+        except (OSError, ValueError) as error:  # ValueError: JSONDecodeError and UnicodeDecodeError
+            raise _damaged(root, f"{MANIFEST} cannot be read ({type(error).__name__}: {error})") from None
+        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+            if _is_store(root):
+                raise _damaged(root, f"{MANIFEST} is not a feature-store manifest")
+            raise UserError(f"{path} is not a feature-store manifest (format "
+                            f"{manifest.get('format') if isinstance(manifest, dict) else None!r})")
+        if not isinstance(manifest.get("version"), int):
+            raise _damaged(root, f"{MANIFEST} lists no format version")
+        if manifest["version"] > VERSION:
             raise UserError(f"{path} has store format version {manifest['version']}; this suite reads <= {VERSION}")
-        return cls(root, manifest)
+        store = cls(root, _checked_manifest(root, manifest))
+        for i in range(len(store.shards)):
+            store._check_files(i)
+        return store
 
     # ------------------------------------------------------------------ description
 
@@ -333,9 +383,82 @@ class FeatureStore:
     # ------------------------------------------------------------------ row metadata
 
     def _shard_meta(self, i: int) -> dict[str, Any]:
-        if i not in self._meta:
-            self._meta[i] = json.loads((self.root / self.shards[i].meta_file).read_text())
+        self.check_shard(i)
         return self._meta[i]
+
+    # ------------------------------------------------------------------ verification
+
+    def _check_files(self, i: int) -> None:
+        """Shard ``i``'s ``.npy`` and row file exist; the ``.npy`` header says the manifest's dtype and
+        shape, and its size is that header plus the rows (no data read)."""
+        shard = self.shards[i]
+        for name in (shard.file, shard.meta_file):
+            if not (self.root / name).is_file():
+                raise _damaged(self.root, f"{name} is missing")
+        path = self.root / shard.file
+        expected = (shard.rows, *self.feature_shape)
+        try:
+            with open(path, "rb") as handle:
+                version = np.lib.format.read_magic(handle)
+                read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+                shape, fortran, dtype = read(handle)
+                header = handle.tell()
+        except (OSError, ValueError) as error:
+            raise _damaged(self.root, f"{shard.file} is not a readable .npy file ({error})") from None
+        if tuple(shape) != expected or dtype != self.dtype or fortran:
+            raise _damaged(self.root, f"{shard.file} holds {dtype} {tuple(shape)}, the manifest says "
+                           f"{self.dtype} {expected} (a shard of another store?)")
+        size = path.stat().st_size
+        want = header + shard.rows * int(np.prod(self.feature_shape)) * self.dtype.itemsize
+        recorded = self.manifest["shards"][i].get("bytes")
+        if size != want or (recorded is not None and size != recorded):
+            state = "truncated" if size < want else "longer than its rows"
+            raise _damaged(self.root, f"{shard.file} is {state} ({size} bytes, expected {want})")
+
+    def check_shard(self, i: int, *, again: bool = False) -> None:
+        """Check shard ``i`` against the manifest before its rows are used (once per opened store;
+        ``again``: even when checked before): the ``.npy``'s SHA-256 (read through its memory map,
+        :data:`_CHECK_BYTES` at a time) and finite rows; the row file's SHA-256 (manifests that
+        record one), rows, keys and checksum."""
+        if i in self._checked and not again:
+            return
+        shard, listed = self.shards[i], self.manifest["shards"][i]
+        self._check_files(i)
+        meta_path = self.root / shard.meta_file
+        text = meta_path.read_bytes()
+        if listed.get("meta_sha256") is not None and hashlib.sha256(text).hexdigest() != listed["meta_sha256"]:
+            raise _damaged(self.root, f"{shard.meta_file} (its keys) does not match its checksum in the manifest")
+        try:
+            meta = json.loads(text)
+        except ValueError as error:
+            raise _damaged(self.root, f"{shard.meta_file} cannot be read ({error})") from None
+        columns = {field: meta.get(field) for field in ("keys", "captions", "labels")} if isinstance(meta, dict) else {}
+        if (not isinstance(meta, dict) or meta.get("sha256") != shard.sha256 or meta.get("rows") != shard.rows
+                or not isinstance(columns["keys"], list)
+                or any(v is not None and (not isinstance(v, list) or len(v) != shard.rows) for v in columns.values())):
+            raise _damaged(self.root, f"{shard.meta_file} does not describe the shard the manifest lists "
+                           "(another store's row file?)")
+        array = self._map(i)
+        digest = hashlib.sha256()
+        with open(self.root / shard.file, "rb") as handle:
+            digest.update(handle.read(array.offset))
+        step = max(1, _CHECK_BYTES // max(1, array[:1].nbytes))
+        bits, exponent = _EXPONENT_BITS[self.dtype.name]
+        buffer = np.empty((min(step, shard.rows), int(np.prod(self.feature_shape))), dtype=bits)
+        for start in range(0, shard.rows, step):
+            chunk = array[start: start + step]
+            digest.update(chunk)
+            # NaN / inf: every exponent bit set (4x faster than np.isfinite on float16)
+            masked = np.bitwise_and(chunk.reshape(len(chunk), -1).view(bits), exponent, out=buffer[: len(chunk)])
+            if (masked == exponent).any():
+                row = start + int(np.argmax((masked == exponent).any(axis=1)))
+                raise _damaged(self.root, f"{shard.file} row {row} ({meta['keys'][row]!r}) holds NaN or inf")
+        del array
+        if digest.hexdigest() != shard.sha256:
+            raise _damaged(self.root, f"{shard.file} does not match its checksum in the manifest "
+                           "(changed on disk, or another store's shard)")
+        self._meta[i] = meta
+        self._checked.add(i)
 
     def _column(self, field: str) -> list[Any] | None:
         """A row column over all shards; rows of shards without it are None; None when no shard has it."""
@@ -377,14 +500,21 @@ class FeatureStore:
     # ------------------------------------------------------------------ features
 
     def shard_array(self, i: int) -> np.ndarray:
-        """Shard ``i``'s features as a read-only memory map.
+        """Shard ``i``'s features as a read-only memory map (checked first: :meth:`check_shard`).
 
         Not cached: the pages a scan touches count in the process's resident memory for as long
         as the map lives, so every read maps, copies what it needs and lets the map go."""
-        array = np.load(self.root / self.shards[i].file, mmap_mode="r", allow_pickle=False)
+        self.check_shard(i)
+        return self._map(i)
+
+    def _map(self, i: int) -> np.memmap:
+        try:
+            array = np.load(self.root / self.shards[i].file, mmap_mode="r", allow_pickle=False)
+        except (OSError, ValueError) as error:  # changed since it was opened
+            raise _damaged(self.root, f"{self.shards[i].file} cannot be mapped ({error})") from None
         if array.shape != (self.shards[i].rows, *self.feature_shape) or array.dtype != self.dtype:
-            raise UserError(f"{self.root / self.shards[i].file} holds {array.dtype} {array.shape}, the manifest says "
-                            f"{self.dtype} ({self.shards[i].rows}, *{self.feature_shape}); the store is damaged")
+            raise _damaged(self.root, f"{self.shards[i].file} holds {array.dtype} {array.shape}, the manifest says "
+                           f"{self.dtype} ({self.shards[i].rows}, *{self.feature_shape})")
         return array
 
     def _locate(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -399,8 +529,28 @@ class FeatureStore:
         if block_rows < 1:
             raise ValueError(f"block_rows must be >= 1, got {block_rows}")
         out_dtype = self.dtype if dtype is None else np.dtype(dtype)
-        for start in range(0, self.num_rows, block_rows):
-            yield start, self.slice(start, min(start + block_rows, self.num_rows), out_dtype)
+        # each shard is checked before its rows are used, the next one in a thread while the caller works
+        # on this one's blocks (hashlib and numpy release the GIL): the check costs a scan little wall time
+        pending: dict[int, Future[None]] = {}
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="store-check") as pool:
+            def check(i: int) -> None:
+                if i < len(self.shards) and i not in self._checked and i not in pending:
+                    pending[i] = pool.submit(self.check_shard, i)
+
+            try:
+                for start in range(0, self.num_rows, block_rows):
+                    stop = min(start + block_rows, self.num_rows)
+                    first = int(np.searchsorted(self.offsets, start, side="right") - 1)
+                    last = int(np.searchsorted(self.offsets, stop - 1, side="right") - 1)
+                    for i in range(first, last + 2):
+                        check(i)
+                    for i in range(first, last + 1):
+                        if i in pending:
+                            pending.pop(i).result()
+                    yield start, self.slice(start, stop, out_dtype)
+            finally:
+                for future in pending.values():
+                    future.cancel()
 
     def slice(self, start: int, stop: int, dtype: str | np.dtype | None = None) -> np.ndarray:
         """Rows ``[start, stop)`` as an in-memory array."""
@@ -435,12 +585,9 @@ class FeatureStore:
         return out
 
     def verify(self) -> None:
-        """Recompute every shard's SHA-256 against the manifest (reads the whole store from disk)."""
-        for shard in self.shards:
-            actual = file_sha256(self.root / shard.file, cached=False)
-            if actual != shard.sha256:
-                raise UserError(f"{self.root / shard.file} does not match its checksum in the manifest; "
-                                "the store is damaged: rerun the extraction into a new folder")
+        """:meth:`check_shard` every shard again (reads the whole store from disk)."""
+        for i in range(len(self.shards)):
+            self.check_shard(i, again=True)
 
     # ------------------------------------------------------------------ compatibility
 
@@ -461,6 +608,30 @@ class FeatureStore:
             raise UserError(f"feature store {self.root} does not match {label}: {'; '.join(problems)}")
 
 
+def _checked_manifest(root: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+    """``manifest`` when it has the fields a store is read by (a damaged-store error otherwise)."""
+    shape = manifest.get("feature_shape")
+    problem = None
+    if manifest.get("dtype") not in DTYPES:
+        problem = f"dtype {manifest.get('dtype')!r}"
+    elif not isinstance(shape, list) or not shape or not all(isinstance(n, int) and n > 0 for n in shape):
+        problem = f"feature_shape {shape!r}"
+    elif not isinstance(manifest.get("descriptor"), dict):
+        problem = "no descriptor record"
+    elif not isinstance(manifest.get("shards"), list):
+        problem = "no list of shards"
+    else:
+        for entry in manifest["shards"]:
+            if not (isinstance(entry, dict) and isinstance(entry.get("name"), str) and _SHARD_NAME.match(entry["name"])
+                    and isinstance(entry.get("rows"), int) and entry["rows"] >= 0
+                    and isinstance(entry.get("sha256"), str)):
+                problem = f"shard entry {json.dumps(entry)[:80]}"
+                break
+    if problem is not None:
+        raise _damaged(root, f"{MANIFEST} lists {problem}")
+    return manifest
+
+
 def open_store(root: str | Path) -> FeatureStore:
     """Shorthand for :meth:`FeatureStore.open`."""
     return FeatureStore.open(root)
@@ -471,4 +642,7 @@ def is_store(root: str | Path) -> bool:
     return _is_store(Path(root))
 
 
-__all__ = ["DTYPES", "RecordComparison", "FeatureStore", "ShardInfo", "StoreWriter", "is_store", "open_store"]
+__all__ = [
+    "DTYPES", "DamagedStoreError", "FeatureStore", "RecordComparison", "ShardInfo", "StoreWriter", "is_store",
+    "open_store",
+]

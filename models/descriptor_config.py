@@ -3,8 +3,8 @@
 ``lit test`` (:class:`models.retrieval.RetrievalEvaluator`), extraction to a feature store
 (:class:`models.extract.DescriptorExtractor`), ``lit scan`` and the replication monitor each
 take one ``descriptor: DescriptorConfig`` argument: the registry ``name``, a local ``weights``
-file, ``random_init``, an ``input_size`` override and the ``token_normalization`` of
-split-product. In YAML ``descriptor: {name: dino_vit_b16, weights: /path}``; on the command
+file, ``random_init`` (with its ``seed``), an ``input_size`` override and the
+``token_normalization`` of split-product. In YAML ``descriptor: {name: dino_vit_b16, weights: /path}``; on the command
 line ``--model.init_args.descriptor.name ...`` (LightningCLI) or ``lit scan --descriptor.name
 ... --descriptor.weights ...``. (The retrieval-metrics callback takes none: it measures the
 descriptor of the module being trained.)
@@ -43,6 +43,10 @@ class DescriptorConfig:
             unless ``random_init``).
         random_init: random weights instead of a file (tests, floors); recorded, and
             reported under ``<name> (random init)``.
+        seed: the random network of ``random_init``: every build with the same seed is the same
+            network (built under a forked torch RNG, the global one untouched); recorded and
+            compared, so features of two random networks are never searched against each other.
+            Only with ``random_init``.
         input_size: override of the descriptor's input resolution.
         token_normalization: normalisation of split-product scores for token descriptors
             (``token``, ``global`` or ``none``; see ``lit.similarity``); ignored by global ones.
@@ -54,13 +58,14 @@ class DescriptorConfig:
     name: str = "pixel"
     weights: str | None = None
     random_init: bool = False
+    seed: int = 0
     input_size: int | None = None
     token_normalization: TokenNormalization = "token"
 
     #: Fields of :meth:`record` that decide the features: two records that agree on all of them
     #: describe features that can be searched against each other (see :meth:`differences`).
     COMPARED: ClassVar[tuple[str, ...]] = (
-        "name", "weights_sha256", "random_init", "input_size", "preprocessing", "similarity", "token_normalization",
+        "name", "weights_sha256", "random_init", "seed", "input_size", "preprocessing", "similarity", "token_normalization",
     )
 
     def __post_init__(self) -> None:
@@ -79,6 +84,10 @@ class DescriptorConfig:
         elif spec.weights is not None and not self.random_init:
             problem = f"descriptor {self.name!r} needs a weights file (or random_init for random features)"
             raise WeightsError(f"descriptor.weights: {weights_error(None, spec.weights, problem)}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise UserError(f"descriptor.seed: must be an integer >= 0, got {self.seed!r}")
+        if self.seed != 0 and not self.random_init:
+            raise UserError(f"descriptor.seed: a seed ({self.seed}) is only used with random_init true")
         if self.input_size is not None:
             try:  # a ``lit export`` file's patch size is checked when the file is read (build)
                 check_input_size(spec if spec.from_weights is None else replace(spec, size_multiple=1), self.input_size)
@@ -93,7 +102,7 @@ class DescriptorConfig:
         """The descriptor in eval mode (weights read from the local file, or random when asked)."""
         try:
             return build_descriptor(self.name, weights=self.weights, random_init=self.random_init,
-                                    input_size=self.input_size)
+                                    input_size=self.input_size, seed=self.seed)
         except UserError:
             raise
         except ValueError as error:  # an input size the architecture cannot take, a file timm cannot build
@@ -126,6 +135,7 @@ class DescriptorConfig:
             "weights": None if self.weights is None else str(Path(self.weights).expanduser().resolve()),
             "weights_sha256": None if self.weights is None else file_sha256(self.weights),
             "random_init": self.random_init,
+            "seed": self.seed if self.random_init else None,
             "input_size": size,
             "preprocessing": replace(preprocessing, input_size=size).describe(),
             "similarity": self.resolved_similarity(descriptor),

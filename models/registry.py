@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import timm
+import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from torch import nn
 
@@ -416,19 +417,24 @@ def check_input_size(spec: DescriptorSpec, size: object) -> None:
 
 
 def build_descriptor(
-    name: str, weights: str | Path | None = None, random_init: bool = False, input_size: int | None = None
+    name: str, weights: str | Path | None = None, random_init: bool = False, input_size: int | None = None,
+    seed: int = 0,
 ) -> Descriptor:
     """Build a registered descriptor in eval mode, loading ``weights`` from a local file.
 
     ``random_init=True`` (only when asked) gives random weights, for tests and
-    smoke runs; ``input_size`` overrides the crop size (ViT/Swin are created
-    for it, and loaded position embeddings are resampled by timm).
+    smoke runs: the same network for the same ``seed`` (drawn from a forked torch
+    RNG, so the caller's global RNG is left as it was); ``input_size`` overrides the
+    crop size (ViT/Swin are created for it, and loaded position embeddings are
+    resampled by timm).
     """
-    return build_from_spec(get_spec(name), weights=weights, random_init=random_init, input_size=input_size)
+    return build_from_spec(get_spec(name), weights=weights, random_init=random_init, input_size=input_size,
+                           seed=seed)
 
 
 def build_from_spec(
-    spec: DescriptorSpec, weights: str | Path | None = None, random_init: bool = False, input_size: int | None = None
+    spec: DescriptorSpec, weights: str | Path | None = None, random_init: bool = False, input_size: int | None = None,
+    seed: int = 0,
 ) -> Descriptor:
     """:func:`build_descriptor` for an explicit (possibly modified) :class:`DescriptorSpec`."""
     if weights is not None and random_init:
@@ -449,7 +455,14 @@ def build_from_spec(
         path = Path(weights).expanduser()
         content = spec.layout.read(path, spec.weights)  # fails before a large model is built
     replaced = path is not None and spec.layout is not None and spec.layout.replaces_backbone
-    backbone = None if replaced else spec.build(spec, size, path is None)
+    if replaced:
+        backbone = None
+    elif path is None and random_init:
+        with torch.random.fork_rng(devices=[]):  # the same random network for the same seed, global RNG untouched
+            torch.manual_seed(seed)
+            backbone = spec.build(spec, size, True)
+    else:
+        backbone = spec.build(spec, size, path is None)
     if path is not None:
         assert spec.weights is not None and spec.layout is not None
         backbone = spec.layout.apply(backbone, content, path, spec.weights)

@@ -100,17 +100,60 @@ def test_differences_name_every_field_that_changes_the_features() -> None:
     for field in ("name", "random_init", "preprocessing", "token_normalization"):
         assert DescriptorConfig.differences(ours, _record(**{field: "other"})) == [
             f"{field} {ours[field]!r} vs 'other'"]
-    assert DescriptorConfig.differences(ours, {}) == [  # a record without them (weights_sha256 is None in both)
-        f"{f} {ours[f]!r} vs None" for f in DescriptorConfig.COMPARED if f != "weights_sha256"]
+    assert DescriptorConfig.differences(ours, {}) == [  # a record without them (weights_sha256, seed: None in both)
+        f"{f} {ours[f]!r} vs None" for f in DescriptorConfig.COMPARED if f not in ("weights_sha256", "seed")]
 
 
 def test_compared_fields_keep_existing_store_folders() -> None:
     """The fields that decide the features are the ones stores were always compared (and named) by,
     so a scan reuses the stores an earlier version extracted (names computed before this change)."""
-    assert DescriptorConfig.COMPARED == ("name", "weights_sha256", "random_init", "input_size", "preprocessing",
-                                         "similarity", "token_normalization")
+    assert DescriptorConfig.COMPARED == ("name", "weights_sha256", "random_init", "seed", "input_size",
+                                         "preprocessing", "similarity", "token_normalization")
     assert DescriptorConfig.compared(_record(display_name="x")) == {f: _record()[f] for f in DescriptorConfig.COMPARED}
     pixel = DescriptorConfig("pixel").record()
     assert store_folder_name("training", "abc", pixel, "float16") == "training-08ea9ee5de9c"
+    # random-init stores are named by their seed: those of unseeded networks (training-eeb5e96f0b16 before
+    # the seed was recorded) are extracted anew, never reused
     tokens = DescriptorConfig("dino_vit_b16", random_init=True, input_size=32).record()
-    assert store_folder_name("training", "abc", tokens, "float32") == "training-eeb5e96f0b16"
+    assert store_folder_name("training", "abc", tokens, "float32") not in ("training-eeb5e96f0b16",
+        store_folder_name("training", "abc", {**tokens, "seed": 1}, "float32"))
+
+
+# ----------------------------------------------------------------------------- random init is seeded
+
+
+def test_random_init_builds_the_same_network_for_the_same_seed_and_leaves_the_global_rng() -> None:
+    images = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    first = DescriptorConfig("vit_s16_in1k", random_init=True, input_size=32).build()
+    assert torch.equal(torch.get_rng_state(), state)  # the global RNG is left as it was
+    torch.manual_seed(456)  # another global state: the same network all the same
+    again = DescriptorConfig("vit_s16_in1k", random_init=True, input_size=32, seed=0).build()
+    other = DescriptorConfig("vit_s16_in1k", random_init=True, input_size=32, seed=1).build()
+    with torch.no_grad():
+        out, out_again, out_other = first(images), again(images), other(images)
+    assert torch.equal(out, out_again)
+    assert not torch.allclose(out, out_other, atol=1e-3)
+    for a, b in zip(first.state_dict().values(), again.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_the_seed_is_recorded_and_compared_for_random_init_only() -> None:
+    random0 = DescriptorConfig("vit_s16_in1k", random_init=True, input_size=32).record()
+    random1 = DescriptorConfig("vit_s16_in1k", random_init=True, input_size=32, seed=1).record()
+    assert (random0["seed"], random1["seed"]) == (0, 1)
+    assert DescriptorConfig.differences(random0, random1) == ["seed 0 vs 1"]
+    assert DescriptorConfig.differences(random0, {**random0, "seed": None}) == ["seed 0 vs None"]  # unseeded
+    assert DescriptorConfig("pixel").record()["seed"] is None
+
+
+@pytest.mark.parametrize(("fields", "message"), [
+    ({"name": "vit_s16_in1k", "random_init": True, "seed": -1}, "descriptor.seed: must be an integer >= 0, got -1"),
+    ({"name": "vit_s16_in1k", "random_init": True, "seed": True}, "descriptor.seed: must be an integer >= 0"),
+    ({"seed": 3}, "descriptor.seed: a seed (3) is only used with random_init true"),
+])
+def test_seed_mistakes_are_one_line_errors(fields: dict, message: str) -> None:
+    with pytest.raises(UserError) as raised:
+        DescriptorConfig(**fields)
+    assert str(raised.value).startswith(message) and "\n" not in str(raised.value)

@@ -543,3 +543,72 @@ def test_thresholds_are_said_to_be_sscds(folders: Path, scanned: Path, tmp_path:
     assert threshold_note(sscd, (0.5,)) is None
     assert "with sscd_resnet50 (random init) read" in threshold_note(
         {**sscd, "random_init": True, "display_name": "sscd_resnet50 (random init)"}, (0.5,))
+
+
+def test_random_init_scan_of_a_folder_against_itself_finds_every_image(folders: Path, tmp_path: Path) -> None:
+    """Generations and training are embedded through one random network (the seeded one), so every image's
+    top-1 is itself at cosine 1.0 (two unseeded networks gave top-1 0.06 here)."""
+    out = tmp_path / "out"
+    main(["--generations", str(folders / "train"), "--training", str(folders / "train"), "--out", str(out),
+          "--descriptor.name", "vit_s16_in1k", "--descriptor.random_init", "true", "--descriptor.input_size", "32",
+          "--k", "1", "--dtype", "float32", "--device", "cpu", "--progress", "false", "--thumb", "16",
+          "--report_rows", "2"])
+    with open(out / "matches.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 24
+    assert [float(r["score"]) for r in rows] == pytest.approx([1.0] * 24, abs=1e-5)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["descriptor"]["random_init"] is True and summary["descriptor"]["seed"] == 0
+
+
+def _xor_bytes(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    for i in range(len(data) - 64, len(data)):
+        data[i] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage", ["xor", "delete", "truncate", "manifest"])
+def test_a_damaged_store_of_the_scan_is_extracted_again_never_reused(
+        folders: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], damage: str) -> None:
+    out = tmp_path / "out"
+    args = ["--generations", str(folders / "gen"), "--training", str(folders / "train"), "--out", str(out),
+            "--k", "2", "--dtype", "float32", "--device", "cpu", "--progress", "false", "--thumb", "16",
+            "--report_rows", "2"]
+    main(args)
+    first = (out / "matches.csv").read_text()
+    store = next(p for p in (out / "stores").iterdir() if p.name.startswith("training"))
+    shard = min(store.glob("shard-*.npy"))
+    if damage == "xor":
+        _xor_bytes(shard)
+    elif damage == "delete":
+        shard.unlink()
+    elif damage == "truncate":
+        shard.write_bytes(shard.read_bytes()[:-100])
+    else:
+        (store / "manifest.json").write_text("{garbage")
+    capsys.readouterr()
+    main(args)
+    console = capsys.readouterr().out
+    assert f"training: feature store {store} is damaged: " in console and "; extracting it again" in console
+    assert "training: reused" not in console and "training: extracted feature store" in console
+    assert "generations: reused" in console  # the sound one is still reused
+    assert (out / "matches.csv").read_text() == first
+
+
+def test_a_damaged_store_given_by_the_user_is_one_line(scanned: Path, tmp_path: Path) -> None:
+    """A store passed as --training is the user's: never removed, refused in one line naming it."""
+    source = next(p for p in (scanned / "stores").iterdir() if p.name.startswith("training"))
+    store = tmp_path / "training-store"
+    store.mkdir()
+    for path in source.iterdir():
+        (store / path.name).write_bytes(path.read_bytes())
+    _xor_bytes(min(store.glob("shard-*.npy")))
+    with pytest.raises(UserError) as raised:
+        main(["--generations", str(scanned / "stores" / next(p.name for p in (scanned / "stores").iterdir()
+                                                             if p.name.startswith("generations"))),
+              "--training", str(store), "--out", str(tmp_path / "out"), "--k", "2", "--device", "cpu",
+              "--progress", "false"])
+    message = str(raised.value)
+    assert "\n" not in message and f"feature store {store} is damaged: shard-" in message
+    assert "does not match its checksum" in message and store.is_dir()

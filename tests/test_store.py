@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import tracemalloc
 from pathlib import Path
@@ -226,3 +227,146 @@ def test_a_descriptor_is_compatible_with_the_store_it_made_built_or_not(tmp_path
     store.check_compatible(config.record(), DIFFERENCES)
     with pytest.raises(UserError, match="input_size 16 vs 32"):
         store.check_compatible(DescriptorConfig("pixel").record(), DIFFERENCES)
+
+
+def test_random_init_stores_of_different_seeds_refuse_each_other(tmp_path: Path) -> None:
+    """Two random networks' features are not comparable: the seed is compared like the weights' hash
+    (``weights_sha256`` is None for both, which alone used to pass)."""
+    seed0 = DescriptorConfig("vit_s16_in1k", random_init=True, input_size=32).record()
+    seed1 = DescriptorConfig("vit_s16_in1k", random_init=True, input_size=32, seed=1).record()
+    StoreWriter(tmp_path / "s", seed0, (4,), compare=DIFFERENCES).finalize()
+    store = FeatureStore.open(tmp_path / "s")
+    store.check_compatible(seed0, DIFFERENCES)
+    with pytest.raises(UserError, match="seed 0 vs 1") as raised:
+        store.check_compatible(seed1, DIFFERENCES)
+    assert "\n" not in str(raised.value)
+    with pytest.raises(UserError, match="seed 0 vs 1") as raised:
+        StoreWriter(tmp_path / "s", seed1, (4,), compare=DIFFERENCES)
+    assert "\n" not in str(raised.value)
+    unseeded = {k: v for k, v in seed0.items() if k != "seed"}  # a random-init store of an earlier version
+    StoreWriter(tmp_path / "old", unseeded, (4,), compare=DIFFERENCES).finalize()
+    with pytest.raises(UserError, match="seed None vs 0"):
+        FeatureStore.open(tmp_path / "old").check_compatible(seed0, DIFFERENCES)
+    # a real descriptor's store of an earlier version (no seed field) stays compatible
+    StoreWriter(tmp_path / "pixel", {k: v for k, v in RECORD.items() if k != "seed"}, (4,),
+                compare=DIFFERENCES).finalize()
+    FeatureStore.open(tmp_path / "pixel").check_compatible(RECORD, DIFFERENCES)
+
+
+# ----------------------------------------------------------------------------- stores are verified
+
+
+def _two_shard_store(root: Path) -> Path:
+    writer = StoreWriter(root, RECORD, (4,), compare=DIFFERENCES)
+    rng = np.random.default_rng(3)
+    writer.write_shard("0", _features(rng, 6, (4,)), [f"a{i}" for i in range(6)], start=0)
+    writer.write_shard("1", _features(rng, 5, (4,)), [f"b{i}" for i in range(5)], start=6)
+    writer.finalize()
+    return root
+
+
+def _damage_message(raised: pytest.ExceptionInfo[UserError], root: Path, file: str, what: str) -> None:
+    """One line naming the store, the file and what to do."""
+    message = str(raised.value)
+    assert "\n" not in message, message
+    assert message.startswith(f"feature store {root} is damaged: {file}"), message
+    assert what in message and message.endswith("remove it and extract the features again"), message
+
+
+def test_a_changed_shard_is_refused_before_its_rows_are_used(tmp_path: Path) -> None:
+    root = _two_shard_store(tmp_path / "s")
+    npy = root / "shard-1.npy"
+    data = bytearray(npy.read_bytes())
+    for i in range(len(data) - 32, len(data)):  # XOR bytes of the features (the issue's audit XOR-ed 64)
+        data[i] ^= 0x01
+    npy.write_bytes(bytes(data))
+    store = FeatureStore.open(root)  # sizes still agree: found when shard 1 is first used
+    np.testing.assert_array_equal(store.slice(0, 6).shape, (6, 4))  # shard 0 is sound
+    for use in (lambda: list(store.iter_blocks(4)), lambda: store.rows([7]), lambda: store.keys_at([7]),
+                lambda: store.keys, lambda: store.verify()):
+        with pytest.raises(UserError) as raised:
+            use()
+        _damage_message(raised, root, "shard-1.npy", "does not match its checksum")
+
+
+def test_a_truncated_shard_is_refused_on_open(tmp_path: Path) -> None:
+    root = _two_shard_store(tmp_path / "s")
+    npy = root / "shard-0.npy"
+    npy.write_bytes(npy.read_bytes()[:-10])
+    with pytest.raises(UserError) as raised:
+        FeatureStore.open(root)
+    _damage_message(raised, root, "shard-0.npy", "is truncated")
+
+
+@pytest.mark.parametrize("file", ["shard-1.npy", "shard-1.json"])
+def test_a_missing_shard_or_row_file_is_refused_on_open(tmp_path: Path, file: str) -> None:
+    root = _two_shard_store(tmp_path / "s")
+    (root / file).unlink()
+    with pytest.raises(UserError) as raised:
+        FeatureStore.open(root)
+    _damage_message(raised, root, file, "is missing")
+
+
+def test_a_foreign_shard_is_refused(tmp_path: Path) -> None:
+    """Another store's shard of the same name: same shape and size, other rows (and another shape)."""
+    root, other = _two_shard_store(tmp_path / "s"), tmp_path / "other"
+    writer = StoreWriter(other, RECORD, (4,), compare=DIFFERENCES)
+    writer.write_shard("0", np.ones((6, 4)), [f"a{i}" for i in range(6)], start=0)
+    writer.write_shard("1", np.ones((3, 4)), ["x", "y", "z"], start=6)
+    writer.finalize()
+    (root / "shard-0.npy").write_bytes((other / "shard-0.npy").read_bytes())
+    with pytest.raises(UserError) as raised:
+        FeatureStore.open(root).slice(0, 1)
+    _damage_message(raised, root, "shard-0.npy", "does not match its checksum")
+    (root / "shard-1.npy").write_bytes((other / "shard-1.npy").read_bytes())
+    with pytest.raises(UserError) as raised:
+        FeatureStore.open(root)
+    _damage_message(raised, root, "shard-1.npy", "the manifest says float16 (5, 4)")
+    (root / "shard-1.json").write_bytes((other / "shard-1.json").read_bytes())  # its row file with it
+    with pytest.raises(UserError) as raised:
+        FeatureStore.open(root)
+    _damage_message(raised, root, "shard-1.npy", "the manifest says float16 (5, 4)")
+
+
+def test_swapped_keys_are_refused(tmp_path: Path) -> None:
+    """Two keys swapped in a shard's row file would attribute rows to the wrong images."""
+    root = _two_shard_store(tmp_path / "s")
+    meta_path = root / "shard-0.json"
+    meta = json.loads(meta_path.read_text())
+    meta["keys"][0], meta["keys"][1] = meta["keys"][1], meta["keys"][0]
+    meta_path.write_text(json.dumps(meta))
+    store = FeatureStore.open(root)
+    with pytest.raises(UserError) as raised:
+        store.keys_at([0])
+    _damage_message(raised, root, "shard-0.json", "does not match its checksum")
+    with pytest.raises(UserError):
+        store.slice(0, 1)
+
+
+@pytest.mark.parametrize("content", [b"{not json", b"\xff\xfe garbage", b"[1, 2]", b'{"format": "lit-feature-store"}'])
+def test_a_garbage_manifest_is_refused(tmp_path: Path, content: bytes) -> None:
+    root = _two_shard_store(tmp_path / "s")
+    (root / MANIFEST).write_bytes(content)
+    with pytest.raises(UserError) as raised:
+        FeatureStore.open(root)
+    _damage_message(raised, root, "manifest.json", "")
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
+def test_nan_or_inf_rows_are_refused(tmp_path: Path, value: float) -> None:
+    """A shard whose checksums agree but which holds a non-finite row (the writer refuses them; a store
+    written by other means, or by an older writer, may not)."""
+    root = _two_shard_store(tmp_path / "s")
+    npy, meta_path = root / "shard-1.npy", root / "shard-1.json"
+    array = np.load(npy)
+    array[3, 2] = value
+    np.save(npy, array)
+    meta = json.loads(meta_path.read_text())
+    meta["sha256"] = hashlib.sha256(npy.read_bytes()).hexdigest()
+    meta_path.write_text(json.dumps(meta))
+    (root / MANIFEST).unlink()
+    StoreWriter(root, RECORD, (4,), compare=DIFFERENCES).finalize()  # a manifest that agrees with the files
+    store = FeatureStore.open(root)
+    with pytest.raises(UserError) as raised:
+        store.slice(0, 11)
+    _damage_message(raised, root, "shard-1.npy", "row 3 ('b3') holds NaN or inf")

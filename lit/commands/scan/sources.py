@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import tarfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -33,7 +34,7 @@ from datamodules.extraction_inputs import ImageSource
 from lit.commands.extract import extract_to_store
 from lit.io import load_image, load_image_bytes
 from lit.search import RowSource, TensorRows
-from lit.store import FeatureStore
+from lit.store import DamagedStoreError, FeatureStore, is_store
 from models.descriptor_config import DescriptorConfig
 
 
@@ -278,9 +279,13 @@ def input_fingerprint(spec: str) -> tuple[str, str, bool]:
 
 
 def store_folder_name(role: str, fingerprint: str, record: dict[str, Any], dtype: str) -> str:
-    """``<role>-<12 hex>``: one store per (input and its content, descriptor, dtype)."""
-    key = json.dumps({"fingerprint": fingerprint, "dtype": dtype,
-                      "descriptor": DescriptorConfig.compared(record)}, sort_keys=True)
+    """``<role>-<12 hex>``: one store per (input and its content, descriptor, dtype).
+
+    A ``seed`` of None (no random init) is left out of the name, so the stores of real descriptors
+    keep the names they had before the seed was recorded; random-init stores of those versions
+    (unseeded networks) are not found again, and are extracted anew."""
+    compared = {k: v for k, v in DescriptorConfig.compared(record).items() if not (k == "seed" and v is None)}
+    key = json.dumps({"fingerprint": fingerprint, "dtype": dtype, "descriptor": compared}, sort_keys=True)
     return f"{role}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
 
 
@@ -298,14 +303,24 @@ def extract_input(role: str, spec: str, store_dir: Path, config: DescriptorConfi
     Extraction is :func:`lit.commands.extract.extract_to_store` (``lit predict``'s module, datamodule
     and store writer) on one device. Folders whose images all lie in sub-folders get those as
     class labels; ``.tsv`` lists and tars bring captions (and labels) of their own.
-    Unreadable images are skipped, listed in their shard and counted.
+    Unreadable images are skipped, listed in their shard and counted. A finished store found there
+    is reused only when every shard checks out (:meth:`lit.store.FeatureStore.verify`); a damaged
+    one is removed and extracted again, and the console says so.
     """
     _, fingerprint, nested = input_fingerprint(spec)
     target = store_dir / store_folder_name(role, fingerprint, record, dtype)
     if (target / "manifest.json").is_file():
-        store = FeatureStore.open(target)
-        check_descriptor(store, record)
-        return store, True
+        try:  # the whole store is checked before it is called reused (its shards are not checked again)
+            store = FeatureStore.open(target)
+            store.verify()
+        except DamagedStoreError as error:
+            if not is_store(target):
+                raise
+            print(f"{role}: feature store {target} is damaged: {error.what}; extracting it again")
+            shutil.rmtree(target)  # this scan's own store (named by it, marked as a store), never a user's
+        else:
+            check_descriptor(store, record)
+            return store, True
     trainer = {"accelerator": accelerator, "devices": [device_index] if device_index is not None else 1,
                "enable_progress_bar": progress}
     store = extract_to_store(spec, str(target), config, batch_size=batch_size, num_workers=num_workers,
