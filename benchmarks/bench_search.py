@@ -4,11 +4,15 @@ Raw faiss: L2-normalise both sets (``lit.similarity.l2_normalize``, so both
 sides search the same float32 vectors), add the whole gallery to one
 ``IndexFlatIP``, search all queries. Ours: the same through ``search`` with
 its gallery streaming, spare candidates, rescoring and merges. Both run side
-by side in one process with the same thread count (interleaved, best of
-``--repeats``) on random Gaussian features.
+by side in one process with the same thread count, interleaved (the order
+alternates between repeats), on random Gaussian features. Each side's best
+wall time and best CPU time (all threads of the process, ``time.process_time``)
+over ``--repeats`` is reported with the median: on a machine shared with
+other jobs the wall time depends on what they do, the CPU time much less.
 
     .venv/bin/python benchmarks/bench_search.py
-    .venv/bin/python benchmarks/bench_search.py --queries 2000 --gallery 20000   # quick
+    .venv/bin/python benchmarks/bench_search.py --queries 10000 --gallery 20000   # quick
+    .venv/bin/python benchmarks/bench_search.py --profile   # + where ours spends its time
 
 Identical results: the number of queries whose top-k rows equal raw faiss's,
 and the largest score difference at equal rank. Rows can only swap where two
@@ -20,8 +24,16 @@ Extra peak memory: peak RSS during the call above the level at its start.
 from __future__ import annotations
 
 import argparse
+import cProfile
+import os
+import platform
+import pstats
+import statistics
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import faiss
 import numpy as np
@@ -35,6 +47,19 @@ from bench_split_product import MB, measure  # noqa: E402
 from lit.search import _rounding_slack, search  # noqa: E402
 from lit.similarity import l2_normalize  # noqa: E402
 
+#: cProfile rows (function names as pstats shows them) -> phase of ``search`` on the faiss engine.
+PHASES = {
+    "IndexFlat_search": "faiss search (BLAS products + heaps)",
+    "IndexFlatCodes_add": "faiss add (copy of a block)",
+    "normalize": "L2 normalisation",
+    "linalg_vector_norm": "L2 normalisation",
+    "clamp_min": "L2 normalisation",
+    "isfinite": "finite check",
+    "_rescore": "exact float32 rescoring",
+    "_rescore_pairs": "exact float32 rescoring",
+    "take": "exact float32 rescoring",
+}
+
 
 def raw_faiss(q: torch.Tensor, g: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
     """The reference: one IndexFlatIP over the whole normalised gallery."""
@@ -45,6 +70,38 @@ def raw_faiss(q: torch.Tensor, g: torch.Tensor, k: int) -> tuple[np.ndarray, np.
     return index.search(xq, k)
 
 
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def timed(fn: Callable[[], Any]) -> tuple[float, float, int, Any]:
+    """(wall seconds, CPU seconds of the whole process, extra peak RSS bytes, result)."""
+    cpu = time.process_time()
+    wall, peak, result = measure(fn)
+    return wall, time.process_time() - cpu, peak, result
+
+
+def profile_phases(fn: Callable[[], Any]) -> None:
+    """Run ``fn`` once under cProfile and print its own time per phase (:data:`PHASES`)."""
+    profiler = cProfile.Profile()
+    start = time.perf_counter()
+    profiler.runcall(fn)
+    total = time.perf_counter() - start
+    phases: dict[str, float] = {}
+    for (_, _, name), (_, _, own, _, _) in pstats.Stats(profiler).stats.items():  # type: ignore[attr-defined]
+        key = next((phase for pattern, phase in PHASES.items() if pattern in name), "other (Python, sorting, merging)")
+        phases[key] = phases.get(key, 0.0) + own
+    print(f"\nwhere ours spends its time (one call under cProfile, {total:.2f} s wall):")
+    for phase, seconds in sorted(phases.items(), key=lambda item: -item[1]):
+        print(f"  {phase:<40} {seconds:7.3f} s  {100 * seconds / total:5.1f} %")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--queries", type=int, default=10_000)
@@ -53,39 +110,58 @@ def main() -> None:
     p.add_argument("--k", type=int, default=10)
     p.add_argument("--gallery-block", type=int, default=65536)
     p.add_argument("--query-block", type=int, default=4096)
-    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--profile", action="store_true", help="also profile one call of ours by phase")
     a = p.parse_args()
     torch.manual_seed(a.seed)
     threads = faiss.omp_get_max_threads()
+    print(f"{cpu_model()}, {os.cpu_count()} CPUs; load average {os.getloadavg()[0]:.2f} at the start")
     print(f"faiss {faiss.__version__} ({threads} OpenMP threads), torch {torch.__version__} "
           f"({torch.get_num_threads()} threads), float32 CPU")
     q = torch.randn(a.queries, a.dim)
     g = torch.randn(a.gallery, a.dim)
     print(f"Q={a.queries} G={a.gallery} D={a.dim} k={a.k} gallery_block={a.gallery_block} "
-          f"query_block={a.query_block} (inputs {(q.numel() + g.numel()) * 4 / MB:.0f} MB)")
+          f"query_block={a.query_block} (inputs {(q.numel() + g.numel()) * 4 / MB:.0f} MB), "
+          f"{a.repeats} interleaved repeats")
 
-    t_raw = t_ours = float("inf")
-    m_raw = m_ours = 0
-    for _ in range(a.repeats):
-        s, m, raw = measure(lambda: raw_faiss(q, g, a.k))
-        t_raw, m_raw = min(t_raw, s), max(m_raw, m)
-        s, m, ours = measure(
-            lambda: search(q, g, a.k, gallery_block=a.gallery_block, query_block=a.query_block)
-        )
-        t_ours, m_ours = min(t_ours, s), max(m_ours, m)
+    def ours_call() -> Any:
+        return search(q, g, a.k, gallery_block=a.gallery_block, query_block=a.query_block)
 
-    raw_s, raw_i = raw  # type: ignore[misc]
-    ours_s, ours_i = ours.scores.numpy(), ours.indices.numpy()  # type: ignore[union-attr]
+    runs: dict[str, list[tuple[float, float, int]]] = {"raw faiss": [], "ours": []}
+    results: dict[str, Any] = {}
+    calls = {"raw faiss": lambda: raw_faiss(q, g, a.k), "ours": ours_call}
+    loads = []
+    for repeat in range(a.repeats):
+        for name in (("raw faiss", "ours") if repeat % 2 == 0 else ("ours", "raw faiss")):
+            wall, cpu, peak, results[name] = timed(calls[name])
+            runs[name].append((wall, cpu, peak))
+        loads.append(os.getloadavg()[0])
+
+    raw_s, raw_i = results["raw faiss"]
+    ours = results["ours"]
+    ours_s, ours_i = ours.scores.numpy(), ours.indices.numpy()
     same_rows = int((ours_i == raw_i).all(axis=1).sum())
     rank_diff = float(np.abs(ours_s - raw_s).max())
-    print(f"\n{'':<10} {'seconds':>8} {'extra peak MB':>14}")
-    print(f"{'raw faiss':<10} {t_raw:8.2f} {m_raw / MB:14.0f}")
-    print(f"{'ours':<10} {t_ours:8.2f} {m_ours / MB:14.0f}")
-    print(f"time ratio ours / raw faiss: {t_ours / t_raw:.3f}")
+    best = {name: (min(r[0] for r in rs), min(r[1] for r in rs)) for name, rs in runs.items()}
+    median = {name: (statistics.median(r[0] for r in rs), statistics.median(r[1] for r in rs))
+              for name, rs in runs.items()}
+    print(f"\n{'':<10} {'best wall s':>11} {'best CPU s':>10} {'median wall s':>13} {'median CPU s':>12} "
+          f"{'extra peak MB':>14}")
+    for name, rs in runs.items():
+        print(f"{name:<10} {best[name][0]:11.2f} {best[name][1]:10.2f} {median[name][0]:13.2f} "
+              f"{median[name][1]:12.2f} {max(r[2] for r in rs) / MB:14.0f}")
+    ratio = {stat: [values["ours"][i] / values["raw faiss"][i] for i in (0, 1)]
+             for stat, values in (("best", best), ("median", median))}
+    print(f"ratio ours / raw faiss: wall {ratio['best'][0]:.3f} (best), {ratio['median'][0]:.3f} (median); "
+          f"CPU {ratio['best'][1]:.3f} (best), {ratio['median'][1]:.3f} (median)")
+    print(f"load average (1 min) after each repeat: {', '.join(f'{x:.2f}' for x in loads)}")
+    slack = _rounding_slack(a.dim)
     print(f"identical top-{a.k} rows: {same_rows}/{a.queries} queries; max |score diff| at equal "
-          f"rank {rank_diff:.2e} (rounding slack {_rounding_slack(a.dim):.1e}: "
-          f"{'within' if rank_diff <= _rounding_slack(a.dim) else 'EXCEEDED'})")
+          f"rank {rank_diff:.2e} (rounding slack {slack:.1e}: {'within' if rank_diff <= slack else 'EXCEEDED'})")
+    if a.profile:
+        profile_phases(ours_call)
+
 
 if __name__ == "__main__":
     main()
