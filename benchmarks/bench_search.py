@@ -44,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench_split_product import MB, measure  # noqa: E402
 
-from lit.search import _rounding_slack, search  # noqa: E402
+from lit.search import score_slack, search  # noqa: E402
 from lit.similarity import l2_normalize  # noqa: E402
 
 #: cProfile rows (function names as pstats shows them) -> phase of ``search`` on the faiss engine.
@@ -156,7 +156,7 @@ def main() -> None:
     print(f"ratio ours / raw faiss: wall {ratio['best'][0]:.3f} (best), {ratio['median'][0]:.3f} (median); "
           f"CPU {ratio['best'][1]:.3f} (best), {ratio['median'][1]:.3f} (median)")
     print(f"load average (1 min) after each repeat: {', '.join(f'{x:.2f}' for x in loads)}")
-    slack = _rounding_slack(a.dim)
+    slack = score_slack(a.dim)
     print(f"identical top-{a.k} rows: {same_rows}/{a.queries} queries; max |score diff| at equal "
           f"rank {rank_diff:.2e} (rounding slack {slack:.1e}: {'within' if rank_diff <= slack else 'EXCEEDED'})")
     if a.profile:

@@ -27,7 +27,7 @@ from lit.commands.scan.approx import approximate_search, open_index
 from lit.commands.scan.sources import FeatureSource
 from lit.commands.scan.types import ScanOptions, ScanResult
 from lit.errors import UserError
-from lit.search import SearchResult, search, search_store
+from lit.search import SearchResult, search, similarity_for
 from lit.similarity import (
     SimilarityKind,
     TokenNormalization,
@@ -57,14 +57,15 @@ def query_chunks(rows: Tensor, feature_shape: tuple[int, ...], chunk_bytes: int 
 def search_source(queries: FeatureSource, query_rows: Tensor, source: FeatureSource, k: int, *,
                   normalization: TokenNormalization, exclude: Tensor | None = None, block_rows: int = 65536,
                   device: str = "cpu", progress: bool = False) -> SearchResult:
-    """Exact top-``k`` rows of ``source`` for the given rows of ``queries``: :func:`lit.search.search_store`
+    """Exact top-``k`` rows of ``source`` for the given rows of ``queries``: :func:`lit.search.search`
     over the source's blocks on ``device`` (faiss on the CPU, matrix products + ``topk`` on a GPU),
     one chunk of query rows at a time (:func:`query_chunks`)."""
     scores, indices, done = [], [], 0
     for chunk in query_chunks(query_rows, queries.feature_shape):
         part = None if exclude is None else exclude[done:done + chunk.numel()]
-        found = search_store(queries.rows(chunk).to(device), source.row_source, k, normalization=normalization,
-                             exclude=part, block_rows=block_rows, progress=progress, device=device)
+        found = search(queries.rows(chunk).to(device), source.row_source, k,
+                       similarity=similarity_for(source.feature_shape), normalization=normalization,
+                       exclude=part, gallery_block=block_rows, progress=progress, device=device)
         scores.append(found.scores)
         indices.append(found.indices)
         done += chunk.numel()
@@ -104,7 +105,7 @@ def run_scan(generations: FeatureSource, training: FeatureSource, options: ScanO
     if generations.feature_shape != training.feature_shape:
         raise UserError(f"generations have features of shape {generations.feature_shape}, the training set "
                         f"{training.feature_shape}: they were not made by the same descriptor")
-    # the similarity follows the features, as in lit.search.search_store: (D,) cosine, (T, D) split-product
+    # the similarity follows the features (lit.search.similarity_for): (D,) cosine, (T, D) split-product
     options = replace(options, similarity="cosine" if len(training.feature_shape) == 1 else "split_product")
     timings: dict[str, float] = {}
     clock = time.perf_counter()
