@@ -447,8 +447,8 @@ def _rescore_pairs(xq: np.ndarray, xb: np.ndarray, query: np.ndarray, local: np.
     for p0 in range(0, count, step):
         p1 = min(count, p0 + step)
         g, q = cand[: p1 - p0], qs[: p1 - p0]
-        np.take(xb, local[p0:p1], axis=0, out=g)
-        np.take(xq, query[p0:p1], axis=0, out=q)
+        np.take(xb, local[p0:p1], axis=0, out=g, mode="clip")  # "clip": no temporary copy (rows are valid)
+        np.take(xq, query[p0:p1], axis=0, out=q, mode="clip")
         np.multiply(g, q, out=g)
         g.sum(axis=-1, out=out[p0:p1])
     return out
