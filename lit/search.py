@@ -10,8 +10,9 @@ themselves without the self-matches.
 Two engines give the same lists (same rows; scores equal within float32 rounding):
 
 * ``backend="faiss"`` (global features ``(N, D)``, cosine, CPU): features are
-  L2-normalised to float32 and searched with ``faiss.IndexFlatIP``, one gallery
-  block at a time (add, search, merge into the running top-k, reset). The
+  L2-normalised to float32 and searched with faiss's exact inner-product kNN
+  (``faiss.knn``, the kernel of ``IndexFlatIP.search``, on the block where it
+  lies), one gallery block at a time, merged into the running top-k. The
   faster engine on a CPU. faiss returns a few spare candidates per query; only
   those that can still enter the top k (within :func:`score_slack` of its k-th
   place or of the running k-th score) are rescored (:func:`_rescore_pairs`).
@@ -51,6 +52,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol, get_args
@@ -77,6 +79,8 @@ Precision = Literal["float32", "tf32", "bf16"]
 RESULT_ELEMENTS = 2**23
 #: Float32 elements of gathered candidate vectors per rescoring step (faiss engine).
 RESCORE_ELEMENTS = 2**22
+#: Candidate pairs below which the faiss engine rescores in one thread (a thread costs more than it saves).
+PAIRS_PER_THREAD = 4096
 #: The same for the torch engine on an accelerator (64 MB a step; on a CPU, RESCORE_ELEMENTS).
 DEVICE_RESCORE_ELEMENTS = 2**24
 #: Score elements per (query block x gallery chunk) tile of the torch engine on a CPU (float32: 256 MB).
@@ -213,8 +217,8 @@ def rerank(
 ) -> SearchResult:
     """Exact top-``k`` of given candidate rows: every candidate rescored in float32 in a fixed order.
 
-    ``candidates`` (Q, c) int64 rows of ``source`` per query (-1: none;
-    duplicates allowed). The rows are gathered from ``source``, normalised like
+    ``candidates`` (Q, c) int64 distinct rows of ``source`` per query (-1:
+    none). The rows are gathered from ``source``, normalised like
     the queries, scored as an elementwise product summed along D (tokens: then
     the max over tokens), and ordered by (score desc, row asc), padded with
     -inf / -1 to ``k``: the same scores as the torch engine of :func:`search`
@@ -325,30 +329,30 @@ def _search_global(
     query_block: int,
     progress: bool,
 ) -> SearchResult:
-    """faiss IndexFlatIP over one gallery block at a time, merged into a running top-k."""
-    num_q, dim = queries.shape
+    """faiss's exact inner-product kNN over one gallery block at a time, merged into a running top-k.
+
+    ``faiss.knn`` runs the kernel of ``IndexFlatIP.search`` (BLAS products, heap
+    selection) on the normalised block where it lies, without copying it into an index.
+    """
+    num_q = queries.shape[0]
     num_g = source.num_rows
     scores = np.full((num_q, k), -np.inf, dtype=np.float32)
     rows = np.full((num_q, k), -1, dtype=np.int64)
-    index = faiss.IndexFlatIP(dim)
     query_starts = range(0, num_q, query_block)
     normalized = [normalized_rows(queries[q0 : q0 + query_block], "queries", q0) for q0 in query_starts]
     blocks = source.iter_blocks(gallery_block)
     total = math.ceil(num_g / gallery_block)
     for g0, raw in tqdm(blocks, total=total, desc="search", unit="block", disable=not progress):
         block = normalized_rows(as_tensor(raw), "gallery", g0)
-        index.add(block)
         for q0, xq in zip(query_starts, normalized):
             q1 = q0 + len(xq)
             excl = None if exclude is None else exclude[q0:q1]
-            scores[q0:q1], rows[q0:q1] = _add_block(index, block, xq, scores[q0:q1], rows[q0:q1], g0, excl)
-        index.reset()
+            scores[q0:q1], rows[q0:q1] = _add_block(block, xq, scores[q0:q1], rows[q0:q1], g0, excl)
         del block
     return SearchResult(torch.from_numpy(scores), torch.from_numpy(rows))
 
 
 def _add_block(
-    index: faiss.IndexFlatIP,
     xb: np.ndarray,
     xq: np.ndarray,
     best_s: np.ndarray,
@@ -357,14 +361,14 @@ def _add_block(
     exclude: np.ndarray | None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The running top-k lists ``(best_s, best_i)`` (rows before ``offset``, canonical order)
-    merged with gallery block ``xb`` (held in ``index``, rows from ``offset``).
+    merged with gallery block ``xb`` (rows from ``offset``).
 
     faiss selects ``kc > k`` candidates per query; :func:`_merge_candidates`
     rescores those that can still enter the top k and flags queries whose
     k-th place could tie with a row faiss left out. Those queries are searched
     again with twice as many candidates (the whole block at most).
     """
-    nb = index.ntotal
+    nb = len(xb)
     k = best_s.shape[1]
     spare = 1 if exclude is not None else 0
     kc = min(nb, k + spare + max(8, k // 4))
@@ -375,9 +379,8 @@ def _add_block(
         unsure = []
         for c0 in range(0, todo.size, step):
             sel = todo[c0 : c0 + step]
-            whole = sel.size == len(xq)  # the first pass: no copy of the queries
-            sub = xq if whole else xq[sel]
-            f, i = index.search(sub, kc)
+            sub = xq if sel.size == len(xq) else xq[sel]  # the first pass: no copy of the queries
+            f, i = faiss.knn(sub, xb, kc, metric=faiss.METRIC_INNER_PRODUCT)
             sub_exclude = None if exclude is None else exclude[sel]
             s, r, still = _merge_candidates(sub, xb, f, i, best_s[sel], best_i[sel], offset, sub_exclude, kc < nb)
             out_s[sel], out_i[sel] = s, r
@@ -437,10 +440,27 @@ def _rescore_pairs(xq: np.ndarray, xb: np.ndarray, query: np.ndarray, local: np.
     """Inner products of query ``query[p]`` with block row ``local[p]``, as ``(q * g).sum(-1)``.
 
     An elementwise product summed along D reduces every pair in the same
-    order, so identical gallery vectors get bitwise identical scores.
+    order, so identical gallery vectors get bitwise identical scores. Long
+    lists are split between faiss's threads (numpy releases the GIL; each
+    pair is computed alike whichever thread takes it).
     """
-    count, dim = local.size, xq.shape[1]
+    count = local.size
     out = np.empty(count, dtype=np.float32)
+    workers = min(faiss.omp_get_max_threads(), count // PAIRS_PER_THREAD)
+    if workers <= 1:
+        _rescore_range(xq, xb, query, local, out)
+        return out
+    bounds = np.linspace(0, count, workers + 1).astype(int)
+    with ThreadPoolExecutor(workers) as pool:
+        for done in [pool.submit(_rescore_range, xq, xb, query[a:b], local[a:b], out[a:b])
+                     for a, b in zip(bounds[:-1], bounds[1:])]:
+            done.result()
+    return out
+
+
+def _rescore_range(xq: np.ndarray, xb: np.ndarray, query: np.ndarray, local: np.ndarray, out: np.ndarray) -> None:
+    """:func:`_rescore_pairs` of some pairs, into ``out``, in steps of ``RESCORE_ELEMENTS``."""
+    count, dim = local.size, xq.shape[1]
     step = max(1, RESCORE_ELEMENTS // max(1, dim))
     cand = np.empty((min(count, step), dim), dtype=np.float32)
     qs = np.empty_like(cand)
@@ -451,7 +471,8 @@ def _rescore_pairs(xq: np.ndarray, xb: np.ndarray, query: np.ndarray, local: np.
         np.take(xq, query[p0:p1], axis=0, out=q, mode="clip")
         np.multiply(g, q, out=g)
         g.sum(axis=-1, out=out[p0:p1])
-    return out
+
+
 # ----------------------------------------------------------------------------- torch engine
 
 
