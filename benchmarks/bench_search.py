@@ -24,13 +24,12 @@ Extra peak memory: peak RSS during the call above the level at its start.
 from __future__ import annotations
 
 import argparse
-import cProfile
 import os
 import platform
-import pstats
 import statistics
 import sys
 import time
+from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -44,20 +43,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench_split_product import MB, measure  # noqa: E402
 
+import lit.search as lit_search  # noqa: E402
 from lit.search import score_slack, search  # noqa: E402
 from lit.similarity import l2_normalize  # noqa: E402
 
-#: cProfile rows (function names as pstats shows them) -> phase of ``search`` on the faiss engine.
+#: Functions of ``lit.search`` (and faiss) timed by ``--profile``, and the phase each one is.
 PHASES = {
-    "IndexFlat_search": "faiss search (BLAS products + heaps)",
-    "IndexFlatCodes_add": "faiss add (copy of a block)",
-    "normalize": "L2 normalisation",
-    "linalg_vector_norm": "L2 normalisation",
-    "clamp_min": "L2 normalisation",
-    "isfinite": "finite check",
-    "_rescore": "exact float32 rescoring",
+    "knn": "faiss kNN (BLAS products + heap selection)",
+    "normalized_rows": "L2 normalisation + finite check",
     "_rescore_pairs": "exact float32 rescoring",
-    "take": "exact float32 rescoring",
+    "_merge_candidates": "pruning, merging, ordering",
 }
 
 
@@ -88,18 +83,39 @@ def timed(fn: Callable[[], Any]) -> tuple[float, float, int, Any]:
 
 
 def profile_phases(fn: Callable[[], Any]) -> None:
-    """Run ``fn`` once under cProfile and print its own time per phase (:data:`PHASES`)."""
-    profiler = cProfile.Profile()
-    start = time.perf_counter()
-    profiler.runcall(fn)
-    total = time.perf_counter() - start
-    phases: dict[str, float] = {}
-    for (_, _, name), (_, _, own, _, _) in pstats.Stats(profiler).stats.items():  # type: ignore[attr-defined]
-        key = next((phase for pattern, phase in PHASES.items() if pattern in name), "other (Python, sorting, merging)")
-        phases[key] = phases.get(key, 0.0) + own
-    print(f"\nwhere ours spends its time (one call under cProfile, {total:.2f} s wall):")
-    for phase, seconds in sorted(phases.items(), key=lambda item: -item[1]):
-        print(f"  {phase:<40} {seconds:7.3f} s  {100 * seconds / total:5.1f} %")
+    """Run ``fn`` once with a wall and CPU clock around each function of :data:`PHASES`;
+    ``_merge_candidates`` is counted without the rescoring it calls."""
+    wall: dict[str, float] = defaultdict(float)
+    cpu: dict[str, float] = defaultdict(float)
+    originals = {name: getattr(faiss if name == "knn" else lit_search, name) for name in PHASES}
+
+    def clocked(name: str, inner: Callable[..., Any]) -> Callable[..., Any]:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            w, c = time.perf_counter(), time.process_time()
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                wall[name] += time.perf_counter() - w
+                cpu[name] += time.process_time() - c
+        return call
+
+    for name, inner in originals.items():
+        setattr(faiss if name == "knn" else lit_search, name, clocked(name, inner))
+    try:
+        w, c = time.perf_counter(), time.process_time()
+        fn()
+        total_wall, total_cpu = time.perf_counter() - w, time.process_time() - c
+    finally:
+        for name, inner in originals.items():
+            setattr(faiss if name == "knn" else lit_search, name, inner)
+    for clock in (wall, cpu):
+        clock["_merge_candidates"] -= clock["_rescore_pairs"]
+    print(f"\nwhere ours spends its time (one call, {total_wall:.2f} s wall, {total_cpu:.2f} s CPU):")
+    print(f"  {'phase':<44} {'wall s':>7} {'%':>6} {'CPU s':>7} {'%':>6}")
+    rows = [(PHASES[name], wall[name], cpu[name]) for name in PHASES]
+    rows.append(("other (Python, block reads, lists)", total_wall - sum(wall.values()), total_cpu - sum(cpu.values())))
+    for label, w, c in rows:
+        print(f"  {label:<44} {w:7.3f} {100 * w / total_wall:6.1f} {c:7.3f} {100 * c / total_cpu:6.1f}")
 
 
 def main() -> None:

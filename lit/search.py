@@ -171,7 +171,9 @@ def search(
     ``exclude`` (Q,) int64 names one gallery row per query to leave out (its
     self-match), -1 for none. The gallery is streamed in blocks of
     ``gallery_block`` rows (smaller tiles inside, see ``TILE_ELEMENTS``), so
-    ``Q x G`` scores never need to fit in memory. ``backend``, ``precision``
+    ``Q x G`` scores never need to fit in memory; ``query_block`` queries are
+    scored (torch engine) or normalised (faiss engine, which tiles the queries
+    itself) at a time. ``backend``, ``precision``
     (products of the torch engine; the returned scores are always float32
     rescored) and ``device`` (where the torch engine computes; default the
     queries' device): see the module docstring.
@@ -335,19 +337,18 @@ def _search_global(
     selection) on the normalised block where it lies, without copying it into an index.
     """
     num_q = queries.shape[0]
-    num_g = source.num_rows
     scores = np.full((num_q, k), -np.inf, dtype=np.float32)
     rows = np.full((num_q, k), -1, dtype=np.int64)
-    query_starts = range(0, num_q, query_block)
-    normalized = [normalized_rows(queries[q0 : q0 + query_block], "queries", q0) for q0 in query_starts]
+    # one faiss call per gallery block for all queries: faiss tiles the queries itself (query_block
+    # bounds the normalising copies), and every call leaves its threads spinning for a while
+    xq = np.empty((num_q, queries.shape[1]), dtype=np.float32)
+    for q0 in range(0, num_q, query_block):
+        xq[q0 : q0 + query_block] = normalized_rows(queries[q0 : q0 + query_block], "queries", q0)
     blocks = source.iter_blocks(gallery_block)
-    total = math.ceil(num_g / gallery_block)
+    total = math.ceil(source.num_rows / gallery_block)
     for g0, raw in tqdm(blocks, total=total, desc="search", unit="block", disable=not progress):
         block = normalized_rows(as_tensor(raw), "gallery", g0)
-        for q0, xq in zip(query_starts, normalized):
-            q1 = q0 + len(xq)
-            excl = None if exclude is None else exclude[q0:q1]
-            scores[q0:q1], rows[q0:q1] = _add_block(block, xq, scores[q0:q1], rows[q0:q1], g0, excl)
+        scores, rows = _add_block(block, xq, scores, rows, g0, exclude)
         del block
     return SearchResult(torch.from_numpy(scores), torch.from_numpy(rows))
 
