@@ -24,6 +24,8 @@ Extra peak memory: peak RSS during the call above the level at its start.
 from __future__ import annotations
 
 import argparse
+import functools
+import importlib.util
 import os
 import platform
 import statistics
@@ -110,12 +112,38 @@ def profile_phases(fn: Callable[[], Any]) -> None:
             setattr(faiss if name == "knn" else lit_search, name, inner)
     for clock in (wall, cpu):
         clock["_merge_candidates"] -= clock["_rescore_pairs"]
-    print(f"\nwhere ours spends its time (one call, {total_wall:.2f} s wall, {total_cpu:.2f} s CPU):")
-    print(f"  {'phase':<44} {'wall s':>7} {'%':>6} {'CPU s':>7} {'%':>6}")
     rows = [(PHASES[name], wall[name], cpu[name]) for name in PHASES]
     rows.append(("other (Python, block reads, lists)", total_wall - sum(wall.values()), total_cpu - sum(cpu.values())))
+    print_phases("ours", rows)
+
+
+def profile_raw(q: torch.Tensor, g: torch.Tensor, k: int) -> None:
+    """:func:`raw_faiss` once, with a wall and CPU clock around each of its steps."""
+    rows: list[tuple[str, float, float]] = []
+    clock = (time.perf_counter(), time.process_time())
+
+    def lap(label: str) -> None:
+        nonlocal clock
+        now = (time.perf_counter(), time.process_time())
+        rows.append((label, now[0] - clock[0], now[1] - clock[1]))
+        clock = now
+
+    xq, xb = l2_normalize(q).numpy(), l2_normalize(g).numpy()
+    lap("L2 normalisation")
+    index = faiss.IndexFlatIP(xb.shape[1])
+    index.add(xb)
+    lap("faiss add (copy into the index)")
+    index.search(xq, k)
+    lap("faiss search (BLAS products + heap selection)")
+    print_phases("raw faiss", rows)
+
+
+def print_phases(who: str, rows: list[tuple[str, float, float]]) -> None:
+    total_wall, total_cpu = sum(r[1] for r in rows), sum(r[2] for r in rows)
+    print(f"\nwhere {who} spends its time (one call, {total_wall:.2f} s wall, {total_cpu:.2f} s CPU):")
+    print(f"  {'phase':<46} {'wall s':>7} {'%':>6} {'CPU s':>7} {'%':>6}")
     for label, w, c in rows:
-        print(f"  {label:<44} {w:7.3f} {100 * w / total_wall:6.1f} {c:7.3f} {100 * c / total_cpu:6.1f}")
+        print(f"  {label:<46} {w:7.3f} {100 * w / total_wall:6.1f} {c:7.3f} {100 * c / total_cpu:6.1f}")
 
 
 def main() -> None:
@@ -128,7 +156,10 @@ def main() -> None:
     p.add_argument("--query-block", type=int, default=4096)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--profile", action="store_true", help="also profile one call of ours by phase")
+    p.add_argument("--profile", action="store_true", help="also time one call of raw faiss and of ours by phase")
+    p.add_argument("--also", type=Path, action="append", default=[], metavar="SEARCH_PY",
+                   help="another version of lit/search.py timed in the same rounds, e.g. the one before a change: "
+                        "git show COMMIT:lit/search.py > /tmp/search_before.py")
     a = p.parse_args()
     torch.manual_seed(a.seed)
     threads = faiss.omp_get_max_threads()
@@ -141,42 +172,60 @@ def main() -> None:
           f"query_block={a.query_block} (inputs {(q.numel() + g.numel()) * 4 / MB:.0f} MB), "
           f"{a.repeats} interleaved repeats")
 
-    def ours_call() -> Any:
-        return search(q, g, a.k, gallery_block=a.gallery_block, query_block=a.query_block)
+    def ours_call(engine: Callable[..., Any] = search) -> Any:
+        return engine(q, g, a.k, gallery_block=a.gallery_block, query_block=a.query_block)
 
-    runs: dict[str, list[tuple[float, float, int]]] = {"raw faiss": [], "ours": []}
+    calls: dict[str, Callable[[], Any]] = {"raw faiss": lambda: raw_faiss(q, g, a.k), "ours": ours_call}
+    for number, path in enumerate(a.also):
+        other = load_search_module(path, f"search_also_{number}")
+        calls[f"also {path.name}"] = functools.partial(ours_call, other.search)
+    runs: dict[str, list[tuple[float, float, int]]] = {name: [] for name in calls}
     results: dict[str, Any] = {}
-    calls = {"raw faiss": lambda: raw_faiss(q, g, a.k), "ours": ours_call}
+    names = list(calls)
     loads = []
     for repeat in range(a.repeats):
-        for name in (("raw faiss", "ours") if repeat % 2 == 0 else ("ours", "raw faiss")):
+        for name in names[repeat % len(names):] + names[: repeat % len(names)]:  # each goes first in turn
             wall, cpu, peak, results[name] = timed(calls[name])
             runs[name].append((wall, cpu, peak))
         loads.append(os.getloadavg()[0])
 
-    raw_s, raw_i = results["raw faiss"]
-    ours = results["ours"]
-    ours_s, ours_i = ours.scores.numpy(), ours.indices.numpy()
-    same_rows = int((ours_i == raw_i).all(axis=1).sum())
-    rank_diff = float(np.abs(ours_s - raw_s).max())
     best = {name: (min(r[0] for r in rs), min(r[1] for r in rs)) for name, rs in runs.items()}
     median = {name: (statistics.median(r[0] for r in rs), statistics.median(r[1] for r in rs))
               for name, rs in runs.items()}
-    print(f"\n{'':<10} {'best wall s':>11} {'best CPU s':>10} {'median wall s':>13} {'median CPU s':>12} "
+    width = max(10, *(len(name) for name in runs))
+    print(f"\n{'':<{width}} {'best wall s':>11} {'best CPU s':>10} {'median wall s':>13} {'median CPU s':>12} "
           f"{'extra peak MB':>14}")
     for name, rs in runs.items():
-        print(f"{name:<10} {best[name][0]:11.2f} {best[name][1]:10.2f} {median[name][0]:13.2f} "
+        print(f"{name:<{width}} {best[name][0]:11.2f} {best[name][1]:10.2f} {median[name][0]:13.2f} "
               f"{median[name][1]:12.2f} {max(r[2] for r in rs) / MB:14.0f}")
-    ratio = {stat: [values["ours"][i] / values["raw faiss"][i] for i in (0, 1)]
-             for stat, values in (("best", best), ("median", median))}
-    print(f"ratio ours / raw faiss: wall {ratio['best'][0]:.3f} (best), {ratio['median'][0]:.3f} (median); "
-          f"CPU {ratio['best'][1]:.3f} (best), {ratio['median'][1]:.3f} (median)")
+    for name in names[1:]:
+        ratio = {stat: [values[name][i] / values["raw faiss"][i] for i in (0, 1)]
+                 for stat, values in (("best", best), ("median", median))}
+        print(f"ratio {name} / raw faiss: wall {ratio['best'][0]:.3f} (best), {ratio['median'][0]:.3f} (median); "
+              f"CPU {ratio['best'][1]:.3f} (best), {ratio['median'][1]:.3f} (median)")
     print(f"load average (1 min) after each repeat: {', '.join(f'{x:.2f}' for x in loads)}")
+    raw_s, raw_i = results["raw faiss"]
     slack = score_slack(a.dim)
-    print(f"identical top-{a.k} rows: {same_rows}/{a.queries} queries; max |score diff| at equal "
-          f"rank {rank_diff:.2e} (rounding slack {slack:.1e}: {'within' if rank_diff <= slack else 'EXCEEDED'})")
+    for name in names[1:]:
+        found_s, found_i = results[name].scores.numpy(), results[name].indices.numpy()
+        same_rows = int((found_i == raw_i).all(axis=1).sum())
+        rank_diff = float(np.abs(found_s - raw_s).max())
+        print(f"{name}: identical top-{a.k} rows: {same_rows}/{a.queries} queries; max |score diff| at equal "
+              f"rank {rank_diff:.2e} (rounding slack {slack:.1e}: {'within' if rank_diff <= slack else 'EXCEEDED'})")
     if a.profile:
+        profile_raw(q, g, a.k)
         profile_phases(ours_call)
+
+
+def load_search_module(path: Path, name: str) -> Any:
+    """A ``lit/search.py`` from another version, imported under ``name`` (its own imports from this tree)."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise SystemExit(f"error: cannot import {path}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up while the file runs
+    spec.loader.exec_module(module)
+    return module
 
 
 if __name__ == "__main__":

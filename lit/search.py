@@ -80,7 +80,7 @@ RESULT_ELEMENTS = 2**23
 #: Float32 elements of gathered candidate vectors per rescoring step (faiss engine).
 RESCORE_ELEMENTS = 2**22
 #: Candidate pairs below which the faiss engine rescores in one thread (a thread costs more than it saves).
-PAIRS_PER_THREAD = 4096
+PAIRS_PER_THREAD = 32768
 #: The same for the torch engine on an accelerator (64 MB a step; on a CPU, RESCORE_ELEMENTS).
 DEVICE_RESCORE_ELEMENTS = 2**24
 #: Score elements per (query block x gallery chunk) tile of the torch engine on a CPU (float32: 256 MB).
