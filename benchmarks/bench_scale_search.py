@@ -10,7 +10,7 @@ Parts (``--parts``, all by default; each prints ours beside its reference):
   seeded, block by block, into ``--store-dir``; reused when already there),
   an index built from it (``--factory``, trained on a seeded sample), then
   ``--ann-queries`` queries (half near-copies of store rows, half fresh draws
-  from the mixture) searched exactly (``search_store``, faiss engine) and
+  from the mixture) searched exactly (``search`` over the store, faiss engine) and
   through the index (shortlist ``k * --factor`` re-ranked exactly from the
   store): recall@1 against exact, speed ratio, index bytes a vector.
 * ``store``: the exact store scan's peak RSS above the level before it
@@ -45,7 +45,7 @@ from bench_search import raw_faiss  # noqa: E402
 from bench_split_product import MB, measure, release_free_memory  # noqa: E402
 
 from lit.ann import build_index  # noqa: E402
-from lit.search import _slack, _token_tile_bf16, search, search_store  # noqa: E402
+from lit.search import _token_tile_bf16, score_slack, search  # noqa: E402
 from lit.similarity import l2_normalize, normalize_tokens, split_product  # noqa: E402
 from lit.store import FeatureStore, StoreWriter, is_store  # noqa: E402
 from models.descriptor_config import DescriptorConfig  # noqa: E402
@@ -166,9 +166,9 @@ def part_ann_store(a: argparse.Namespace, parts: set[str]) -> None:
     release_free_memory()
     resettable = reset_peak()
     base = vm("VmRSS")
-    t_exact, exact = timed(lambda: search_store(q, store, a.k, block_rows=a.block_rows))
+    t_exact, exact = timed(lambda: search(q, store, a.k, gallery_block=a.block_rows))
     peak = vm("VmHWM") - base
-    print(f"exact search_store (faiss engine), {len(q)} queries: {t_exact:.1f} s "
+    print(f"exact search over the store (faiss engine), {len(q)} queries: {t_exact:.1f} s "
           f"({len(q) * store.num_rows / t_exact / 1e6:.0f} M pairs/s)")
     if "store" in parts:
         how = "VmHWM after clear_refs" if resettable else "VmHWM since start (clear_refs refused)"
@@ -184,7 +184,7 @@ def part_ann_store(a: argparse.Namespace, parts: set[str]) -> None:
     print(f"index {a.factory}: built in {t_build:.1f} s (train {ann.train_size} rows), "
           f"{size / store.num_rows:.1f} bytes a vector on disk ({ann.bytes_per_vector():.0f} in the lists)")
     print(f"{'':<36} {'seconds':>8} {'recall@1':>9} {'x exact':>8}")
-    print(f"{'exact (search_store)':<36} {t_exact:8.2f} {1.0:9.3f} {1.0:8.1f}")
+    print(f"{'exact (search, store)':<36} {t_exact:8.2f} {1.0:9.3f} {1.0:8.1f}")
     for nprobe in a.nprobes:
         t_ann, found = timed(lambda: ann.search(q, store, a.k, factor=a.factor, nprobe=nprobe))
         hit = (found.indices[:, 0] == exact.indices[:, 0]).numpy()
@@ -258,7 +258,7 @@ def part_gpu(a: argparse.Namespace) -> None:
     print(f"search bf16 (+ float32 rescoring)   {tbf:8.3f} s  top-1 agreement {top1:.4f}; lists equal "
           f"{float((rbf.indices == r32.indices).all(dim=1).float().mean()):.4f}")
     print(f"largest |bf16 - float32| split-product score before rescoring: {diff:.2e} "
-          f"(the engine's bound: {_slack(768, 'bf16'):.2e})")
+          f"(the engine's bound: {score_slack(768, 'bf16'):.2e})")
 
 
 def main() -> None:

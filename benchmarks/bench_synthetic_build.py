@@ -46,17 +46,14 @@ from PIL import Image, ImageDraw  # noqa: E402
 from table1_bsds import random_unet  # noqa: E402
 
 from datamodules.procedural import ProceduralScenes  # noqa: E402
-from datamodules.synthetic.base import (  # noqa: E402
-    PNG_COMPRESS_LEVEL,
-    BuildReport,
-    SyntheticBuilder,
-    build_synthetic,
-    folder_refs,
-)
+from datamodules.synthetic.build import BuildReport, build_synthetic  # noqa: E402
+from datamodules.synthetic.builder import SyntheticBuilder  # noqa: E402
 from datamodules.synthetic.cutmix import CutmixBuilder  # noqa: E402
+from datamodules.synthetic.manifest import PNG_COMPRESS_LEVEL  # noqa: E402
 from datamodules.synthetic.masks import FolderMaskSource, VocMaskSource, _LabelMapSource  # noqa: E402
 from datamodules.synthetic.outpainting import OutpaintBuilder, kept_mask  # noqa: E402
 from datamodules.synthetic.segmix import SegmixBuilder  # noqa: E402
+from datamodules.synthetic.sources import folder_refs  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 STAGES = ("decode", "resize", "augment", "composite", "mask", "load_model", "diffusion", "encode", "write")

@@ -8,8 +8,8 @@ the rows, filled block by block (never the whole store in memory), and written
 atomically with a JSON record beside it. :meth:`AnnIndex.search` asks the index
 for a shortlist of ``k * factor`` rows per query and re-ranks it exactly: the
 rows are gathered from the source and rescored in float32 in the fixed
-summation order of the exact search (:mod:`lit.search`), so a re-ranked score
-equals the exact score of that row and ties order by ascending row. Compressed
+summation order of the exact search (:func:`lit.search.rerank`), so a re-ranked
+score equals the exact score of that row and ties order by ascending row. Compressed
 codes (PQ) lose top-1 matches unless the shortlist is re-ranked (BigANN-1B
 recall@1 ~0.35 at 16-20 bytes a vector), which is why copy detection re-ranks.
 
@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from lit.errors import UserError
 from lit.files import atomic_path, write_json
-from lit.search import RowSource, SearchResult, _as_tensor, _normalized, _order, _rescore_rows, _validate_exclude
+from lit.search import RowSource, SearchResult, as_tensor, check_exclude, normalized_rows, rerank
 
 FORMAT = "lit-ann-index"
 #: Default number of IVF lists probed per query (recorded with the index).
@@ -127,7 +127,7 @@ class AnnIndex:
         if source.num_rows != self.num_rows or tuple(source.feature_shape) != (self.dim,):
             raise UserError(f"the index was built over {self.num_rows} x {self.dim} rows but the source has "
                             f"{source.num_rows} x {tuple(source.feature_shape)}; rebuild the index")
-        excluded = _validate_exclude(exclude, queries.shape[0], self.num_rows)
+        excluded = check_exclude(exclude, queries.shape[0], self.num_rows)
         probe = self.nprobe if nprobe is None else nprobe
         if probe is not None:
             _set_nprobe(self.index, probe)
@@ -135,15 +135,13 @@ class AnnIndex:
         num_q = queries.shape[0]
         out_s = torch.full((num_q, k), -math.inf)
         out_i = torch.full((num_q, k), -1, dtype=torch.int64)
-        cpu = torch.device("cpu")
         for q0 in tqdm(range(0, num_q, query_block), desc="ann search", unit="block", disable=not progress):
-            xq = _normalized(queries[q0 : q0 + query_block], "queries", q0)
-            _, cand = self.index.search(xq, shortlist)
+            block = queries[q0 : q0 + query_block]
+            _, cand = self.index.search(normalized_rows(block, "queries", q0), shortlist)
             if excluded is not None:
-                cand[cand == excluded[q0 : q0 + len(xq), None]] = -1
-            rows = torch.from_numpy(cand.astype(np.int64))
-            scores, rows = _rescore_rows((torch.from_numpy(xq),), rows, source, "cosine", "token", cpu)
-            out_s[q0 : q0 + len(xq)], out_i[q0 : q0 + len(xq)] = _order(scores, rows, k)
+                cand[cand == excluded[q0 : q0 + len(block), None]] = -1
+            found = rerank(block, torch.from_numpy(cand.astype(np.int64)), source, k, device="cpu")
+            out_s[q0 : q0 + len(block)], out_i[q0 : q0 + len(block)] = found.scores, found.indices
         return SearchResult(out_s, out_i)
 
 
@@ -193,7 +191,7 @@ def build_index(
     work = _maybe_gpu(index)
     if not work.is_trained:
         sample = np.sort(np.random.default_rng(seed).choice(num_rows, size=size, replace=False))
-        xt = _normalized(_as_tensor(source.rows(sample)), "training rows", 0)
+        xt = normalized_rows(as_tensor(source.rows(sample)), "training rows", 0)
         if len(xt) < nlist:
             raise ValueError(f"{factory!r} has {nlist} lists but only {len(xt)} training rows; "
                              "use fewer lists or more rows")
@@ -202,7 +200,7 @@ def build_index(
     total = math.ceil(num_rows / block_rows)
     for g0, block in tqdm(source.iter_blocks(block_rows), total=total, desc="index", unit="block",
                           disable=not progress):
-        work.add(_normalized(_as_tensor(block), "gallery", g0))
+        work.add(normalized_rows(as_tensor(block), "gallery", g0))
     ann = AnnIndex(work, factory, num_rows, dim, size, seed, nprobe if nlist > 0 else None)
     if path is not None:
         ann.save(path, overwrite=overwrite)

@@ -42,7 +42,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from lit.search import RowSource, TensorRows, search_store
+from lit.search import RowSource, TensorRows, search, similarity_for
 from lit.similarity import TokenNormalization, cosine_similarity, split_product
 
 DUPLICATE_THRESHOLD = 0.95
@@ -288,7 +288,7 @@ def top_matches(queries: Features, training: Features, k: int, *, mirrored: Feat
                 settings: SearchSettings = SearchSettings()) -> Matches:
     """The ``k`` most similar training rows of each query (column 0: its top-1 similarity).
 
-    Exact (``lit.search.search_store``: ties by ascending row, the image before its mirror).
+    Exact (``lit.search.search``: ties by ascending row, the image before its mirror).
     ``query_rows`` picks rows of ``queries`` (default all), searched a chunk at a time;
     ``own_rows`` (one per query, -1 for none) leaves out a training row per query, with its
     mirror: the self-match of the baseline. With ``mirrored`` a row scores through the better
@@ -306,9 +306,10 @@ def top_matches(queries: Features, training: Features, k: int, *, mirrored: Feat
     for chunk in query_chunks(rows, tuple(source.feature_shape), settings.chunk_bytes):
         own = None if own_rows is None else own_rows[done:done + chunk.numel()].to(torch.int64)
         done += chunk.numel()
-        found = search_store(read_rows(source, chunk).to(settings.device), searched, width,
-                             normalization=settings.normalization, exclude=own if mirrored is None else None,
-                             block_rows=settings.block_rows, progress=settings.progress, device=settings.device)
+        found = search(read_rows(source, chunk).to(settings.device), searched, width,
+                       similarity=similarity_for(tuple(searched.feature_shape)), normalization=settings.normalization,
+                       exclude=own if mirrored is None else None, gallery_block=settings.block_rows,
+                       progress=settings.progress, device=settings.device)
         scores, indices = found.scores.cpu(), found.indices.cpu()
         if mirrored is None:
             parts.append(Matches(scores, indices, torch.zeros_like(indices, dtype=torch.bool)))

@@ -1,11 +1,21 @@
 """Exact top-k search of queries against a gallery, streamed in gallery blocks.
 
+One entry point, :func:`search` ``(queries, gallery, k, ...)``: the gallery is a
+tensor ``(G, D)`` / ``(G, T, D)`` held in memory or any :class:`RowSource` (a
+memory-mapped ``lit.store.FeatureStore``, :class:`TensorRows`), read
+``gallery_block`` rows at a time and never held whole, so peak memory is a few
+blocks plus the top-k lists. :func:`self_search` searches features against
+themselves without the self-matches.
+
 Two engines give the same lists (same rows; scores equal within float32 rounding):
 
 * ``backend="faiss"`` (global features ``(N, D)``, cosine, CPU): features are
-  L2-normalised to float32 and searched with ``faiss.IndexFlatIP``, one gallery
-  block at a time (add, search, merge into the running top-k, reset). The
-  faster engine on a CPU.
+  L2-normalised to float32 and searched with faiss's exact inner-product kNN
+  (``faiss.knn``, the kernel of ``IndexFlatIP.search``, on the block where it
+  lies), one gallery block at a time, merged into the running top-k. The
+  faster engine on a CPU. faiss returns a few spare candidates per query; only
+  those that can still enter the top k (within :func:`score_slack` of its k-th
+  place or of the running k-th score) are rescored (:func:`_rescore_pairs`).
 * ``backend="torch"`` (both kinds, any device): on the device that holds the
   queries (or ``device=``), each gallery block is moved there and scored
   against each query block with one matrix product (cosine) or
@@ -14,28 +24,35 @@ Two engines give the same lists (same rows; scores equal within float32 rounding
   the device, with no per-tile copies to the CPU. ``precision="tf32"`` or
   ``"bf16"`` computes these products in reduced precision. At the end the
   shortlist is rescored in float32 in a fixed summation order
-  (:func:`_rescore_rows`) and ordered; a query whose k-th score could tie with
+  (:func:`rerank`) and ordered; a query whose k-th score could tie with
   a row the shortlist left out (within a proven bound on the product's
-  rounding error, :func:`_slack`) is scanned again with a longer shortlist.
+  rounding error, :func:`score_slack`) is scanned again with a longer shortlist.
   One code path for CPU and CUDA tensors.
 
 ``backend="auto"`` picks torch for tensors on an accelerator, for token
-features and for reduced precision, and faiss otherwise. :func:`search_store`
-scans any :class:`RowSource` (a memory-mapped feature store) block by block, so
-peak memory is bounded by the block size, not the gallery.
+features and for reduced precision, and faiss otherwise.
 
 Ordering is total and deterministic: scores descending, equal scores by
 ascending gallery row, also at the k-th place, whatever the block sizes or the
 engine. Ties are equal float32 scores as returned; identical gallery vectors
 always tie. faiss's and BLAS's kernels can score identical vectors an ulp apart
-by position, so both engines rescore their candidates in a fixed order; where a
-tie may reach past the candidates, they search again with more.
+by position, so both engines rescore their candidates in a fixed order (an
+elementwise product summed along D); where a tie may reach past the
+candidates, they search again with more.
+
+The pieces other engines build on (:mod:`lit.ann` re-ranks an approximate
+shortlist with them): :func:`rerank` (exact float32 scores of given candidate
+rows, in the canonical order), :func:`normalized_rows` (faiss input),
+:func:`as_tensor` (a :class:`RowSource` block as a tensor), :func:`check_exclude`
+and :func:`score_slack`; :func:`similarity_for` says which similarity a
+feature shape takes.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol, get_args
@@ -62,6 +79,8 @@ Precision = Literal["float32", "tf32", "bf16"]
 RESULT_ELEMENTS = 2**23
 #: Float32 elements of gathered candidate vectors per rescoring step (faiss engine).
 RESCORE_ELEMENTS = 2**22
+#: Candidate pairs below which the faiss engine rescores in one thread (a thread costs more than it saves).
+PAIRS_PER_THREAD = 32768
 #: The same for the torch engine on an accelerator (64 MB a step; on a CPU, RESCORE_ELEMENTS).
 DEVICE_RESCORE_ELEMENTS = 2**24
 #: Score elements per (query block x gallery chunk) tile of the torch engine on a CPU (float32: 256 MB).
@@ -129,7 +148,7 @@ class TensorRows:
 
 def search(
     queries: Tensor,
-    gallery: Tensor,
+    gallery: Tensor | RowSource,
     k: int,
     *,
     similarity: SimilarityKind = "cosine",
@@ -144,61 +163,29 @@ def search(
 ) -> SearchResult:
     """Exact top-``k`` gallery rows for every query.
 
+    ``gallery``: a tensor with the queries' feature shape, or a
+    :class:`RowSource` (e.g. ``lit.store.FeatureStore``) read ``gallery_block``
+    rows at a time. ``similarity``: ``"cosine"`` for global features ``(N, D)``,
+    ``"split_product"`` for token features ``(N, T, D)`` (see
+    :func:`similarity_for`); ``normalization`` applies to split-product only.
     ``exclude`` (Q,) int64 names one gallery row per query to leave out (its
     self-match), -1 for none. The gallery is streamed in blocks of
     ``gallery_block`` rows (smaller tiles inside, see ``TILE_ELEMENTS``), so
-    ``Q x G`` scores never need to fit in memory. ``normalization`` applies to
-    split-product only. ``backend``, ``precision`` (products of the torch
-    engine; the returned scores are always float32 rescored) and ``device``
-    (where the torch engine computes; default the queries' device): see the
-    module docstring.
+    ``Q x G`` scores never need to fit in memory; ``query_block`` queries are
+    scored (torch engine) or normalised (faiss engine, which tiles the queries
+    itself) at a time. ``backend``, ``precision``
+    (products of the torch engine; the returned scores are always float32
+    rescored) and ``device`` (where the torch engine computes; default the
+    queries' device): see the module docstring.
     """
     _validate(queries, gallery, k, similarity, normalization, gallery_block, query_block)
-    excluded = _validate_exclude(exclude, queries.shape[0], gallery.shape[0])
+    source = TensorRows(gallery) if isinstance(gallery, Tensor) else gallery
+    excluded = check_exclude(exclude, queries.shape[0], source.num_rows)
     engine = _resolve_backend(backend, precision, similarity, queries, device)
-    source = TensorRows(gallery)
     if engine == "faiss":
         return _search_global(queries, source, k, excluded, gallery_block, query_block, progress)
     return _search_torch(
         queries, source, k, similarity, normalization, excluded, gallery_block, query_block,
-        precision, torch.device(device) if device is not None else queries.device, progress,
-    )
-
-
-def search_store(
-    queries: Tensor,
-    store: RowSource,
-    k: int,
-    *,
-    normalization: TokenNormalization = "token",
-    exclude: Tensor | None = None,
-    block_rows: int = 65536,
-    query_block: int = 4096,
-    progress: bool = False,
-    backend: Backend = "auto",
-    precision: Precision = "float32",
-    device: str | torch.device | None = None,
-) -> SearchResult:
-    """Exact top-``k`` rows of a :class:`RowSource` (e.g. ``lit.store.FeatureStore``) for every query.
-
-    The store is read ``block_rows`` rows at a time and never held whole, so
-    peak memory is a few blocks plus the top-k lists. The similarity follows
-    the store's feature shape: ``(D,)`` cosine, ``(T, D)`` split-product.
-    Other arguments as in :func:`search`.
-    """
-    shape = tuple(store.feature_shape)
-    similarity: SimilarityKind = "cosine" if len(shape) == 1 else "split_product"
-    if isinstance(queries, Tensor) and tuple(queries.shape[1:]) != shape:
-        raise ValueError(f"queries {tuple(queries.shape)} and the store's rows {shape} differ in feature shape "
-                         f"{tuple(queries.shape[1:])} vs {shape}")
-    probe = torch.empty((0, *shape))
-    _validate(queries, probe, k, similarity, normalization, block_rows, query_block)
-    excluded = _validate_exclude(exclude, queries.shape[0], store.num_rows)
-    engine = _resolve_backend(backend, precision, similarity, queries, device)
-    if engine == "faiss":
-        return _search_global(queries, store, k, excluded, block_rows, query_block, progress)
-    return _search_torch(
-        queries, store, k, similarity, normalization, excluded, block_rows, query_block,
         precision, torch.device(device) if device is not None else queries.device, progress,
     )
 
@@ -211,6 +198,102 @@ def self_search(features: Tensor, k: int, **kw: Any) -> SearchResult:
         raise TypeError(f"features must be a torch.Tensor, got {type(features).__name__}")
     own = torch.arange(features.shape[0] if features.ndim else 0, dtype=torch.int64)
     return search(features, features, k, exclude=own, **kw)
+
+
+def similarity_for(feature_shape: tuple[int, ...]) -> SimilarityKind:
+    """The similarity that rows of ``feature_shape`` take: ``(D,)`` cosine, ``(T, D)`` split-product."""
+    if len(feature_shape) not in (1, 2):
+        raise ValueError(f"features must be global (D,) or tokens (T, D), got rows of shape {tuple(feature_shape)}")
+    return "cosine" if len(feature_shape) == 1 else "split_product"
+
+
+def rerank(
+    queries: Tensor,
+    candidates: Tensor,
+    source: RowSource,
+    k: int,
+    *,
+    similarity: SimilarityKind = "cosine",
+    normalization: TokenNormalization = "token",
+    device: str | torch.device | None = None,
+) -> SearchResult:
+    """Exact top-``k`` of given candidate rows: every candidate rescored in float32 in a fixed order.
+
+    ``candidates`` (Q, c) int64 distinct rows of ``source`` per query (-1:
+    none). The rows are gathered from ``source``, normalised like
+    the queries, scored as an elementwise product summed along D (tokens: then
+    the max over tokens), and ordered by (score desc, row asc), padded with
+    -inf / -1 to ``k``: the same scores as the torch engine of :func:`search`
+    gives those rows. Computed on ``device`` (default the queries' device);
+    the result is on the CPU.
+    """
+    where = torch.device(device) if device is not None else queries.device
+    q = _prepare_queries(queries, similarity, normalization, "float32", where)
+    scores, rows = _rescore_rows(q, candidates.to(where), source, similarity, normalization, where)
+    scores, rows = _order(scores, rows, k)
+    return SearchResult(scores.cpu(), rows.cpu())
+
+
+def score_slack(dim: int, precision: str = "float32") -> float:
+    """Bound on |product score - rescored score| for unit-scale vectors, with a 2x margin.
+
+    The products round their inputs (unit roundoff ``u_in``: 0 for
+    float32, 2**-11 for TF32, 2**-8 for bf16: relative error ``2 u_in + u_in**2``
+    of every term, so of the sum of ``|q_i g_i| <= 1``), may round their output
+    (bf16: ``2**-8``) and accumulate in float32 in any order (``dim * 2**-24``);
+    the rescoring accumulates in float32 too. For float32 (faiss's products):
+    ``4 (dim + 1) 2**-24``.
+    """
+    u_in = {"float32": 0.0, "tf32": 2.0**-11, "bf16": 2.0**-8}[precision]
+    u_out = 2.0**-8 if precision == "bf16" else 0.0
+    return 2.0 * (2 * u_in + u_in**2 + u_out + 2.0 * (dim + 1) * 2.0**-24)
+
+
+def as_tensor(block: np.ndarray | Tensor) -> Tensor:
+    """A block from a :class:`RowSource` as a tensor (read-only arrays are copied)."""
+    if isinstance(block, Tensor):
+        return block
+    array = np.asarray(block)
+    if not array.flags.writeable:
+        array = array.copy()
+    return torch.from_numpy(array)
+
+
+def normalized_rows(x: Tensor, name: str = "rows", offset: int = 0) -> np.ndarray:
+    """L2-normalised float32 C-contiguous copy of ``(N, D)`` rows on the CPU, for faiss.
+
+    A row with NaN or inf raises a one-line ``ValueError`` naming it as
+    ``{name} row {offset + i}``.
+    """
+    out = l2_normalize(x.detach().to("cpu", torch.float32)).contiguous()
+    # normalised entries lie in [-1, 1], so a row sum is non-finite exactly when the row holds NaN or inf
+    finite = torch.isfinite(out.sum(dim=1))
+    if not bool(finite.all()):
+        bad = offset + int((~finite).nonzero()[0, 0])
+        raise ValueError(f"{name} row {bad} contains NaN or inf")
+    return out.numpy()
+
+
+def check_exclude(exclude: Tensor | None, num_queries: int, num_rows: int) -> np.ndarray | None:
+    """``exclude`` (one gallery row per query to leave out, -1: none) as an int64 (Q,) array,
+    checked: integer dtype, shape ``(num_queries,)``, values in ``[-1, num_rows)``."""
+    if exclude is None:
+        return None
+    if not isinstance(exclude, Tensor):
+        raise TypeError(f"exclude must be a torch.Tensor, got {type(exclude).__name__}")
+    if exclude.dtype.is_floating_point or exclude.dtype.is_complex or exclude.dtype == torch.bool:
+        raise TypeError(f"exclude must hold integer gallery rows, got {exclude.dtype}")
+    if exclude.shape != (num_queries,):
+        raise ValueError(
+            f"exclude must have shape ({num_queries},) (one row per query), got {tuple(exclude.shape)}"
+        )
+    rows = exclude.detach().to("cpu", torch.int64).numpy()
+    if num_queries and (rows.min() < -1 or rows.max() >= num_rows):
+        raise ValueError(
+            f"exclude values must be gallery rows in [0, {num_rows}) or -1, "
+            f"got range [{int(rows.min())}, {int(rows.max())}]"
+        )
+    return rows
 
 
 def _resolve_backend(
@@ -236,17 +319,7 @@ def _resolve_backend(
     return "faiss" if on_cpu and similarity == "cosine" and precision == "float32" else "torch"
 
 
-def _as_tensor(block: np.ndarray | Tensor) -> Tensor:
-    """A block from a :class:`RowSource` as a tensor (read-only arrays are copied)."""
-    if isinstance(block, Tensor):
-        return block
-    array = np.asarray(block)
-    if not array.flags.writeable:
-        array = array.copy()
-    return torch.from_numpy(array)
-
-
-# ----------------------------------------------------------------------------- global
+# ----------------------------------------------------------------------------- faiss engine
 
 
 def _search_global(
@@ -258,131 +331,147 @@ def _search_global(
     query_block: int,
     progress: bool,
 ) -> SearchResult:
-    """faiss IndexFlatIP over one gallery block at a time, merged into a running top-k."""
-    num_q, dim = queries.shape
-    num_g = source.num_rows
-    scores, rows = _empty_topk(num_q, k)
-    index = faiss.IndexFlatIP(dim)
-    query_starts = range(0, num_q, query_block)
-    normalized = [_normalized(queries[q0 : q0 + query_block], "queries", q0) for q0 in query_starts]
+    """faiss's exact inner-product kNN over one gallery block at a time, merged into a running top-k.
+
+    ``faiss.knn`` runs the kernel of ``IndexFlatIP.search`` (BLAS products, heap
+    selection) on the normalised block where it lies, without copying it into an index.
+    """
+    num_q = queries.shape[0]
+    scores = np.full((num_q, k), -np.inf, dtype=np.float32)
+    rows = np.full((num_q, k), -1, dtype=np.int64)
+    # one faiss call per gallery block for all queries: faiss tiles the queries itself (query_block
+    # bounds the normalising copies), and every call leaves its threads spinning for a while
+    xq = np.empty((num_q, queries.shape[1]), dtype=np.float32)
+    for q0 in range(0, num_q, query_block):
+        xq[q0 : q0 + query_block] = normalized_rows(queries[q0 : q0 + query_block], "queries", q0)
     blocks = source.iter_blocks(gallery_block)
-    total = math.ceil(num_g / gallery_block)
+    total = math.ceil(source.num_rows / gallery_block)
     for g0, raw in tqdm(blocks, total=total, desc="search", unit="block", disable=not progress):
-        block = _normalized(_as_tensor(raw), "gallery", g0)
-        index.add(block)
-        for q0, xq in zip(query_starts, normalized):
-            q1 = min(num_q, q0 + query_block)
-            excl = None if exclude is None else exclude[q0:q1]
-            s, i = _block_topk(index, block, xq, k, g0, excl)
-            scores[q0:q1], rows[q0:q1] = _merge(scores[q0:q1], rows[q0:q1], s, i, k)
-        index.reset()
+        block = normalized_rows(as_tensor(raw), "gallery", g0)
+        scores, rows = _add_block(block, xq, scores, rows, g0, exclude)
         del block
     return SearchResult(torch.from_numpy(scores), torch.from_numpy(rows))
 
 
-def _block_topk(
-    index: faiss.IndexFlatIP,
+def _add_block(
     xb: np.ndarray,
     xq: np.ndarray,
-    k: int,
+    best_s: np.ndarray,
+    best_i: np.ndarray,
     offset: int,
     exclude: np.ndarray | None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Top-k of one gallery block ``xb`` (in ``index``), ordered by (score desc, row asc).
+    """The running top-k lists ``(best_s, best_i)`` (rows before ``offset``, canonical order)
+    merged with gallery block ``xb`` (rows from ``offset``).
 
-    faiss selects ``kc > k`` candidates; :func:`_canonical` rescores and orders
-    them and flags queries whose k-th place could still tie with a row faiss
-    left out. Those queries are searched again with twice as many candidates
-    (the whole block at most).
+    faiss selects ``kc > k`` candidates per query; :func:`_merge_candidates`
+    rescores those that can still enter the top k and flags queries whose
+    k-th place could tie with a row faiss left out. Those queries are searched
+    again with twice as many candidates (the whole block at most).
     """
-    nb = index.ntotal
+    nb = len(xb)
+    k = best_s.shape[1]
     spare = 1 if exclude is not None else 0
     kc = min(nb, k + spare + max(8, k // 4))
-    s, i = index.search(xq, kc)
-    scores, rows, unsure = _canonical(xq, xb, s, i, k, offset, exclude, kc < nb)
-    while unsure.any():
-        kc = min(nb, 2 * kc)
-        todo = np.flatnonzero(unsure)
+    out_s, out_i = best_s.copy(), best_i.copy()
+    todo = np.arange(len(xq))
+    while todo.size:
         step = max(1, RESULT_ELEMENTS // kc)
+        unsure = []
         for c0 in range(0, todo.size, step):
             sel = todo[c0 : c0 + step]
-            sub = xq[sel]
-            s, i = index.search(sub, kc)
+            sub = xq if sel.size == len(xq) else xq[sel]  # the first pass: no copy of the queries
+            f, i = faiss.knn(sub, xb, kc, metric=faiss.METRIC_INNER_PRODUCT)
             sub_exclude = None if exclude is None else exclude[sel]
-            sc, ro, still = _canonical(sub, xb, s, i, k, offset, sub_exclude, kc < nb)
-            scores[sel], rows[sel], unsure[sel] = sc, ro, still
-    return scores, rows
+            s, r, still = _merge_candidates(sub, xb, f, i, best_s[sel], best_i[sel], offset, sub_exclude, kc < nb)
+            out_s[sel], out_i[sel] = s, r
+            unsure.append(sel[still])
+        todo = np.concatenate(unsure)
+        kc = min(nb, 2 * kc)
+    return out_s, out_i
 
 
-def _canonical(
+def _merge_candidates(
     xq: np.ndarray,
     xb: np.ndarray,
-    s: np.ndarray,
+    f: np.ndarray,
     i: np.ndarray,
-    k: int,
+    best_s: np.ndarray,
+    best_i: np.ndarray,
     offset: int,
     exclude: np.ndarray | None,
     partial: bool,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Rescore faiss candidates, drop excluded rows, order by (score desc, row asc), keep k.
+    """Merge faiss's candidates ``(f, i)`` of one block into the running lists, exactly.
 
     faiss's BLAS kernels may give identical gallery vectors scores an ulp
     apart depending on their position, so candidates are rescored with
-    :func:`_rescore`, where they tie exactly. Returns scores (n, k), global
-    rows (n, k) and the queries whose k-th place is uncertain: ``partial``
-    (faiss returned part of the block) and the k-th score not clearly above
-    the lowest faiss score returned (every row left out scored at most that
-    in faiss, so at most that plus the rounding slack here).
+    :func:`_rescore_pairs`, where they tie exactly. Every exact score lies
+    within ``slack`` (:func:`score_slack`) of faiss's, so a candidate is
+    rescored only when it can still enter the top k: its faiss score is at
+    least the k-th faiss score of the block minus ``2 slack`` (else k rows of
+    the block beat it) and above the running k-th score minus ``slack`` (else
+    k earlier rows beat it or tie with it from a lower row). The merged lists
+    are ordered by (score desc, row asc). Returns them and the queries whose
+    k-th place is uncertain: ``partial`` (faiss returned part of the block) and
+    the k-th score not clearly above the lowest faiss score returned (every
+    row left out scored at most that in faiss, so at most that plus ``slack``).
     """
+    k = best_s.shape[1]
+    slack = score_slack(xq.shape[1])
     missing = i < 0
-    last = np.where(missing, np.inf, s).min(axis=1)
-    scores = np.where(missing, -np.inf, _rescore(xq, xb, i)).astype(np.float32)
+    last = np.where(missing, np.inf, f).min(axis=1)
     rows = np.where(missing, -1, i + offset)
-    if exclude is not None:
-        dropped = rows == exclude[:, None]
-        scores[dropped] = -np.inf
-        rows[dropped] = -1
+    valid = ~missing if exclude is None else ~missing & (rows != exclude[:, None])
+    fv = np.where(valid, f, -np.inf)
+    kth = -np.partition(-fv, k - 1, axis=1)[:, k - 1] if fv.shape[1] >= k else np.full(len(fv), -np.inf)
+    live = valid & (fv >= (kth - 2 * slack)[:, None]) & (fv > (best_s[:, k - 1] - slack)[:, None])
+    pairs = np.nonzero(live)
+    exact = np.full(f.shape, -np.inf, dtype=np.float32)
+    exact[pairs] = _rescore_pairs(xq, xb, pairs[0], i[pairs])
+    scores = np.concatenate([best_s, exact], axis=1)
+    rows = np.concatenate([best_i, np.where(live, rows, -1)], axis=1)
     order = np.lexsort((rows, -scores))[:, :k]  # by -score, then row; -inf slots last
-    scores, rows = _pad_to_k(
-        np.take_along_axis(scores, order, 1), np.take_along_axis(rows, order, 1), k
-    )
-    unsure = (scores[:, k - 1] <= last + _rounding_slack(xq.shape[1])) & partial
+    scores, rows = np.take_along_axis(scores, order, 1), np.take_along_axis(rows, order, 1)
+    unsure = (scores[:, k - 1] <= last + slack) & partial
     return scores, rows, unsure
 
 
-def _rescore(xq: np.ndarray, xb: np.ndarray, local: np.ndarray) -> np.ndarray:
-    """Inner products of every query with its candidate rows, as ``(q * g).sum(-1)``.
+def _rescore_pairs(xq: np.ndarray, xb: np.ndarray, query: np.ndarray, local: np.ndarray) -> np.ndarray:
+    """Inner products of query ``query[p]`` with block row ``local[p]``, as ``(q * g).sum(-1)``.
 
     An elementwise product summed along D reduces every pair in the same
-    order, so identical gallery vectors get bitwise identical scores.
+    order, so identical gallery vectors get bitwise identical scores. Long
+    lists are split between faiss's threads (numpy releases the GIL; each
+    pair is computed alike whichever thread takes it).
     """
-    n, kc = local.shape
-    dim = xq.shape[1]
-    out = np.empty((n, kc), dtype=np.float32)
-    step = max(1, RESCORE_ELEMENTS // max(1, kc * dim))
-    buf = np.empty((min(n, step), kc, dim), dtype=np.float32)
-    for r0 in range(0, n, step):
-        r1 = min(n, r0 + step)
-        cand = buf[: r1 - r0]
-        np.take(xb, local[r0:r1], axis=0, out=cand, mode="clip")  # -1 (missing) -> row 0
-        np.multiply(cand, xq[r0:r1, None, :], out=cand)
-        cand.sum(axis=-1, out=out[r0:r1])
+    count = local.size
+    out = np.empty(count, dtype=np.float32)
+    workers = min(faiss.omp_get_max_threads(), count // PAIRS_PER_THREAD)
+    if workers <= 1:
+        _rescore_range(xq, xb, query, local, out)
+        return out
+    bounds = np.linspace(0, count, workers + 1).astype(int)
+    with ThreadPoolExecutor(workers) as pool:
+        for done in [pool.submit(_rescore_range, xq, xb, query[a:b], local[a:b], out[a:b])
+                     for a, b in zip(bounds[:-1], bounds[1:])]:
+            done.result()
     return out
 
 
-def _rounding_slack(dim: int) -> float:
-    """Bound on |faiss score - rescored score| for unit vectors: twice the float32
-    dot-product error bound ``dim * 2**-24`` (any summation order), doubled for margin."""
-    return 4.0 * (dim + 1) * 2.0**-24
-
-
-def _normalized(x: Tensor, name: str, offset: int) -> np.ndarray:
-    """L2-normalised float32 C-contiguous copy of a block, for faiss; rejects NaN/inf."""
-    out = l2_normalize(x.detach().to("cpu", torch.float32)).contiguous().numpy()
-    if not np.isfinite(out).all():
-        bad = offset + int(np.nonzero(~np.isfinite(out).all(axis=1))[0][0])
-        raise ValueError(f"{name} row {bad} contains NaN or inf")
-    return out
+def _rescore_range(xq: np.ndarray, xb: np.ndarray, query: np.ndarray, local: np.ndarray, out: np.ndarray) -> None:
+    """:func:`_rescore_pairs` of some pairs, into ``out``, in steps of ``RESCORE_ELEMENTS``."""
+    count, dim = local.size, xq.shape[1]
+    step = max(1, RESCORE_ELEMENTS // max(1, dim))
+    cand = np.empty((min(count, step), dim), dtype=np.float32)
+    qs = np.empty_like(cand)
+    for p0 in range(0, count, step):
+        p1 = min(count, p0 + step)
+        g, q = cand[: p1 - p0], qs[: p1 - p0]
+        np.take(xb, local[p0:p1], axis=0, out=g, mode="clip")  # "clip": no temporary copy (rows are valid)
+        np.take(xq, query[p0:p1], axis=0, out=q, mode="clip")
+        np.multiply(g, q, out=g)
+        g.sum(axis=-1, out=out[p0:p1])
 
 
 # ----------------------------------------------------------------------------- torch engine
@@ -403,23 +492,9 @@ def _matmul_precision(precision: str) -> Iterator[None]:
         torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = old_bf16
 
 
-def _slack(dim: int, precision: str) -> float:
-    """Bound on |product score - rescored score| for unit-scale vectors, with a 2x margin.
-
-    The scan's products round their inputs (unit roundoff ``u_in``: 0 for
-    float32, 2**-11 for TF32, 2**-8 for bf16: relative error ``2 u_in + u_in**2``
-    of every term, so of the sum of ``|q_i g_i| <= 1``), may round their output
-    (bf16: ``2**-8``) and accumulate in float32 in any order (``dim * 2**-24``);
-    the rescoring accumulates in float32 too.
-    """
-    u_in = {"float32": 0.0, "tf32": 2.0**-11, "bf16": 2.0**-8}[precision]
-    u_out = 2.0**-8 if precision == "bf16" else 0.0
-    return 2.0 * (2 * u_in + u_in**2 + u_out + 2.0 * (dim + 1) * 2.0**-24)
-
-
 def _margin(k: int, precision: str) -> int:
     """Spare shortlist slots beyond k, so that one scan usually suffices: every row within
-    :func:`_slack` of the k-th score must be in the shortlist, and bf16's bound (~0.024) is wide."""
+    :func:`score_slack` of the k-th score must be in the shortlist, and bf16's bound (~0.024) is wide."""
     return {"float32": max(8, k // 4), "tf32": max(32, k), "bf16": max(128, 4 * k)}[precision]
 
 
@@ -463,7 +538,7 @@ def _search_torch(
             unsure = (
                 (kc < num_g)
                 & torch.isfinite(last)
-                & (scores[:, k - 1] <= last + _slack(dim, precision) * scale)
+                & (scores[:, k - 1] <= last + score_slack(dim, precision) * scale)
             )
             where = torch.arange(num_q, device=device) if todo is None else todo
             out_s[where], out_i[where] = scores, rows
@@ -549,7 +624,7 @@ def _scan(
     total = math.ceil(source.num_rows / gallery_block)
     blocks = source.iter_blocks(gallery_block)
     for g0, raw in tqdm(blocks, total=total, desc="search", unit="block", disable=not progress):
-        block = _as_tensor(raw).to(device, non_blocking=True)
+        block = as_tensor(raw).to(device, non_blocking=True)
         if similarity == "cosine":
             gn = l2_normalize(block.float())
             _check_finite(gn, "gallery", g0)
@@ -646,7 +721,7 @@ def _rescore_rows(
         sel = rows[r0:r1]
         valid = sel >= 0
         uniq, inverse = torch.unique(sel.clamp(min=0), return_inverse=True)
-        g = _as_tensor(source.rows(uniq.cpu().numpy())).to(device).float()
+        g = as_tensor(source.rows(uniq.cpu().numpy())).to(device).float()
         if similarity == "cosine":
             gn = l2_normalize(g)[inverse]  # (m, kc, D)
             s = gn.mul_(exact[r0:r1, None, :]).sum(dim=-1)
@@ -672,38 +747,12 @@ def _order(scores: Tensor, rows: Tensor, k: int) -> tuple[Tensor, Tensor]:
     return scores, rows
 
 
-# ----------------------------------------------------------------------------- shared
-
-
-def _empty_topk(num_q: int, k: int) -> tuple[np.ndarray, np.ndarray]:
-    return np.full((num_q, k), -np.inf, dtype=np.float32), np.full((num_q, k), -1, dtype=np.int64)
-
-
-def _pad_to_k(scores: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Cut or pad (with -inf / -1) to exactly k columns."""
-    if scores.shape[1] >= k:
-        return scores[:, :k], rows[:, :k]
-    pad_s, pad_r = _empty_topk(scores.shape[0], k - scores.shape[1])
-    return np.concatenate([scores, pad_s], 1), np.concatenate([rows, pad_r], 1)
-
-
-def _merge(
-    best_s: np.ndarray, best_i: np.ndarray, new_s: np.ndarray, new_i: np.ndarray, k: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Merge two (n, k) lists, each in (score desc, row asc) order, ``best`` from earlier rows.
-
-    Every row of ``best`` precedes every row of ``new``, so a stable sort on
-    the scores of ``[best, new]`` keeps ties in row order.
-    """
-    s = np.concatenate([best_s, new_s], axis=1)
-    i = np.concatenate([best_i, new_i], axis=1)
-    order = np.argsort(-s, axis=1, kind="stable")[:, :k]
-    return np.take_along_axis(s, order, 1), np.take_along_axis(i, order, 1)
+# ----------------------------------------------------------------------------- checks
 
 
 def _validate(
     queries: Tensor,
-    gallery: Tensor,
+    gallery: Tensor | RowSource,
     k: int,
     similarity: str,
     normalization: str,
@@ -711,9 +760,13 @@ def _validate(
     query_block: int,
 ) -> None:
     """One-line errors for bad arguments, before any work."""
-    for name, x in (("queries", queries), ("gallery", gallery)):
+    named: list[tuple[str, Any]] = [("queries", queries)]
+    if isinstance(gallery, Tensor) or not _is_row_source(gallery):
+        named.append(("gallery", gallery))
+    for name, x in named:
         if not isinstance(x, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+            kinds = "a torch.Tensor" if name == "queries" else "a torch.Tensor or a RowSource (e.g. a FeatureStore)"
+            raise TypeError(f"{name} must be {kinds}, got {type(x).__name__}")
         if not x.is_floating_point():
             raise TypeError(f"{name} must be floating point, got {x.dtype}")
     for name, v in (("k", k), ("gallery_block", gallery_block), ("query_block", query_block)):
@@ -724,43 +777,48 @@ def _validate(
         raise ValueError(
             f"similarity must be one of {get_args(SimilarityKind)}, got {similarity!r}"
         )
+    gallery_shape = (
+        tuple(gallery.shape) if isinstance(gallery, Tensor)
+        else (int(gallery.num_rows), *(int(s) for s in gallery.feature_shape))
+    )
     expected = {"cosine": 2, "split_product": 3}
     ndim = expected[similarity]
-    for name, x in (("queries", queries), ("gallery", gallery)):
-        if x.ndim != ndim:
+    for name, shape in (("queries", tuple(queries.shape)), ("gallery", gallery_shape)):
+        if len(shape) != ndim:
             hint = (
                 "token features (N, T, D) need similarity='split_product'"
-                if x.ndim == 3 and similarity == "cosine"
+                if len(shape) == 3 and similarity == "cosine"
                 else "global features (N, D) need similarity='cosine'"
-                if x.ndim == 2
+                if len(shape) == 2
                 else f"expected {'(N, D)' if ndim == 2 else '(N, T, D)'}"
             )
             raise ValueError(
-                f"similarity={similarity!r} got {name} of shape {tuple(x.shape)}: {hint}"
+                f"similarity={similarity!r} got {name} of shape {shape}: {hint}"
             )
-    if queries.shape[1:] != gallery.shape[1:]:
+    if queries.shape[1:] != gallery_shape[1:]:
         raise ValueError(
-            f"queries {tuple(queries.shape)} and gallery {tuple(gallery.shape)} differ in "
-            f"feature shape {tuple(queries.shape[1:])} vs {tuple(gallery.shape[1:])}"
+            f"queries {tuple(queries.shape)} and gallery {gallery_shape} differ in "
+            f"feature shape {tuple(queries.shape[1:])} vs {gallery_shape[1:]}"
         )
 
 
-def _validate_exclude(exclude: Tensor | None, num_q: int, num_g: int) -> np.ndarray | None:
-    """``exclude`` as an int64 (Q,) array with values in [-1, G)."""
-    if exclude is None:
-        return None
-    if not isinstance(exclude, Tensor):
-        raise TypeError(f"exclude must be a torch.Tensor, got {type(exclude).__name__}")
-    if exclude.dtype.is_floating_point or exclude.dtype.is_complex or exclude.dtype == torch.bool:
-        raise TypeError(f"exclude must hold integer gallery rows, got {exclude.dtype}")
-    if exclude.shape != (num_q,):
-        raise ValueError(
-            f"exclude must have shape ({num_q},) (one row per query), got {tuple(exclude.shape)}"
-        )
-    rows = exclude.detach().to("cpu", torch.int64).numpy()
-    if num_q and (rows.min() < -1 or rows.max() >= num_g):
-        raise ValueError(
-            f"exclude values must be gallery rows in [0, {num_g}) or -1, "
-            f"got range [{int(rows.min())}, {int(rows.max())}]"
-        )
-    return rows
+def _is_row_source(x: object) -> bool:
+    """Whether ``x`` has what :class:`RowSource` promises (a structural check)."""
+    return all(hasattr(x, name) for name in ("num_rows", "feature_shape", "iter_blocks", "rows"))
+
+
+__all__ = [
+    "Backend",
+    "Precision",
+    "RowSource",
+    "SearchResult",
+    "TensorRows",
+    "as_tensor",
+    "check_exclude",
+    "normalized_rows",
+    "rerank",
+    "score_slack",
+    "search",
+    "self_search",
+    "similarity_for",
+]

@@ -12,8 +12,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from datamodules.synthetic.base import SourceRef, build_synthetic, folder_refs, read_manifest
+from datamodules.synthetic.build import build_synthetic
 from datamodules.synthetic.cutmix import CutmixBuilder, CutmixDataModule
+from datamodules.synthetic.manifest import read_manifest
+from datamodules.synthetic.sources import SourceRef, folder_refs
 from lit.io import load_image
 from photo_fixtures import PhotoSet
 

@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from diffusers import RePaintPipeline, RePaintScheduler, UNet2DModel
 from PIL import Image
 
-from datamodules.synthetic.base import StageTimer, build_synthetic, folder_refs, random_square_resized
+from datamodules.synthetic.build import build_synthetic
+from datamodules.synthetic.builder import StageTimer
 from datamodules.synthetic.outpainting import (
     OutpaintBuilder,
     OutpaintingDataModule,
@@ -26,6 +27,8 @@ from datamodules.synthetic.outpainting import (
     repaint,
     sample_mask,
 )
+from datamodules.synthetic.sampling import random_square_resized
+from datamodules.synthetic.sources import folder_refs
 
 RES = 16
 FAST = {"resolution": RES, "num_inference_steps": 4, "jump_length": 2, "jump_n_sample": 2}

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from lit.search import SearchResult, search, self_search
+from lit.search import SearchResult, TensorRows, normalized_rows, rerank, search, self_search, similarity_for
 from tests.reference_scores import cosine_scores, reference_topk, split_product_scores
 
 MODES = ["token", "global", "none"]
@@ -225,3 +225,80 @@ def test_reference_scores_do_not_depend_on_row_position() -> None:
     gn = g.double().numpy() / np.linalg.norm(g.double().numpy(), axis=1, keepdims=True)
     for r, c in [(0, 0), (5, 296), (63, 299)]:
         assert scores[r, c] == pytest.approx(math.fsum(qn[r] * gn[c]), abs=1e-14)
+
+
+@pytest.mark.parametrize(("gallery_block", "k"), [(13, 10), (40, 25), (7, 3)])
+def test_ties_at_the_kth_place_across_blocks(gallery_block: int, k: int) -> None:
+    """Copies of the same few vectors in every gallery block: the faiss engine rescores only the
+    candidates of a later block that can still enter the running top k, so a copy that ties with
+    the k-th place from a later block must lose to the earlier row, and one that beats it must enter."""
+    unique = torch.randn(5, 12, generator=gen(30))
+    g, _ = duplicated(unique, 200, seed=31)
+    g[::3] = torch.randn(g[::3].shape, generator=gen(32))  # distinct rows between the copies
+    q = torch.cat([unique[:3], torch.randn(20, 12, generator=gen(33))])
+    exclude = torch.randint(-1, 200, (23,), generator=gen(34))
+    for excl in (None, exclude):
+        result = search(q, g, k, exclude=excl, gallery_block=gallery_block, query_block=7)
+        ref = reference_topk(cosine_matrix(q, g), k, None if excl is None else excl.numpy())
+        assert_matches(result, ref)
+        assert_ties_by_row(result)
+        assert torch.equal(result.indices, search(q, g, k, exclude=excl, backend="torch").indices)
+
+
+def test_one_entry_for_tensors_and_row_sources() -> None:
+    """A RowSource gallery takes the same arguments as a tensor and gives the same lists; its
+    similarity is named like a tensor's (tokens need similarity='split_product')."""
+    q, g = torch.randn(9, 8, generator=gen(35)), torch.randn(60, 8, generator=gen(36))
+    for backend in ("faiss", "torch"):
+        in_memory = search(q, g, 6, gallery_block=16, backend=backend)  # type: ignore[arg-type]
+        streamed = search(q, TensorRows(g), 6, gallery_block=16, backend=backend)  # type: ignore[arg-type]
+        assert torch.equal(in_memory.indices, streamed.indices) and torch.equal(in_memory.scores, streamed.scores)
+    tokens = torch.randn(30, 3, 8, generator=gen(37))
+    with pytest.raises(ValueError, match="need similarity='split_product'"):
+        search(tokens[:4], TensorRows(tokens), 2)
+    found = search(tokens[:4], TensorRows(tokens), 2, similarity=similarity_for((3, 8)))
+    assert_matches(found, reference_topk(split_product_matrix(tokens[:4], tokens, "token"), 2))
+    with pytest.raises(TypeError, match="gallery must be a torch.Tensor or a RowSource"):
+        search(q, [[0.0] * 8], 2)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="differ in feature shape"):
+        search(q, TensorRows(torch.randn(5, 7)), 2)
+
+
+def test_similarity_for_feature_shapes() -> None:
+    assert similarity_for((512,)) == "cosine"
+    assert similarity_for((197, 768)) == "split_product"
+    with pytest.raises(ValueError, match="global"):
+        similarity_for(())
+
+
+def test_rerank_orders_candidates_exactly() -> None:
+    """rerank: the float64 reference restricted to each query's candidates, in (score desc, row asc)
+    order, padded to k; on the rows the torch engine returns, its scores are bitwise the engine's."""
+    q = torch.randn(6, 10, generator=gen(38))
+    g, _ = duplicated(torch.randn(8, 10, generator=gen(39)), 50, seed=40)
+    candidates = torch.stack([torch.randperm(50, generator=gen(41 + i))[:9] for i in range(6)])
+    candidates[0, 4:] = -1
+    result = rerank(q, candidates, TensorRows(g), 7)
+    scores = cosine_matrix(q, g)
+    for r in range(6):
+        rows = [c for c in candidates[r].tolist() if c >= 0]
+        expected = sorted(rows, key=lambda c: (-scores[r, c], c))[:7]
+        expected += [-1] * (7 - len(expected))
+        assert result.indices[r].tolist() == expected
+        kept = [c for c in expected if c >= 0]
+        np.testing.assert_allclose(result.scores[r, : len(kept)].numpy(), scores[r, kept], rtol=1e-5, atol=1e-6)
+        assert torch.isneginf(result.scores[r, len(kept):]).all()
+    engine = search(q, g, 5, backend="torch")
+    again = rerank(q, engine.indices, TensorRows(g), 5)
+    assert torch.equal(again.indices, engine.indices) and torch.equal(again.scores, engine.scores)
+
+
+def test_normalized_rows_names_the_bad_row() -> None:
+    x = torch.randn(6, 4, generator=gen(42))
+    out = normalized_rows(x)
+    assert out.dtype == np.float32 and out.flags.c_contiguous
+    np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1.0, rtol=1e-6)
+    x[4, 2] = float("inf")
+    with pytest.raises(ValueError, match="gallery row 14 contains NaN or inf"):
+        normalized_rows(x, "gallery", 10)
+

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import lit.search as lit_search
-from lit.search import SearchResult, TensorRows, search, search_store, self_search
+from lit.search import SearchResult, TensorRows, search, self_search
 from lit.similarity import split_product
 from tests.reference_scores import reference_topk
 
@@ -171,7 +171,7 @@ def test_backend_choice(monkeypatch: pytest.MonkeyPatch) -> None:
     search(t[:3], t, 2, similarity="split_product")
     search(q, g, 2, backend="torch")
     search(q, g, 2, backend="faiss")
-    search_store(q, TensorRows(g), 2)
+    search(q, TensorRows(g), 2)
     assert used == ["faiss", "torch", "torch", "torch", "faiss", "faiss"]
     with pytest.raises(ValueError, match="backend='faiss' searches global features"):
         search(t[:3], t, 2, similarity="split_product", backend="faiss")
@@ -183,21 +183,21 @@ def test_backend_choice(monkeypatch: pytest.MonkeyPatch) -> None:
         search(q, g, 2, precision="fp16")  # type: ignore[arg-type]
 
 
-def test_search_store_streams_a_row_source() -> None:
+def test_search_streams_a_row_source() -> None:
     """A float16 array behind the RowSource protocol: blocks streamed, both engines, self-exclusion."""
     g = tied_gallery(300, 16, 5, seed=19).numpy().astype(np.float16)
     q = torch.from_numpy(g[:20].astype(np.float32))
     exclude = torch.arange(20)
     ref = reference_topk(cosine64(q, torch.from_numpy(g.astype(np.float32))), 7, exclude.numpy())
     for backend in ("faiss", "torch"):
-        result = search_store(q, TensorRows(g), 7, exclude=exclude, block_rows=64, backend=backend)  # type: ignore[arg-type]
+        result = search(q, TensorRows(g), 7, exclude=exclude, gallery_block=64, backend=backend)  # type: ignore[arg-type]
         assert_matches(result, ref)
     tokens = np.random.default_rng(0).standard_normal((50, 3, 4)).astype(np.float16)
     tq = torch.from_numpy(tokens[:6].astype(np.float32))
-    result = search_store(tq, TensorRows(tokens), 4, block_rows=16)
+    result = search(tq, TensorRows(tokens), 4, similarity="split_product", gallery_block=16)
     assert_matches(result, reference_topk(split_product64(tq, torch.from_numpy(tokens.astype(np.float32)), "token"), 4))
     with pytest.raises(ValueError, match="differ in feature shape"):
-        search_store(torch.randn(2, 5), TensorRows(g), 3)
+        search(torch.randn(2, 5), TensorRows(g), 3)
 
 
 def test_non_finite_rows_are_named() -> None:
@@ -229,7 +229,7 @@ def test_cuda_equals_cpu() -> None:  # pragma: no cover - runs on GPU machines o
         torch.testing.assert_close(gpu.scores, cpu.scores, rtol=1e-5, atol=1e-6)
 
 
-def test_search_store_on_a_feature_store(tmp_path: Path) -> None:
+def test_search_on_a_feature_store(tmp_path: Path) -> None:
     """A real float16 store in three shards: both engines equal the float64 reference on its rows."""
     from lit.store import FeatureStore, StoreWriter
     from models.descriptor_config import DescriptorConfig
@@ -247,7 +247,7 @@ def test_search_store_on_a_feature_store(tmp_path: Path) -> None:
     exclude = torch.randint(-1, 240, (15,), generator=gen(25))
     ref = reference_topk(cosine64(q, stored), 12, exclude.numpy())
     for backend, precision in (("faiss", "float32"), ("torch", "float32"), ("torch", "bf16")):
-        result = search_store(q, store, 12, exclude=exclude, block_rows=32, backend=backend,  # type: ignore[arg-type]
-                              precision=precision)  # type: ignore[arg-type]
+        result = search(q, store, 12, exclude=exclude, gallery_block=32, backend=backend,  # type: ignore[arg-type]
+                        precision=precision)  # type: ignore[arg-type]
         assert_matches(result, ref)
         assert_ties_by_row(result)

@@ -14,17 +14,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from datamodules.synthetic.base import (
-    MANIFEST,
-    SourceRef,
-    StageTimer,
-    SyntheticSkipWarning,
-    build_synthetic,
-    read_manifest,
-    split_queries_and_pool,
-)
+from datamodules.synthetic.build import SyntheticSkipWarning, build_synthetic
+from datamodules.synthetic.builder import StageTimer
+from datamodules.synthetic.manifest import MANIFEST, read_manifest
 from datamodules.synthetic.masks import CocoMaskSource, VocMaskSource
 from datamodules.synthetic.segmix import RegionAugmentation, SegmixBuilder, SegmixDataModule
+from datamodules.synthetic.sources import SourceRef, split_queries_and_pool
 from lit.io import load_image
 from photo_fixtures import PhotoSet
 
@@ -77,7 +72,7 @@ def test_same_bytes_in_other_processes_and_thread_counts(tmp_path: Path, photos:
         from pathlib import Path
         from test_segmix import make_builder
         from photo_fixtures import PhotoSet
-        from datamodules.synthetic.base import build_synthetic
+        from datamodules.synthetic.build import build_synthetic
         out = Path(sys.argv[1]); out.mkdir()
         photos = PhotoSet("given", Path(sys.argv[4]), {{}}, tuple(sys.argv[5].split(",")))
         build_synthetic(make_builder(photos, "voc", out), out / "set", progress=False, num_workers=int(sys.argv[3]))

@@ -15,15 +15,10 @@ from typing import Any
 import pytest
 import torch
 
-from datamodules.synthetic.base import (
-    OWNER_MARK,
-    RenderedItem,
-    SourceRef,
-    StageTimer,
-    SyntheticBuilder,
-    build_synthetic,
-    read_manifest,
-)
+from datamodules.synthetic.build import build_synthetic
+from datamodules.synthetic.builder import RenderedItem, StageTimer, SyntheticBuilder
+from datamodules.synthetic.manifest import OWNER_MARK, read_manifest
+from datamodules.synthetic.sources import SourceRef
 from lit.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -125,7 +120,7 @@ def test_build_workers_die_with_their_parent_on_kill_9(tmp_path: Path) -> None:
         import sys
         sys.path.insert(0, {str(REPO)!r}); sys.path.insert(0, {str(REPO / 'tests')!r})
         from test_synthetic_safety import SolidBuilder
-        from datamodules.synthetic.base import build_synthetic
+        from datamodules.synthetic.build import build_synthetic
         build_synthetic(SolidBuilder(count=8, pid_dir={str(pids)!r}, delay=120), {str(tmp_path / 'set')!r},
                         progress=False, num_workers=2)
     """)

@@ -1,7 +1,7 @@
 """Cutmix copy detection (the paper's IN-Cutmix): a random square patch of a query pasted
 at a random place in an image of a disjoint pool.
 
-Each synthetic image, from its own generator (see ``datamodules.synthetic.base``):
+Each synthetic image, from its own generator (see ``datamodules.synthetic.builder``):
 
 1. a patch side ``s = round(f * output_size)`` with ``f`` uniform in ``patch_fraction``;
 2. a random square of the query at the scale where its shorter side is ``output_size``
@@ -13,7 +13,7 @@ No photometric augmentation: the copy is the patch as it is. Items record the qu
 (query pixels), the pool image and its box, and the pasted box (output pixels).
 
 An unreadable query skips that query (counted with its reason); an unreadable pool image
-is replaced by a seeded redraw (:meth:`~datamodules.synthetic.base.SyntheticBuilder.load_pool_image`,
+is replaced by a seeded redraw (:meth:`~datamodules.synthetic.builder.SyntheticBuilder.load_pool_image`,
 recorded in the item as ``replaced_pool``), so one bad pool file never costs a readable
 query. ``strict`` stops at the first unreadable file instead.
 """
@@ -26,21 +26,10 @@ from typing import Any
 import torch.nn.functional as F
 from torch import Tensor
 
-from datamodules.synthetic.base import (
-    QueryOutput,
-    RenderedItem,
-    SourceRef,
-    StageTimer,
-    SyntheticBuilder,
-    SyntheticRetrievalDataModule,
-    folder_refs,
-    randint,
-    random_square,
-    random_square_resized,
-    require_disjoint,
-    split_sources,
-    uniform,
-)
+from datamodules.synthetic.builder import QueryOutput, RenderedItem, StageTimer, SyntheticBuilder
+from datamodules.synthetic.datamodule import SyntheticRetrievalDataModule
+from datamodules.synthetic.sampling import randint, random_square, random_square_resized, uniform
+from datamodules.synthetic.sources import SourceRef, folder_refs, require_disjoint, split_sources
 from lit.io import DEFAULT_MAX_PIXELS, ImageLoadError, load_image
 
 
@@ -63,7 +52,7 @@ class CutmixBuilder(SyntheticBuilder):
     def __init__(self, queries: list[SourceRef], pool: list[SourceRef], seed: int = 0, mixes_per_query: int = 1,
                  patch_fraction: tuple[float, float] = (0.3, 0.6), output_size: int = 256,
                  max_pixels: int = DEFAULT_MAX_PIXELS, strict: bool = False) -> None:
-        super().__init__(seed, strict=strict)
+        super().__init__(seed=seed, strict=strict)
         if mixes_per_query < 1:
             raise ValueError(f"mixes_per_query must be >= 1, got {mixes_per_query}")
         if not 0.0 < patch_fraction[0] <= patch_fraction[1] <= 1.0:
@@ -146,7 +135,7 @@ class CutmixDataModule(SyntheticRetrievalDataModule):
         seed: seed of the split and of every paste.
         mixes_per_query, patch_fraction, output_size: see :class:`CutmixBuilder`.
         distractors, num_distractors, progress, build_workers, max_pixels, batch_size, num_workers, strict:
-            see :class:`~datamodules.synthetic.base.SyntheticRetrievalDataModule`.
+            see :class:`~datamodules.synthetic.datamodule.SyntheticRetrievalDataModule`.
     """
 
     def __init__(self, root: str, pool: str | None = None, num_queries: int | None = None,
@@ -155,8 +144,10 @@ class CutmixDataModule(SyntheticRetrievalDataModule):
                  output_size: int = 256, distractors: str | None = None, num_distractors: int | None = None,
                  progress: bool = True, build_workers: int = 0, max_pixels: int = DEFAULT_MAX_PIXELS,
                  batch_size: int = 32, num_workers: int = 0, strict: bool = False) -> None:
-        super().__init__(output_dir, distractors, num_distractors, progress, build_workers, max_pixels,
-                         batch_size, num_workers, strict)
+        super().__init__(output_dir=output_dir,
+                         distractors=distractors, num_distractors=num_distractors, progress=progress,
+                         build_workers=build_workers, max_pixels=max_pixels, batch_size=batch_size,
+                         num_workers=num_workers, strict=strict)
         self.root = root
         self.pool_dir = pool
         self.num_queries = num_queries

@@ -1,7 +1,7 @@
 """Diffusion outpainting copy detection (the paper's IN-Dif-Patch and IN-Dif-Diagonal).
 
 For every query, ``mixes_per_query`` synthetic images; each, from its own generator
-(``datamodules.synthetic.base``: seeded from ``(seed, "outpaint", query id, mix)``):
+(``datamodules.synthetic.builder``: seeded from ``(seed, "outpaint", query id, mix)``):
 
 1. the query's largest square at a random place, resized to ``resolution`` (the canvas);
 2. the **kept region**: ``patch`` mode, a square of side ``round(sqrt(patch_fraction) *
@@ -43,20 +43,10 @@ from diffusers.utils.torch_utils import randn_tensor
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from datamodules.synthetic.base import (
-    QueryOutput,
-    RenderedItem,
-    Skip,
-    SourceRef,
-    StageTimer,
-    SyntheticBuilder,
-    SyntheticRetrievalDataModule,
-    folder_refs,
-    randint,
-    random_square,
-    random_square_resized,
-    split_queries_and_pool,
-)
+from datamodules.synthetic.builder import QueryOutput, RenderedItem, Skip, StageTimer, SyntheticBuilder
+from datamodules.synthetic.datamodule import SyntheticRetrievalDataModule
+from datamodules.synthetic.sampling import randint, random_square, random_square_resized
+from datamodules.synthetic.sources import SourceRef, folder_refs, split_queries_and_pool
 from lit.files import file_sha256
 from lit.io import DEFAULT_MAX_PIXELS, ImageLoadError, load_image
 from models.ddpm import WEIGHT_FILES, DDPMModule, load_pretrained_unet, unet_folder
@@ -277,7 +267,7 @@ class OutpaintBuilder(SyntheticBuilder):
                  num_inference_steps: int = 250, jump_length: int = 10, jump_n_sample: int = 10, eta: float = 0.0,
                  use_ema: bool = True, batch_size: int = 8, device: str = "auto", step_progress: bool = False,
                  max_pixels: int = DEFAULT_MAX_PIXELS, strict: bool = False) -> None:
-        super().__init__(seed, batch_size=batch_size, strict=strict)
+        super().__init__(seed=seed, batch_size=batch_size, strict=strict)
         if mode not in ("patch", "diagonal"):
             raise ValueError(f"mode must be 'patch' or 'diagonal', got {mode!r}")
         patch_side(resolution, patch_fraction)  # validates the fraction
@@ -386,7 +376,7 @@ class OutpaintingDataModule(SyntheticRetrievalDataModule):
         patch_fraction, mixes_per_query, resolution, num_inference_steps, jump_length,
         jump_n_sample, eta, use_ema: see :class:`OutpaintBuilder`.
         distractors, num_distractors, progress, build_workers, max_pixels, batch_size, num_workers, strict:
-            see :class:`~datamodules.synthetic.base.SyntheticRetrievalDataModule`.
+            see :class:`~datamodules.synthetic.datamodule.SyntheticRetrievalDataModule`.
     """
 
     def __init__(self, root: str, unet: str | None = None, mode: OutpaintMode = "patch",
@@ -397,8 +387,10 @@ class OutpaintingDataModule(SyntheticRetrievalDataModule):
                  num_distractors: int | None = None, progress: bool = True, build_workers: int = 0,
                  max_pixels: int = DEFAULT_MAX_PIXELS, batch_size: int = 32, num_workers: int = 0,
                  strict: bool = False) -> None:
-        super().__init__(output_dir or f"synthetic/dif_{mode}", distractors, num_distractors, progress,
-                         build_workers, max_pixels, batch_size, num_workers, strict)
+        super().__init__(output_dir=output_dir or f"synthetic/dif_{mode}",
+                         distractors=distractors, num_distractors=num_distractors, progress=progress,
+                         build_workers=build_workers, max_pixels=max_pixels, batch_size=batch_size,
+                         num_workers=num_workers, strict=strict)
         if mode not in ("patch", "diagonal"):
             raise ValueError(f"mode must be 'patch' or 'diagonal', got {mode!r}")
         if build_workers > 0 and device != "cpu":

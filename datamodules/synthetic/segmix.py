@@ -42,21 +42,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from datamodules.synthetic.base import (
-    QueryOutput,
-    RenderedItem,
-    Skip,
-    SourceRef,
-    StageTimer,
-    SyntheticBuilder,
-    SyntheticRetrievalDataModule,
-    randint,
-    random_square_resized,
-    require_disjoint,
-    split_sources,
-    uniform,
-)
+from datamodules.synthetic.builder import QueryOutput, RenderedItem, Skip, StageTimer, SyntheticBuilder
+from datamodules.synthetic.datamodule import SyntheticRetrievalDataModule
 from datamodules.synthetic.masks import CocoMaskSource, FolderMaskSource, MaskSource, VocMaskSource
+from datamodules.synthetic.sampling import randint, random_square_resized, uniform
+from datamodules.synthetic.sources import SourceRef, require_disjoint, split_sources
 from lit.io import DEFAULT_MAX_PIXELS, ImageLoadError, load_image
 
 MaskFormat = Literal["coco", "voc", "folder"]
@@ -176,7 +166,7 @@ class SegmixBuilder(SyntheticBuilder):
                  min_region_area: float = 0.02, object_scale: tuple[float, float] = (0.3, 0.8),
                  max_rotation: float = 15.0, augmentation: RegionAugmentation | None = None,
                  output_size: int = 256, max_pixels: int = DEFAULT_MAX_PIXELS, strict: bool = False) -> None:
-        super().__init__(seed, strict=strict)
+        super().__init__(seed=seed, strict=strict)
         if mixes_per_query < 1:
             raise ValueError(f"mixes_per_query must be >= 1, got {mixes_per_query}")
         if not 0.0 <= object_probability <= 1.0:
@@ -390,7 +380,7 @@ class SegmixDataModule(SyntheticRetrievalDataModule):
         mixes_per_query, object_probability, min_region_area, object_scale, max_rotation,
         augmentation, output_size: see :class:`SegmixBuilder`.
         distractors, num_distractors, progress, build_workers, max_pixels, batch_size, num_workers, strict:
-            see :class:`~datamodules.synthetic.base.SyntheticRetrievalDataModule`.
+            see :class:`~datamodules.synthetic.datamodule.SyntheticRetrievalDataModule`.
     """
 
     def __init__(self, root: str, mask_format: MaskFormat = "voc", images: str = "images", masks: str = "masks",
@@ -403,8 +393,10 @@ class SegmixDataModule(SyntheticRetrievalDataModule):
                  output_size: int = 256, distractors: str | None = None, num_distractors: int | None = None,
                  progress: bool = True, build_workers: int = 0, max_pixels: int = DEFAULT_MAX_PIXELS,
                  batch_size: int = 32, num_workers: int = 0, strict: bool = False) -> None:
-        super().__init__(output_dir, distractors, num_distractors, progress, build_workers, max_pixels,
-                         batch_size, num_workers, strict)
+        super().__init__(output_dir=output_dir,
+                         distractors=distractors, num_distractors=num_distractors, progress=progress,
+                         build_workers=build_workers, max_pixels=max_pixels, batch_size=batch_size,
+                         num_workers=num_workers, strict=strict)
         self.root = root
         self.mask_format = mask_format
         self.paths = {"images": images, "masks": masks, "annotations": annotations, "image_set": image_set}

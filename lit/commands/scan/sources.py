@@ -3,7 +3,7 @@
 ``lit scan`` reads every set (generations, training, background) through one small
 interface, :class:`FeatureSource`: row count, per-row keys / captions / labels,
 features in blocks (never the whole set at once for a store) and by row, the
-:class:`lit.search.RowSource` that ``search_store`` scans, the manifest, the images
+:class:`lit.search.RowSource` that ``lit.search.search`` scans, the manifest, the images
 that were skipped, and each row's image for the report. :class:`MemorySource` holds
 features in memory (tests); :class:`StoreSource` reads a :mod:`lit.store` feature
 store through its memory maps. :func:`extract_input` turns an image folder, a file
