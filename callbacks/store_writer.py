@@ -8,7 +8,9 @@ the remaining shards from the datamodule. Each rank accumulates the rows of a sh
 its last batch and writes it atomically; after all ranks finished, rank 0 writes the
 manifest, in shard order (independent of the number of ranks), and prints
 ``N images in T s (X img/s)``. A killed run rerun with the same arguments skips the
-shards already written and ends with the same store.
+shards already written and ends with the same store. The store records each input's absolute
+path and listing (:data:`INPUTS_FILE`, fingerprint in the manifest); a rerun against an input
+whose files were added, removed or modified since is refused with one line (:func:`check_input`).
 """
 
 from __future__ import annotations
@@ -25,8 +27,13 @@ import torch
 from pytorch_lightning.callbacks import BasePredictionWriter
 from pytorch_lightning.utilities import rank_zero_info
 
-from datamodules.extraction_inputs import ExtractionDataModule, ImageSource, input_listing, listing_changes, \
-    listing_fingerprint
+from datamodules.extraction_inputs import (
+    ExtractionDataModule,
+    ImageSource,
+    input_listing,
+    listing_changes,
+    listing_fingerprint,
+)
 from lit.distributed import all_gather_objects
 from lit.errors import UserError
 from lit.files import write_json

@@ -18,7 +18,13 @@ import torch
 from PIL import Image
 
 from callbacks.store_writer import StoreWriterCallback, default_shard_size
-from datamodules.extraction_inputs import ExtractionDataModule, ImageSource, expand_tar_pattern
+from datamodules.extraction_inputs import (
+    ExtractionDataModule,
+    ImageSource,
+    expand_tar_pattern,
+    input_listing,
+    listing_fingerprint,
+)
 from lit.commands.extract import extract_to_store
 from lit.errors import UserError
 from lit.io import load_image
@@ -319,8 +325,6 @@ def test_dangling_symlinks_and_image_named_folders_are_counted_with_reasons(tmp_
 
 def test_the_manifest_records_the_input_as_an_absolute_path_and_a_fingerprint(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from datamodules.extraction_inputs import input_listing, listing_fingerprint
-
     root = _folder(tmp_path / "images", good=3)
     monkeypatch.chdir(tmp_path)
     with pytest.warns(UserWarning):

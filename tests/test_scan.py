@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -623,8 +624,6 @@ _QUICK = ["--descriptor.name", "pixel", "--k", "2", "--device", "cpu", "--batch_
 
 
 def test_dangling_symlinks_and_image_named_folders_are_in_summary_json(folders: Path, tmp_path: Path) -> None:
-    import shutil
-
     gen = tmp_path / "gen"
     shutil.copytree(folders / "gen", gen)
     (gen / "a.png").symlink_to(gen / "missing.png")
@@ -645,8 +644,6 @@ def test_dangling_symlinks_and_image_named_folders_are_in_summary_json(folders: 
 def test_a_scan_from_another_folder_finds_every_image(folders: Path, tmp_path: Path,
                                                       monkeypatch: pytest.MonkeyPatch,
                                                       capsys: pytest.CaptureFixture[str]) -> None:
-    import shutil
-
     shutil.copytree(folders / "gen", tmp_path / "data" / "gen")
     shutil.copytree(folders / "train", tmp_path / "data" / "train")
     monkeypatch.chdir(tmp_path / "data")

@@ -30,7 +30,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from datamodules.extraction_inputs import ImageSource, input_listing, listing_fingerprint
+from datamodules.extraction_inputs import (
+    ImageSource,
+    input_listing,
+    listing_fingerprint,
+)
 from lit.commands.extract import extract_to_store
 from lit.io import load_image, load_image_bytes
 from lit.search import RowSource, TensorRows
