@@ -8,11 +8,14 @@ the remaining shards from the datamodule. Each rank accumulates the rows of a sh
 its last batch and writes it atomically; after all ranks finished, rank 0 writes the
 manifest, in shard order (independent of the number of ranks), and prints
 ``N images in T s (X img/s)``. A killed run rerun with the same arguments skips the
-shards already written and ends with the same store.
+shards already written and ends with the same store. The store records each input's absolute
+path and listing (:data:`INPUTS_FILE`, fingerprint in the manifest); a rerun against an input
+whose files were added, removed or modified since is refused with one line (:func:`check_input`).
 """
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from pathlib import Path
@@ -24,9 +27,16 @@ import torch
 from pytorch_lightning.callbacks import BasePredictionWriter
 from pytorch_lightning.utilities import rank_zero_info
 
-from datamodules.extraction_inputs import ExtractionDataModule
+from datamodules.extraction_inputs import (
+    ExtractionDataModule,
+    ImageSource,
+    input_listing,
+    listing_changes,
+    listing_fingerprint,
+)
 from lit.distributed import all_gather_objects
 from lit.errors import UserError
+from lit.files import write_json
 from lit.store import StoreWriter
 from models.descriptor_config import DescriptorConfig
 from models.extract import DescriptorExtractor
@@ -67,6 +77,38 @@ def _resume_plan(writer: StoreWriter, location: str, prefix: str) -> tuple[dict[
     return done, base
 
 
+#: File in a store that records, for each input extracted into it, the listing it was extracted from.
+INPUTS_FILE = "inputs.json"
+
+
+def check_input(root: Path, source: ImageSource, resuming: bool) -> dict[str, Any]:
+    """The record of ``source`` in the store ``root`` (absolute location, kind, fingerprint of the
+    listing, the listing itself and the skipped entries), written into :data:`INPUTS_FILE`.
+
+    When ``resuming`` (shards of this input are already in the store) and the input's files changed
+    since they were listed (added, removed or modified), a one-line ``UserError`` says what changed:
+    shards are fixed slices of the sorted listing, so an added name shifts every later shard and the
+    store would duplicate or drop rows. A store written before inputs were recorded is trusted as it is."""
+    entries = input_listing(source)
+    record = {"kind": source.kind, "fingerprint": listing_fingerprint(entries), "files": len(entries),
+              "entries": [list(e) for e in entries], "skipped_entries": [list(e) for e in source.skipped]}
+    path = root / INPUTS_FILE
+    try:
+        inputs = json.loads(path.read_text()) if path.is_file() else {}
+    except ValueError:
+        inputs = {}
+    inputs = inputs if isinstance(inputs, dict) else {}
+    before = inputs.get(source.location)
+    if resuming and isinstance(before, dict) and before.get("fingerprint") != record["fingerprint"]:
+        changes = listing_changes(before.get("entries") or [], entries) or "its files were listed differently"
+        raise UserError(f"feature store {root} was extracted from {source.location}, which changed since: "
+                        f"{changes}; extract into a new folder (a store's shards are fixed slices of the "
+                        "listing it started from)")
+    if before != record:
+        write_json(path, {**inputs, source.location: record})
+    return record
+
+
 class StoreWriterCallback(BasePredictionWriter):
     """Writes the features of ``lit predict`` into the feature store ``output_dir``.
 
@@ -94,6 +136,7 @@ class StoreWriterCallback(BasePredictionWriter):
         self._skipped = 0
         self._done_before = 0
         self._started = 0.0
+        self._input_record: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ set-up: store, plan
 
@@ -120,6 +163,8 @@ class StoreWriterCallback(BasePredictionWriter):
                 self.writer = StoreWriter(self.output_dir, record, shape, self.dtype,
                                           compare=DescriptorConfig.differences)
                 plan = _resume_plan(self.writer, location, datamodule.shard_prefix)
+                resuming = bool(plan[0]) or (self.output_dir / "manifest.json").is_file()
+                self._input_record = check_input(self.writer.root, datamodule.input, resuming)
             except UserError as refusal:
                 error = str(refusal)
         error, (done, base) = strategy.broadcast((error, plan), src=0)
@@ -184,12 +229,15 @@ class StoreWriterCallback(BasePredictionWriter):
         if trainer.is_global_zero:
             assert self.writer is not None
             datamodule = trainer.datamodule
+            record = self._input_record
             manifest = self.writer.finalize(extra={
-                "input": str(getattr(datamodule, "source", "")),
-                "input_kind": getattr(getattr(datamodule, "input", None), "kind", None),
+                "input": datamodule.input.location,  # absolute: a scan from another folder finds the images
+                "input_kind": datamodule.input.kind,
+                "input_fingerprint": record["fingerprint"],
+                "input_files": record["files"],
                 "shard_size": self._shard_size,
                 "precision": self._precision,
-            })
+            }, skipped_entries=_skipped_entries(self.writer.root))
             rows, shards, skipped = (sum(c[i] for c in counts) for i in range(3))
             seconds = time.perf_counter() - self._started
             rate = (rows + skipped) / seconds if seconds > 0 else float("inf")
@@ -200,3 +248,9 @@ class StoreWriterCallback(BasePredictionWriter):
                 f"({manifest['num_skipped']} inputs skipped)"
             )
         trainer.strategy.barrier("store_writer_manifest")
+
+
+def _skipped_entries(root: Path) -> list[tuple[str, str]]:
+    """The skipped entries of every input recorded in the store's :data:`INPUTS_FILE`."""
+    inputs = json.loads((root / INPUTS_FILE).read_text())
+    return [(str(name), str(reason)) for record in inputs.values() for name, reason in record["skipped_entries"]]

@@ -30,6 +30,7 @@ and listed in the shard's ``skipped``; ``strict=True`` stops at the first one in
 from __future__ import annotations
 
 import glob
+import hashlib
 import math
 import re
 import warnings
@@ -44,7 +45,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from lit.errors import UserError
-from lit.io import list_images, load_image, load_image_bytes
+from lit.io import load_image, load_image_bytes, scan_images, shorten, warn_skipped
 from models.preprocessing import Preprocessing, center_crop, resize_short_side
 
 IMAGE_SUFFIXES = ("jpg", "jpeg", "png", "webp")
@@ -95,6 +96,9 @@ class ImageSource:
     location: str
     items: tuple[ImageItem, ...] = ()
     tars: tuple[str, ...] = ()
+    #: entries of a folder named like images that are not image files (dangling symlinks, folders
+    #: called ``x.png``): ``(name relative to the folder, reason)``, counted as skipped by the store
+    skipped: tuple[tuple[str, str], ...] = ()
 
     @classmethod
     def resolve(cls, source: str, labels_from_folders: bool = False) -> ImageSource:
@@ -102,7 +106,9 @@ class ImageSource:
         path = Path(source).expanduser().absolute()
         if path.is_dir():
             tars = sorted(str(p) for p in path.glob("*.tar"))
-            images = list_images(path)
+            listing = scan_images(path)
+            warn_skipped(path, listing)
+            images = listing.paths
             if tars and not images:
                 return cls("tars", str(path), tars=tuple(tars))
             if not images:
@@ -113,7 +119,8 @@ class ImageSource:
                           label=p.parent.relative_to(path).as_posix() if labels_from_folders else None)
                 for p in images
             )
-            return cls("folder", str(path), items=items)
+            skipped = tuple((p.relative_to(path).as_posix(), reason) for p, reason in listing.skipped)
+            return cls("folder", str(path), items=items, skipped=skipped)
         if path.is_file() and path.suffix.lower() == ".tar":
             return cls("tars", str(path), tars=(str(path),))
         if path.is_file() and path.suffix.lower() in (".txt", ".tsv"):
@@ -154,6 +161,56 @@ class ImageSource:
             if not any((info or {}).get("final") for info in mine.values()):
                 units.append(TarUnit(number, tar, frozenset(mine), prefix))
         return [], units
+
+
+# --------------------------------------------------------------------------- what an input held
+
+
+#: One file an input is read from: ``(name, size in bytes, modification time in ns)``; -1, -1 when missing.
+ListingEntry = tuple[str, int, int]
+
+
+def input_listing(source: ImageSource) -> list[ListingEntry]:
+    """Every file ``source`` is read from, sorted by name: a folder's images by their path relative
+    to it (the store's keys) and its skipped entries, a list's images as listed plus the list file
+    itself (``<list>``), a pattern's tars by their path."""
+    def entry(name: str, path: Path) -> ListingEntry:
+        try:
+            stat = path.stat()
+        except OSError:
+            return name, -1, -1
+        return name, int(stat.st_size), int(stat.st_mtime_ns)
+
+    if source.kind == "tars":
+        entries = [entry(tar, Path(tar)) for tar in source.tars]
+    else:
+        entries = [entry(item.key, item.path) for item in source.items]
+        entries += [(name, -1, -1) for name, _ in source.skipped]
+        if source.kind == "list":
+            entries.append(entry("<list>", Path(source.location)))
+    return sorted(entries)
+
+
+def listing_fingerprint(entries: Sequence[ListingEntry]) -> str:
+    """SHA-256 over the sorted names, sizes and modification times of an input's files (one
+    fingerprint for every caller: the store writer's resume check, ``lit scan``'s store names)."""
+    digest = hashlib.sha256()
+    for name, size, mtime in sorted(entries):
+        digest.update(f"{name}\0{size}\0{mtime}\n".encode())
+    return digest.hexdigest()
+
+
+def listing_changes(before: Sequence[Sequence[Any]], after: Sequence[ListingEntry]) -> str | None:
+    """How an input's files changed between two listings (``N added (first names), N removed (...),
+    N modified (...)``), or None when they are the same."""
+    old = {str(e[0]): (int(e[1]), int(e[2])) for e in before}
+    new = {name: (size, mtime) for name, size, mtime in after}
+    added = sorted(set(new) - set(old))
+    removed = sorted(set(old) - set(new))
+    modified = sorted(name for name in set(old) & set(new) if old[name] != new[name])
+    parts = [f"{len(names)} {what}" + (f" ({shorten(names, 3)})" if names else "")
+             for what, names in (("added", added), ("removed", removed), ("modified", modified))]
+    return None if not (added or removed or modified) else ", ".join(parts)
 
 
 def read_file_list(path: Path) -> list[ImageItem]:

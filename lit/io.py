@@ -115,17 +115,24 @@ def _not_a_file_reason(path: Path) -> str:
 def list_images(root: str | Path, recursive: bool = True) -> list[Path]:
     """The sorted image files under ``root`` (see :func:`scan_images`); entries named like
     images that are not files are left out with one :class:`ImageSkipWarning` giving their
-    count and names (use :func:`scan_images` to get them as a list)."""
+    count and names (:func:`warn_skipped`). Callers that count skips in their outputs (the
+    extraction inputs: the store manifest and ``lit scan``'s ``summary.json``) use
+    :func:`scan_images` and keep ``ImageListing.skipped`` with its reasons."""
     listing = scan_images(root, recursive)
+    warn_skipped(root, listing, stacklevel=3)
+    return listing.paths
+
+
+def warn_skipped(root: str | Path, listing: ImageListing, stacklevel: int = 2) -> None:
+    """One :class:`ImageSkipWarning` naming the entries of ``listing`` that are not image files."""
     if listing.skipped:
         warnings.warn(
             f"skipping {len(listing.skipped)} entr{'y' if len(listing.skipped) == 1 else 'ies'} under {root} "
             f"named like images that are not image files: "
             + shorten([f"{path} ({reason})" for path, reason in listing.skipped]),
             ImageSkipWarning,
-            stacklevel=2,
+            stacklevel=stacklevel + 1,
         )
-    return listing.paths
 
 
 def load_image(
@@ -296,6 +303,7 @@ __all__ = [
     "list_images",
     "load_image",
     "scan_images",
+    "warn_skipped",
     "load_image_bytes",
 ]
 

@@ -237,8 +237,13 @@ class StoreWriter:
         write_json(meta_path, meta)
         return _shard_info(meta)
 
-    def finalize(self, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
-        """Write ``manifest.json`` from the complete shards present (ordered by ``start``, then name)."""
+    def finalize(self, extra: Mapping[str, Any] | None = None,
+                 skipped_entries: Sequence[tuple[str, str]] = ()) -> dict[str, Any]:
+        """Write ``manifest.json`` from the complete shards present (ordered by ``start``, then name).
+
+        ``skipped_entries`` are inputs skipped before any shard (an input folder's dangling symlinks,
+        folders named like images): ``(name, reason)``, listed as ``skipped_entries`` and counted in
+        ``num_skipped`` with the shards' unreadable images."""
         shards, checks = [], {}
         for meta_path in sorted(self.root.glob("shard-*.json")):
             text = meta_path.read_bytes()
@@ -256,7 +261,8 @@ class StoreWriter:
             "dtype": self.dtype,
             "feature_shape": list(self.feature_shape),
             "num_rows": sum(s.rows for s in shards),
-            "num_skipped": sum(len(s.skipped) for s in shards),
+            "num_skipped": sum(len(s.skipped) for s in shards) + len(skipped_entries),
+            "skipped_entries": [{"name": str(name), "reason": str(reason)} for name, reason in skipped_entries],
             "bytes_per_row": int(np.prod(self.feature_shape)) * np.dtype(self.dtype).itemsize,
             "shards": [
                 {"name": s.name, "file": s.file, "rows": s.rows, "start": s.start, "sha256": s.sha256,
@@ -374,7 +380,21 @@ class FeatureStore:
 
     @property
     def skipped(self) -> list[str]:
-        return [name for shard in self.shards for name in shard.skipped]
+        """Every skipped input: the entries skipped before extraction (``skipped_entries``), then each
+        shard's unreadable images."""
+        entries = [str(entry.get("name")) for entry in self.manifest.get("skipped_entries") or ()
+                   if isinstance(entry, dict)]
+        return entries + [name for shard in self.shards for name in shard.skipped]
+
+    @property
+    def skipped_reasons(self) -> dict[str, str]:
+        """Every skipped input with the reason it was skipped (the order of :attr:`skipped`)."""
+        reasons = {str(entry.get("name")): str(entry.get("reason"))
+                   for entry in self.manifest.get("skipped_entries") or () if isinstance(entry, dict)}
+        for shard in self.shards:
+            for name in shard.skipped:
+                reasons.setdefault(name, "could not be read as an image")
+        return reasons
 
     def __repr__(self) -> str:
         return (f"FeatureStore({str(self.root)!r}, rows={self.num_rows}, shape={self.feature_shape}, "

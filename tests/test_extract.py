@@ -18,7 +18,13 @@ import torch
 from PIL import Image
 
 from callbacks.store_writer import StoreWriterCallback, default_shard_size
-from datamodules.extraction_inputs import ExtractionDataModule, ImageSource, expand_tar_pattern
+from datamodules.extraction_inputs import (
+    ExtractionDataModule,
+    ImageSource,
+    expand_tar_pattern,
+    input_listing,
+    listing_fingerprint,
+)
 from lit.commands.extract import extract_to_store
 from lit.errors import UserError
 from lit.io import load_image
@@ -287,3 +293,82 @@ def test_kill_during_extraction_then_rerun_gives_the_same_store(tmp_path: Path) 
     assert {n: (out / n).stat().st_mtime_ns for n in first} == first  # finished shards were skipped
     assert _store_files(out) == _store_files(tmp_path / "reference")
     assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+
+
+# ----------------------------------------------------------------------------- issue 14: stores know their input
+# (skipped entries counted with their reasons; the input recorded as an absolute path and a fingerprint of its
+# listing; a rerun against a changed input refused with one line, never a duplicated or dropped row)
+
+
+def _refused_changes(root: Path, out: Path) -> str:
+    with pytest.raises(UserError) as caught:
+        _extract(root, out)
+    message = str(caught.value)
+    assert "\n" not in message and f"feature store {out} was extracted from {root}, which changed since" in message
+    return message
+
+
+def test_dangling_symlinks_and_image_named_folders_are_counted_with_reasons(tmp_path: Path) -> None:
+    root = _folder(tmp_path / "images", good=3)
+    (root / "a.png").symlink_to(root / "missing.png")
+    (root / "b.jpg").mkdir()
+    with pytest.warns(UserWarning):
+        store = _extract(root, tmp_path / "store")
+    entries = store.manifest["skipped_entries"]
+    assert entries == [{"name": "a.png", "reason": "dangling symlink"},
+                       {"name": "b.jpg", "reason": "a directory, not an image file"}]
+    assert store.manifest["num_skipped"] == 4  # the two entries and the corrupt and empty files
+    assert store.skipped[:2] == ["a.png", "b.jpg"] and len(store.skipped) == 4
+    assert store.skipped_reasons["a.png"] == "dangling symlink"
+    assert len(store) == 3
+
+
+def test_the_manifest_records_the_input_as_an_absolute_path_and_a_fingerprint(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    root = _folder(tmp_path / "images", good=3)
+    monkeypatch.chdir(tmp_path)
+    with pytest.warns(UserWarning):
+        store = _extract(Path("images"), Path("store"))
+    extra = store.manifest["extra"]
+    assert extra["input"] == str(root) and Path(extra["input"]).is_absolute()
+    expected = [(p.relative_to(root).as_posix(), p.stat().st_size, p.stat().st_mtime_ns)
+                for p in sorted(root.rglob("*.*"))]
+    assert input_listing(ImageSource.resolve(str(root))) == expected
+    assert extra["input_fingerprint"] == listing_fingerprint(expected) and extra["input_files"] == 5
+
+
+def test_a_finished_store_refuses_added_removed_and_modified_images(tmp_path: Path) -> None:
+    root = _folder(tmp_path / "images", good=4)
+    out = tmp_path / "store"
+    with pytest.warns(UserWarning):
+        _extract(root, out)
+    files = _store_files(out)
+    rng = np.random.default_rng(5)
+    _png(rng).save(root / "dogs" / "zz_new1.png")
+    _png(rng).save(root / "aa_new0.png")
+    message = _refused_changes(root, out)
+    assert "2 added (aa_new0.png, dogs/zz_new1.png), 0 removed, 0 modified" in message
+    assert _store_files(out) == files
+    (root / "aa_new0.png").unlink()
+    (root / "dogs" / "zz_new1.png").unlink()
+    (root / "cats" / "img00.jpg").unlink()
+    assert "0 added, 1 removed (cats/img00.jpg), 0 modified" in _refused_changes(root, out)
+    _png(rng).save(root / "cats" / "img00.jpg")
+    assert "0 added, 0 removed, 1 modified (cats/img00.jpg)" in _refused_changes(root, out)
+    assert _store_files(out) == files
+
+
+def test_a_half_finished_store_refuses_an_added_image_instead_of_duplicating_rows(tmp_path: Path) -> None:
+    root = _folder(tmp_path / "images", good=6)  # 8 inputs: shards of 3, 3, 2
+    out = tmp_path / "store"
+    with pytest.warns(UserWarning):
+        _extract(root, out)
+    for path in [out / "manifest.json", *out.glob("shard-000002.*")]:  # as if killed before the last shard
+        path.unlink()
+    _png(np.random.default_rng(1)).save(root / "cats" / "img00b.png")  # sorts into the first shard
+    assert "1 added (cats/img00b.png)" in _refused_changes(root, out)
+    assert not (out / "manifest.json").exists() and not list(out.glob("shard-000002.*"))
+    (root / "cats" / "img00b.png").unlink()
+    with pytest.warns(UserWarning):
+        store = _extract(root, out)  # the input as it was: the store is completed
+    assert len(store.keys) == len(set(store.keys)) == 6

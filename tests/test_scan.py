@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -612,3 +613,65 @@ def test_a_damaged_store_given_by_the_user_is_one_line(scanned: Path, tmp_path: 
     message = str(raised.value)
     assert "\n" not in message and f"feature store {store} is damaged: shard-" in message
     assert "does not match its checksum" in message and store.is_dir()
+
+
+# ----------------------------------------------------------------------------- issue 14: stores know their input
+# (skipped entries counted with reasons in summary.json; images found from any working directory, and the
+# console says how many cannot be found)
+
+_QUICK = ["--descriptor.name", "pixel", "--k", "2", "--device", "cpu", "--batch_size", "8", "--report_rows", "8",
+          "--thumb", "16", "--progress", "false"]
+
+
+def test_dangling_symlinks_and_image_named_folders_are_in_summary_json(folders: Path, tmp_path: Path) -> None:
+    gen = tmp_path / "gen"
+    shutil.copytree(folders / "gen", gen)
+    (gen / "a.png").symlink_to(gen / "missing.png")
+    (gen / "b.jpg").mkdir()
+    out = tmp_path / "out"
+    with pytest.warns(UserWarning):
+        main(["--generations", str(gen), "--training", str(folders / "train"), "--out", str(out), *_QUICK])
+    summary = json.loads((out / "summary.json").read_text())["generations"]
+    assert summary["skipped"] == 3 and summary["skipped_files"] == ["a.png", "b.jpg", "broken.png"]
+    assert summary["skipped_reasons"] == [
+        {"name": "a.png", "reason": "dangling symlink"},
+        {"name": "b.jpg", "reason": "a directory, not an image file"},
+        {"name": "broken.png", "reason": "could not be read as an image"}]
+    manifest = json.loads(next((out / "stores").glob("generations-*/manifest.json")).read_text())
+    assert manifest["num_skipped"] == 3 and [e["name"] for e in manifest["skipped_entries"]] == ["a.png", "b.jpg"]
+
+
+def test_a_scan_from_another_folder_finds_every_image(folders: Path, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    shutil.copytree(folders / "gen", tmp_path / "data" / "gen")
+    shutil.copytree(folders / "train", tmp_path / "data" / "train")
+    monkeypatch.chdir(tmp_path / "data")
+    first = tmp_path / "first"
+    with pytest.warns(UserWarning):
+        main(["--generations", "gen", "--training", "train", "--out", str(first), *_QUICK])  # relative inputs
+    stores = {p.name.split("-")[0]: p for p in (first / "stores").iterdir()}
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    capsys.readouterr()
+    second = tmp_path / "second"
+    main(["--generations", str(stores["generations"]), "--training", str(stores["training"]), "--out", str(second),
+          *_QUICK])
+    assert "cannot be found" not in capsys.readouterr().out
+    with open(second / "matches.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert rows and all(Path(r["generation"]).is_file() and Path(r["training"]).is_file() for r in rows)
+    assert json.loads((second / "summary.json").read_text())["images_not_found"] == {"generations": 0, "training": 0}
+    assert "show a placeholder" not in (second / "report.html").read_text()
+    # images moved away after extraction: the console says how many cannot be found
+    matched = {Path(r["training"]) for r in rows}
+    for path in list(matched)[:2]:
+        path.unlink()
+    for path in sorted((tmp_path / "data" / "gen").glob("new*.png"))[:3]:
+        path.unlink()
+    third = tmp_path / "third"
+    main(["--generations", str(stores["generations"]), "--training", str(stores["training"]), "--out", str(third),
+          *_QUICK])
+    assert ("warning: 3 generation and 2 matched training images named in matches.csv cannot be found"
+            in capsys.readouterr().out)
+    assert json.loads((third / "summary.json").read_text())["images_not_found"] == {"generations": 3, "training": 2}

@@ -370,3 +370,19 @@ def test_nan_or_inf_rows_are_refused(tmp_path: Path, value: float) -> None:
     with pytest.raises(UserError) as raised:
         store.slice(0, 11)
     _damage_message(raised, root, "shard-1.npy", "row 3 ('b3') holds NaN or inf")
+
+
+# ----------------------------------------------------------------------------- issue 14: skipped entries
+
+
+def test_entries_skipped_before_any_shard_are_counted_with_their_reasons(tmp_path: Path) -> None:
+    writer = StoreWriter(tmp_path / "s", RECORD, (4,), compare=DIFFERENCES)
+    writer.write_shard("000000", np.ones((1, 4)), ["c.png"], skipped=["bad.png"], start=0)
+    manifest = writer.finalize(skipped_entries=[("a.png", "dangling symlink"), ("b.jpg", "a directory")])
+    assert manifest["num_skipped"] == 3
+    assert manifest["skipped_entries"] == [{"name": "a.png", "reason": "dangling symlink"},
+                                           {"name": "b.jpg", "reason": "a directory"}]
+    store = FeatureStore.open(tmp_path / "s")
+    assert store.skipped == ["a.png", "b.jpg", "bad.png"]
+    assert store.skipped_reasons == {"a.png": "dangling symlink", "b.jpg": "a directory",
+                                     "bad.png": "could not be read as an image"}

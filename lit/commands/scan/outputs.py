@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from lit.commands.scan.report import generation_order, write_plots, write_report
-from lit.commands.scan.sources import FeatureSource
+from lit.commands.scan.sources import FeatureSource, missing_images
 from lit.commands.scan.types import ScanOptions, ScanResult
 from lit.files import claim_folder, folder_lock, write_json, write_text_atomic
 from lit.replication import duplicate_comparison, score_summary
@@ -129,10 +129,8 @@ def build_summary(result: ScanResult, generations: FeatureSource, training: Feat
     """summary.json's content."""
     top1 = result.top.scores[:, 0]
     summary: dict[str, Any] = {
-        "generations": {"count": generations.num_rows, "skipped": len(generations.skipped),
-                        "skipped_files": generations.skipped},
-        "training": {"count": training.num_rows, "skipped": len(training.skipped),
-                     "skipped_files": training.skipped},
+        "generations": _counts(generations),
+        "training": _counts(training),
         "k": int(result.top.scores.shape[1]),
         "search": result.search,
         "thresholds": list(options.thresholds),
@@ -159,6 +157,23 @@ def build_summary(result: ScanResult, generations: FeatureSource, training: Feat
     return summary
 
 
+def images_not_found(result: ScanResult, generations: FeatureSource, training: FeatureSource) -> dict[str, int]:
+    """How many generations, and how many distinct matched training images, have no image file where
+    their store says (:func:`lit.commands.scan.sources.missing_images`)."""
+    matched = sorted({int(t) for t in result.top.indices.flatten().tolist() if t >= 0})
+    return {"generations": missing_images(generations, range(generations.num_rows)),
+            "training": missing_images(training, matched)}
+
+
+def _counts(source: FeatureSource) -> dict[str, Any]:
+    """summary.json's rows and skipped inputs of one set (every skip with its reason: unreadable
+    images, and the dangling symlinks and folders named like images of an input folder)."""
+    reasons = source.skipped_reasons
+    return {"count": source.num_rows, "skipped": len(source.skipped), "skipped_files": source.skipped,
+            "skipped_reasons": [{"name": name, "reason": reasons.get(name, "could not be read as an image")}
+                                for name in source.skipped]}
+
+
 def write_outputs(out: Path, result: ScanResult, generations: FeatureSource, training: FeatureSource,
                   options: ScanOptions, descriptor: dict[str, Any], report_rows: int = 20, thumb: int = 96,
                   wall_s: float | None = None) -> dict[str, Path]:
@@ -170,6 +185,11 @@ def write_outputs(out: Path, result: ScanResult, generations: FeatureSource, tra
         header, rows = matches_rows(result, generations, training, options)
         paths = {"matches": write_matches(staging / "matches.csv", header, rows)}
         summary = build_summary(result, generations, training, options, descriptor, wall_s)
+        summary["images_not_found"] = not_found = images_not_found(result, generations, training)
+        if any(not_found.values()):
+            print(f"warning: {not_found['generations']} generation and {not_found['training']} matched training "
+                  "images named in matches.csv cannot be found where their feature stores say (moved or "
+                  "removed since extraction?); the report shows placeholders for them")
         paths["summary"] = write_json(staging / "summary.json", summary)
         paths.update(write_plots(staging, result, options))
         paths["report"] = write_report(staging, result, summary, generations, training, report_rows=report_rows,

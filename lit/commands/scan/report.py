@@ -244,7 +244,8 @@ def render_report(result: ScanResult, summary: dict[str, Any], generations: Feat
     skipped = summary["generations"]["skipped"] + summary["training"]["skipped"]
     notes = []
     if skipped:
-        notes.append(f"{skipped} unreadable images were skipped (listed in summary.json).")
+        notes.append(f"{skipped} inputs were skipped: unreadable images, and entries named like images that are "
+                     "not image files (listed with their reasons in summary.json).")
     if unreadable:
         notes.append(f"{unreadable} thumbnails could not be read from their files and show a placeholder.")
     if summary.get("threshold_note"):

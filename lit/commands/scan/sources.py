@@ -30,7 +30,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from datamodules.extraction_inputs import ImageSource
+from datamodules.extraction_inputs import (
+    ImageSource,
+    input_listing,
+    listing_fingerprint,
+)
 from lit.commands.extract import extract_to_store
 from lit.io import load_image, load_image_bytes
 from lit.search import RowSource, TensorRows
@@ -62,6 +66,9 @@ class FeatureSource(Protocol):
     def skipped(self) -> list[str]: ...
 
     @property
+    def skipped_reasons(self) -> dict[str, str]: ...
+
+    @property
     def feature_shape(self) -> tuple[int, ...]: ...
 
     @property
@@ -91,6 +98,7 @@ class MemorySource:
     labels: list[str | None] | None = None
     manifest: dict[str, Any] = field(default_factory=dict)
     skipped: list[str] = field(default_factory=list)
+    skipped_reasons: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.features.shape[0] != len(self.keys):
@@ -200,6 +208,10 @@ class StoreSource:
     def skipped(self) -> list[str]:
         return self.store.skipped
 
+    @property
+    def skipped_reasons(self) -> dict[str, str]:
+        return self.store.skipped_reasons
+
     def iter_blocks(self, block_rows: int) -> Iterator[tuple[int, Tensor]]:
         for start, block in self.store.iter_blocks(block_rows, dtype=np.float32):
             yield start, torch.from_numpy(block)
@@ -235,6 +247,24 @@ class StoreSource:
         return None
 
 
+def missing_images(source: FeatureSource, rows: Sequence[int]) -> int:
+    """How many of the given rows of a store extracted from a folder or file list have no image file
+    where the store says (moved or removed since, or a store that recorded a relative folder read
+    from another working directory); 0 for tars and features in memory."""
+    if not isinstance(source, StoreSource) or not len(rows):
+        return 0
+    extra = source.store.manifest.get("extra", {})
+    kind, root = extra.get("input_kind"), extra.get("input")
+    if kind == "folder":
+        paths = [Path(name) for name in source.keys_of(rows)]
+    elif kind == "list" and root:
+        base = Path(root).parent
+        paths = [base / Path(key).expanduser() for key in source._column_of("keys", rows) or []]
+    else:
+        return 0
+    return sum(not path.is_file() for path in paths)
+
+
 @lru_cache(maxsize=8)
 def _tar_index(tar_path: str) -> dict[str, tarfile.TarInfo]:
     """Image members of a webdataset tar by sample key, read in one pass (cached: a report shows many)."""
@@ -261,19 +291,12 @@ def _tar_image(tar_path: str, key: str) -> Tensor | None:
 
 
 def input_fingerprint(spec: str) -> tuple[str, str, bool]:
-    """``(kind, sha256, all_in_subfolders)`` of an input: over every image's (or list / tar file's)
-    relative path, size and modification time, so it changes when the input does."""
+    """``(kind, sha256, all_in_subfolders)`` of an input: its absolute location and the fingerprint of
+    its listing (:func:`datamodules.extraction_inputs.listing_fingerprint`, the one the store writer
+    records and compares on resume), so it changes when the input does."""
     source = ImageSource.resolve(spec)
-    digest = hashlib.sha256(f"{source.kind}\0{Path(source.location).expanduser().resolve()}\n".encode())
-    files = [Path(t) for t in source.tars] if source.kind == "tars" else [item.path for item in source.items]
-    if source.kind == "list":
-        files.append(Path(source.location))
-    for path in files:
-        try:
-            stat = path.stat()
-            digest.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
-        except OSError:
-            digest.update(f"{path}\0missing\n".encode())
+    location = Path(source.location).expanduser().resolve()
+    digest = hashlib.sha256(f"{source.kind}\0{location}\n{listing_fingerprint(input_listing(source))}".encode())
     nested = source.kind == "folder" and all("/" in item.key for item in source.items)
     return source.kind, digest.hexdigest(), nested
 
