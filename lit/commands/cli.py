@@ -234,14 +234,18 @@ def top_level_help() -> str:
 def _run(argv: list[str], from_sys_argv: bool) -> None:
     if argv[:1] and argv[0] in EXTRA_COMMANDS:
         module, function, _ = EXTRA_COMMANDS[argv[0]]
-        getattr(importlib.import_module(module), function)(argv[1:])
+        command = getattr(importlib.import_module(module), function)
+        quiet_known_logs()  # after the import: Lightning adds its console handler when imported
+        command(argv[1:])
         return
     if argv[:1] == ["validate"]:
         raise UserError(NO_VALIDATION)
     if argv[:1] and argv[0] in HELP_FLAGS:
         print(top_level_help(), end="")
         raise SystemExit(0)
-    importlib.import_module(LIGHTNING_CLI_MODULE).run(argv, from_sys_argv)
+    run = importlib.import_module(LIGHTNING_CLI_MODULE).run
+    quiet_known_logs()
+    run(argv, from_sys_argv)
 
 
 def main(args: Sequence[str] | None = None) -> None:

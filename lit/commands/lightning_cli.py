@@ -25,7 +25,7 @@ from lightning_fabric.utilities.exceptions import MisconfigurationException
 from pytorch_lightning import LightningDataModule, LightningModule
 from pytorch_lightning.cli import LightningCLI, SaveConfigCallback
 
-from lit.commands.cli import commands_epilog, exception_chain, quiet_known_logs
+from lit.commands.cli import commands_epilog, exception_chain
 from lit.errors import UserError
 
 #: Where a run without a logger writes (under the trainer's ``default_root_dir``).
@@ -183,5 +183,4 @@ def _config_error(error: Exception) -> UserError | None:
 def run(argv: list[str], from_sys_argv: bool) -> None:
     """Run ``lit fit|test|predict ...``; from the console LightningCLI reads ``sys.argv`` itself
     (it warns when given both)."""
-    quiet_known_logs()
     LitCLI(args=None if from_sys_argv else argv, exit_on_error=False)
