@@ -58,9 +58,10 @@ def test_top_level_help_lists_every_command_without_torch() -> None:
     assert _help_without(["-h"]) == text
 
 
-def test_report_help_without_torch() -> None:
-    text = _help_without(["report", "--help"])
-    assert text.startswith("usage: lit report") and "--out" in text
+@pytest.mark.parametrize(("command", "option"), [("report", "--metrics"), ("export", "--ckpt_path")])
+def test_command_help_without_torch(command: str, option: str) -> None:
+    text = _help_without([command, "--help"])
+    assert text.startswith(f"usage: lit {command}") and option in text and "--out" in text
 
 
 def test_lightning_help_still_lists_the_trainer_options() -> None:
@@ -87,8 +88,7 @@ def test_known_warnings_are_silenced_and_the_suite_warnings_stay() -> None:
                                                 "a deprecation in the suite itself"]
 
 
-def test_lightning_log_lines_are_dropped(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv(cli.DEBUG_ENV, raising=False)
+def test_lightning_log_lines_are_dropped() -> None:
     logger = logging.getLogger("pytorch_lightning.utilities.rank_zero")
     records: list[str] = []
 

@@ -33,7 +33,7 @@ from lit.errors import UserError
 #: name -> (module, function taking the remaining argv, one-line help).
 EXTRA_COMMANDS: dict[str, tuple[str, str, str]] = {
     "report": ("lit.commands.table1", "main", "collect the metrics.json of lit test runs into the paper's Table 1"),
-    "export": ("lit.commands.export", "main", "write a checkpoint's trained backbone as a descriptor file (safetensors)"),
+    "export": ("lit.commands.export_options", "main", "write a checkpoint's trained backbone as a descriptor file (safetensors)"),
     "scan": ("lit.commands.scan.command", "main", "search generated images against a training set and report what was copied"),
 }
 
@@ -164,7 +164,10 @@ KNOWN_LOG_LINES = re.compile(
     r"You are using a CUDA device|LOCAL_RANK: \d+ - CUDA_VISIBLE_DEVICES|"
     r"`Trainer\.fit` stopped: `max_(steps|epochs)=\d+` reached|Trainer already configured with model summary"
 )
-_LIGHTNING_LOGGERS = ("pytorch_lightning", "lightning_fabric", "lightning", "lightning.pytorch", "lightning.fabric")
+#: The loggers Lightning's ``rank_zero_info`` writes to (filters set on them before Lightning is
+#: imported stay: ``logging.getLogger`` hands Lightning the same objects).
+_LIGHTNING_LOGGERS = tuple(f"{package}.utilities.rank_zero" for package in (
+    "pytorch_lightning", "lightning_fabric", "lightning.pytorch", "lightning.fabric"))
 
 
 class _DropKnownLines(logging.Filter):
@@ -182,16 +185,11 @@ def quiet_known_warnings() -> None:
 
 
 def quiet_known_logs() -> None:
-    """Drop :data:`KNOWN_LOG_LINES` from Lightning's loggers and their handlers (call once Lightning
-    is imported: it adds its console handler on import); nothing when debugging."""
-    if _debugging():
-        return
-    drop = _DropKnownLines()
+    """Drop :data:`KNOWN_LOG_LINES` from Lightning's loggers (before or after Lightning is imported)."""
     for name in _LIGHTNING_LOGGERS:
         logger = logging.getLogger(name)
-        for owner in (logger, *logger.handlers):
-            if not any(isinstance(f, _DropKnownLines) for f in owner.filters):
-                owner.addFilter(drop)
+        if not any(isinstance(f, _DropKnownLines) for f in logger.filters):
+            logger.addFilter(_DropKnownLines())
 
 
 def _debugging() -> bool:
@@ -234,18 +232,14 @@ def top_level_help() -> str:
 def _run(argv: list[str], from_sys_argv: bool) -> None:
     if argv[:1] and argv[0] in EXTRA_COMMANDS:
         module, function, _ = EXTRA_COMMANDS[argv[0]]
-        command = getattr(importlib.import_module(module), function)
-        quiet_known_logs()  # after the import: Lightning adds its console handler when imported
-        command(argv[1:])
+        getattr(importlib.import_module(module), function)(argv[1:])
         return
     if argv[:1] == ["validate"]:
         raise UserError(NO_VALIDATION)
     if argv[:1] and argv[0] in HELP_FLAGS:
         print(top_level_help(), end="")
         raise SystemExit(0)
-    run = importlib.import_module(LIGHTNING_CLI_MODULE).run
-    quiet_known_logs()
-    run(argv, from_sys_argv)
+    importlib.import_module(LIGHTNING_CLI_MODULE).run(argv, from_sys_argv)
 
 
 def main(args: Sequence[str] | None = None) -> None:
@@ -255,6 +249,7 @@ def main(args: Sequence[str] | None = None) -> None:
         sys.argv[1:] = argv
     if not debug:
         quiet_known_warnings()
+        quiet_known_logs()
     try:
         _run(argv, from_sys_argv=args is None)
     except Exception as error:
