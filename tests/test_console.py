@@ -81,6 +81,8 @@ def test_known_warnings_are_silenced_and_the_suite_warnings_stay() -> None:
                                UserWarning, "x.py", 1, module="pytorch_lightning.trainer.connectors")
         warnings.warn_explicit("`isinstance(treespec, LeafSpec)` is deprecated", UserWarning, "x.py", 1,
                                module="pytorch_lightning.utilities._pytree")
+        warnings.warn_explicit("Starting from v1.9.0, `tensorboardX` has been removed as a dependency of the "
+                               "`pytorch_lightning` package", UserWarning, "x.py", 1, module="pytorch_lightning.x")
         warnings.warn("skipping image a.png: truncated", ImageSkipWarning)
         warnings.warn("removed a stale lock", StaleLockWarning)
         warnings.warn_explicit("a deprecation in the suite itself", DeprecationWarning, "x.py", 1, module="models.x")
@@ -103,6 +105,7 @@ def test_lightning_log_lines_are_dropped() -> None:
         cli.quiet_known_logs()
         for message in ("GPU available: False, used: False", "TPU available: False, using: 0 TPU cores",
                         "💡 Tip: For seamless cloud logging ... litlogger", "Seed set to 0",
+                        "`Trainer(limit_test_batches=1)` was configured so 1 batch will be used.",
                         "Restoring states from the checkpoint path at x.ckpt"):
             logger.warning(message)
     finally:

@@ -147,22 +147,20 @@ _THIRD_PARTY = (r"(torch|torchvision|timm|lightning_fabric|pytorch_lightning|lig
 KNOWN_WARNINGS: tuple[tuple[str, type[Warning], str], ...] = (
     # Lightning: "The '...dataloader' does not have many workers ..." on tiny demo sets
     (".*does not have many workers.*", UserWarning, ""),
-    # Lightning: the checkpoint folder of a resumed / repeated run already holds files
-    (".*Checkpoint directory .* exists and is not empty.*", UserWarning, ""),
-    # Lightning: "`Trainer(limit_test_batches=...)`" / "`max_steps`" notes echoing the user's own setting
-    (r".*`Trainer\(limit_\w+_batches=.*", UserWarning, ""),
-    (".*The number of training batches .* is smaller than the logging interval.*", UserWarning, ""),
+    # Lightning without tensorboard installed: "Starting from v1.9.0, `tensorboardX` has been removed ..."
+    (".*`tensorboardX` has been removed as a dependency.*", UserWarning, ""),
     # torch.utils._pytree's LeafSpec deprecation, raised from inside Lightning
     (".*LeafSpec.*", Warning, ""),
     # deprecations inside the libraries below: only their maintainers can act on them
     *(("", category, _THIRD_PARTY) for category in (DeprecationWarning, PendingDeprecationWarning, FutureWarning)),
 )
 
-#: Lightning's log lines that are advertisements or restate the machine: dropped from its loggers.
+#: Lightning's log lines that advertise, or restate the machine or the user's own settings.
 KNOWN_LOG_LINES = re.compile(
-    r"💡 Tip|litlogger|tensorboardX|Starting from v1\.9\.0|(GPU|TPU|HPU|IPU) available:|"
+    r"💡 Tip|litlogger|litmodels|(GPU|TPU|HPU|IPU) available:|"
     r"You are using a CUDA device|LOCAL_RANK: \d+ - CUDA_VISIBLE_DEVICES|"
-    r"`Trainer\.fit` stopped: `max_(steps|epochs)=\d+` reached|Trainer already configured with model summary"
+    r"`Trainer\.fit` stopped: `max_(steps|epochs)=\d+` reached|Trainer already configured with model summary|"
+    r"`Trainer\(\w+=1(\.0)?\)` was configured so"  # the user's own limit_*_batches setting, restated
 )
 #: The loggers Lightning's ``rank_zero_info`` writes to (filters set on them before Lightning is
 #: imported stay: ``logging.getLogger`` hands Lightning the same objects).
