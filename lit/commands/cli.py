@@ -55,7 +55,6 @@ def commands_epilog() -> str:
     return "\n".join(lines) + "\n"
 
 
-
 # ---------------------------------------------------------------------- one-line errors
 def exception_chain(error: BaseException) -> list[BaseException]:
     """``error`` and the exceptions it was raised from (``__cause__``, else ``__context__``)."""
