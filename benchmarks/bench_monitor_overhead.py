@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from callbacks.replication import ReplicationMonitor  # noqa: E402
-from lit.commands.cli import LitCLI  # noqa: E402
+from lit.commands.lightning_cli import LitCLI  # noqa: E402
 
 MONITOR = "callbacks.replication.ReplicationMonitor"
 

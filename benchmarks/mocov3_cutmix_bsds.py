@@ -111,7 +111,7 @@ def fit_and_save(config: Path, ckpt: Path, threads: int) -> dict[str, float]:
     """``lit fit`` (in this forked child) from ``config``; save the final checkpoint to ``ckpt``."""
     import torch
 
-    from lit.commands.cli import LitCLI
+    from lit.commands.lightning_cli import LitCLI
 
     torch.set_num_threads(threads)
     sys.argv = sys.argv[:1]

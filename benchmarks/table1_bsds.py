@@ -175,7 +175,7 @@ def build_set(dataset: str, settings: Settings, unet: Path) -> dict[str, object]
     :func:`in_fresh_process`)."""
     import torch
 
-    from lit.commands.cli import LitCLI
+    from lit.commands.lightning_cli import LitCLI
 
     torch.set_num_threads(settings.threads)
     sys.argv = sys.argv[:1]  # a child process: LightningCLI warns when it sees args beside sys.argv

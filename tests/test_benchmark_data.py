@@ -67,7 +67,7 @@ def test_table1_on_a_flat_folder_runs_cutmix_with_a_seeded_pool(tmp_path: Path, 
     cutmix = table1_bsds.data_args("cutmix", settings, tmp_path / "unet")
     assert f"--data.init_args.root={tmp_path / 'photos'}" in cutmix and "--data.init_args.pool=null" in cutmix
     # the datamodule the runs instantiate builds from it: queries and pool a seeded split of the 6
-    from lit.commands.cli import LitCLI
+    from lit.commands.lightning_cli import LitCLI
 
     cli = LitCLI(args=table1_bsds.cli_args("cutmix", "pixel", settings, tmp_path / "unet")
                  + ["--data.init_args.output_size=16"], run=False)

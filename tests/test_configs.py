@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import yaml
 
-from lit.commands.cli import LitCLI
+from lit.commands.lightning_cli import LitCLI
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 # option files of ``lit scan`` (no LightningCLI model) print through lit scan: tests/test_scan.py

@@ -213,7 +213,7 @@ def test_every_skip_is_counted_in_metrics_json_with_its_reason(tmp_path: Path, p
 
 
 def test_strict_stops_at_the_first_bad_file_naming_it(tmp_path: Path, photos: PhotoSet) -> None:
-    from lit.commands.cli import LitCLI
+    from lit.commands.lightning_cli import LitCLI
     from lit.io import ImageLoadError
 
     refs = folder_refs(val_images(photos))[:6]

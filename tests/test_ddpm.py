@@ -220,7 +220,7 @@ def test_unreadable_files_are_skipped_counted_and_recorded(tmp_path: Path) -> No
 
 
 def test_strict_and_unmeetable_subset_fail_with_a_clear_message(tmp_path: Path) -> None:
-    from lit.commands.cli import LitCLI
+    from lit.commands.lightning_cli import LitCLI
     from lit.errors import UserError
     from lit.io import ImageLoadError
 

@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 import lit
 from callbacks.replication import ReplicationMonitor
 from datamodules.images import ProceduralTrainData
-from lit.commands.cli import LitCLI
+from lit.commands.lightning_cli import LitCLI
 from lit.commands.cli import main as lit_main
 from lit.commands.export import export_descriptor
 from lit.errors import UserError

@@ -20,7 +20,7 @@ from pytorch_lightning.loggers.logger import Logger
 
 from callbacks.replication import HISTORY_FILE, SUMMARY_FILE, ReplicationMonitor
 from datamodules.images import ProceduralTrainData
-from lit.commands.cli import LitCLI
+from lit.commands.lightning_cli import LitCLI
 from models.ddpm import DDPMModule
 
 REPO = Path(__file__).resolve().parents[1]

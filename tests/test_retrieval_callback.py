@@ -24,7 +24,7 @@ from torch import nn
 from callbacks.retrieval import GRID_TAG, ItemCache, RetrievalMetricsCallback, eval_mode
 from datamodules.images import ProceduralTrainData
 from datamodules.retrieval import FolderRetrievalDataModule, ProceduralRetrievalDataModule
-from lit.commands.cli import LitCLI
+from lit.commands.lightning_cli import LitCLI
 from models.descriptor import Descriptor
 from models.descriptor_config import DescriptorConfig
 from models.registry import build_descriptor

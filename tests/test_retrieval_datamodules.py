@@ -313,7 +313,7 @@ def test_image_file_dataset_items(tmp_path: Path) -> None:
 
 
 def test_folder_strict_stops_at_the_broken_file_naming_it(tmp_path: Path) -> None:
-    from lit.commands.cli import LitCLI
+    from lit.commands.lightning_cli import LitCLI
     from lit.io import ImageLoadError
 
     _folder_tree(tmp_path)

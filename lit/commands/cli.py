@@ -1,40 +1,31 @@
-"""The ``lit`` command: a LightningCLI over every module and datamodule of the suite.
+"""The ``lit`` command: argv dispatch and the top-level help, without importing torch.
 
-``lit fit`` / ``lit test`` / ``lit predict`` run a YAML config (subclass mode: ``--model``
-and ``--data`` take any LightningModule / LightningDataModule by ``class_path``, e.g.
-``models.retrieval.RetrievalEvaluator``, with typed ``init_args``, so every option shows
-in ``--help`` and ``--print_config``). The commands of :data:`EXTRA_COMMANDS` sit beside
-them (``lit report RUNS...`` collects Table 1, see :mod:`lit.commands.table1`).
+``lit fit`` / ``lit test`` / ``lit predict`` run a YAML config through the LightningCLI of
+:mod:`lit.commands.lightning_cli` (subclass mode: ``--model`` and ``--data`` take any
+LightningModule / LightningDataModule by ``class_path``, e.g. ``models.retrieval.RetrievalEvaluator``,
+with typed ``init_args``, so every option shows in ``lit fit --help`` and ``--print_config``).
+The commands of :data:`EXTRA_COMMANDS` sit beside them (``lit report RUNS...`` collects Table 1,
+see :mod:`lit.commands.table1`). Every command is imported by module name only when it runs,
+so ``lit --help`` and the light commands answer without loading torch / Lightning.
 
-Safe by default:
-
-- a run writes into a folder of its own: the logger's fresh ``version_N``, or, without a
-  logger (``--trainer.logger false``), a fresh ``<default_root_dir>/lit_runs/version_N``;
-  a ``config.yaml`` that the run did not write is never overwritten (one-line error);
-- option names must be spelled out (no abbreviations: ``--trainer.max_step`` is refused);
 - a mistake the user can fix ends with one line, ``error: <message>``, printed last, and
   exit status 2 (see :func:`user_error_message`); ``--debug`` or ``LIT_DEBUG=1`` shows the
-  traceback instead.
+  traceback instead;
+- library warnings and log lines the user cannot act on (Lightning's tips, third-party
+  deprecations) are silenced (:func:`quiet_known_warnings`); the suite's own warnings stay,
+  and ``--debug`` shows everything.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import os
 import re
 import sys
 import warnings
 from collections.abc import Sequence
-from pathlib import Path
-from types import TracebackType
-from typing import Any
-
-import pytorch_lightning as pl
-from jsonargparse import DefaultHelpFormatter
-from lightning_fabric.utilities.exceptions import MisconfigurationException
-from pytorch_lightning import LightningDataModule, LightningModule
-from pytorch_lightning.cli import LightningCLI, SaveConfigCallback
 
 from lit.errors import UserError
 
@@ -42,29 +33,20 @@ from lit.errors import UserError
 #: name -> (module, function taking the remaining argv, one-line help).
 EXTRA_COMMANDS: dict[str, tuple[str, str, str]] = {
     "report": ("lit.commands.table1", "main", "collect the metrics.json of lit test runs into the paper's Table 1"),
-    "export": ("lit.commands.export", "main", "write a checkpoint's trained backbone as a descriptor file (safetensors)"),
+    "export": ("lit.commands.export_options", "main", "write a checkpoint's trained backbone as a descriptor file (safetensors)"),
     "scan": ("lit.commands.scan.command", "main", "search generated images against a training set and report what was copied"),
 }
 
-#: Where a run without a logger writes (under the trainer's ``default_root_dir``).
-RUNS_FOLDER = "lit_runs"
 EXIT_USER_ERROR = 2
 DEBUG_FLAG = "--debug"
 DEBUG_ENV = "LIT_DEBUG"
-_NO_VALIDATION = (
+NO_VALIDATION = (
     "lit validate: no module of the suite has a validation loop; use `lit test` for retrieval "
     "metrics, and the ReplicationMonitor (in `lit fit`) for replication during training"
 )
 
 
-class _KeepLinesFormatter(DefaultHelpFormatter):
-    """jsonargparse's help formatter, but the description / epilog keep their line breaks."""
-
-    def _fill_text(self, text: str, width: int, indent: str) -> str:
-        return "".join(indent + line for line in text.splitlines(keepends=True))
-
-
-def _commands_epilog() -> str:
+def commands_epilog() -> str:
     """The commands beside fit/test/predict, listed from :data:`EXTRA_COMMANDS`."""
     width = max(len(name) for name in EXTRA_COMMANDS) if EXTRA_COMMANDS else 0
     lines = ["other commands (lit NAME --help for their options):"]
@@ -73,117 +55,8 @@ def _commands_epilog() -> str:
     return "\n".join(lines) + "\n"
 
 
-def fresh_run_folder(root: str | Path) -> Path:
-    """Create and return ``root/lit_runs/version_N`` for the first N not taken (atomic ``mkdir``)."""
-    parent = Path(root) / RUNS_FOLDER
-    parent.mkdir(parents=True, exist_ok=True)
-    taken = [int(m.group(1)) for p in parent.iterdir() if (m := re.fullmatch(r"version_(\d+)", p.name))]
-    version = max(taken, default=-1) + 1
-    while True:
-        folder = parent / f"version_{version}"
-        try:
-            folder.mkdir()
-            return folder
-        except FileExistsError:  # another run took it meanwhile
-            version += 1
-
-
-class RunFolder(pl.Callback):
-    """Without a logger, move the run's ``default_root_dir`` (its ``log_dir``) to a fresh folder.
-
-    Lightning's ``log_dir`` falls back to ``default_root_dir`` (the working directory unless
-    set) when there is no logger, so ``config.yaml``, ``metrics.json``, checkpoints and
-    figures would land among the user's files. Rank 0 creates the folder, every rank uses it.
-    """
-
-    def __init__(self) -> None:
-        self.folder: Path | None = None
-
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if trainer.loggers or self.folder is not None:
-            return
-        created = str(fresh_run_folder(trainer.default_root_dir)) if trainer.is_global_zero else None
-        self.folder = Path(trainer.strategy.broadcast(created))
-        trainer._default_root_dir = str(self.folder)  # read back by trainer.log_dir and ModelCheckpoint
-
-
-class SafeSaveConfig(SaveConfigCallback):
-    """Save ``config.yaml`` into the run folder; refuse (one line) when one is already there."""
-
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if not self.already_saved and self.save_to_log_dir:
-            path = Path(trainer.log_dir or trainer.default_root_dir) / self.config_filename
-            exists = trainer.strategy.broadcast(path.exists() if trainer.is_global_zero else False)
-            if exists:
-                raise UserError(
-                    f"{path} already exists and this run did not write it: give the logger another "
-                    "save_dir / name / version (or remove the file) so that nothing is overwritten"
-                )
-        super().setup(trainer, pl_module, stage)
-
-
-class LitCLI(LightningCLI):
-    """LightningCLI with the suite's defaults: subclass mode, a run folder of its own, no abbreviations.
-
-    ``exit_on_error=False`` makes a parser error raise (``lit.commands.cli.main`` prints it as one
-    line); the default keeps jsonargparse's usage message and exit for Python callers.
-    """
-
-    def __init__(self, args: list[str] | None = None, run: bool = True, exit_on_error: bool = True) -> None:
-        common = {"allow_abbrev": False, "exit_on_error": exit_on_error}
-        super().__init__(
-            model_class=LightningModule,
-            datamodule_class=LightningDataModule,
-            subclass_mode_model=True,
-            subclass_mode_data=True,
-            save_config_callback=SafeSaveConfig,
-            save_config_kwargs={"overwrite": False},
-            parser_kwargs={
-                **common,
-                "prog": "lit",
-                "description": "lit: find whether a diffusion model copies its training data "
-                "(fit / test / predict with a YAML config).",
-                "epilog": _commands_epilog(),
-                "formatter_class": _KeepLinesFormatter,
-                **{name: dict(common) for name in self.subcommands()},
-            },
-            args=args,
-            run=run,
-        )
-
-    @staticmethod
-    def subcommands() -> dict[str, set[str]]:
-        """fit, test and predict (no module of the suite has a validation loop: ``lit validate`` is an error)."""
-        commands = dict(LightningCLI.subcommands())
-        commands.pop("validate", None)
-        return commands
-
-    def instantiate_classes(self) -> None:
-        """Instantiate; a value a class rejects in ``__init__`` becomes a one-line :class:`UserError`."""
-        try:
-            super().instantiate_classes()
-        except Exception as error:
-            converted = _config_error(error)
-            if converted is None:
-                raise
-            raise converted from error
-
-    def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
-        trainer = super().instantiate_trainer(**kwargs)
-        trainer.callbacks.insert(0, RunFolder())  # before anything asks for trainer.log_dir
-        return trainer
-
-    def before_predict(self) -> None:
-        """``lit predict`` needs a module with its own ``predict_step``."""
-        if type(self.model).predict_step is LightningModule.predict_step:
-            raise UserError(
-                f"{type(self.model).__name__} does not support lit predict (it has no predict_step); "
-                "use lit test for retrieval metrics, lit predict with models.ddpm.DDPMModule for samples"
-            )
-
-
 # ---------------------------------------------------------------------- one-line errors
-def _chain(error: BaseException) -> list[BaseException]:
+def exception_chain(error: BaseException) -> list[BaseException]:
     """``error`` and the exceptions it was raised from (``__cause__``, else ``__context__``)."""
     seen: list[BaseException] = []
     current: BaseException | None = error
@@ -193,40 +66,19 @@ def _chain(error: BaseException) -> list[BaseException]:
     return seen
 
 
-_WRAPPERS = ("jsonargparse", "pytorch_lightning.cli")
-
-
-def _raised_by(error: BaseException) -> tuple[str, str | None]:
-    """(module of the frame that raised ``error``, class whose ``__init__`` it came from, if any)."""
-    module, owner = "", None
-    traceback: TracebackType | None = error.__traceback__
-    while traceback is not None:
-        frame = traceback.tb_frame
-        module = str(frame.f_globals.get("__name__", ""))
-        instance = frame.f_locals.get("self")
-        if frame.f_code.co_name == "__init__" and instance is not None and not module.startswith(_WRAPPERS):
-            owner = type(instance).__name__
-        traceback = traceback.tb_next
-    return module, owner
-
-
-def _config_error(error: Exception) -> UserError | None:
-    """A value rejected by a configured class's ``__init__`` (ValueError / TypeError, under
-    jsonargparse's wrappers) as a :class:`UserError` naming the class; None otherwise."""
-    for item in _chain(error):
-        module, owner = _raised_by(item)
-        if module.startswith(_WRAPPERS):
-            continue  # jsonargparse's "Does not validate against any of the Union subtypes ..."
-        if isinstance(item, (ValueError, TypeError, MisconfigurationException)) and not isinstance(item, UserError):
-            return UserError(f"{owner}: {item}" if owner else str(item))
-        return None
-    return None
-
-
 #: Exceptions that report a user's mistake wherever they are raised (the suite's own are all
 #: :class:`UserError`: ``DatasetLayoutError``, ``ImageLoadError``...).
-USER_ERROR_TYPES: tuple[type[BaseException], ...] = (UserError, FileNotFoundError, NotADirectoryError,
-                                                     MisconfigurationException)
+USER_ERROR_TYPES: tuple[type[BaseException], ...] = (UserError, FileNotFoundError, NotADirectoryError)
+#: Lightning's exception for a user's mistake (``MisconfigurationException``): matched by the
+#: module that defines it, which is loaded only when a Lightning command runs (no torch here).
+_LIGHTNING_USER_ERROR = ("lightning_fabric.utilities.exceptions", "MisconfigurationException")
+
+
+def _user_error_types() -> tuple[type[BaseException], ...]:
+    """:data:`USER_ERROR_TYPES`, plus Lightning's ``MisconfigurationException`` once Lightning is loaded."""
+    module = sys.modules.get(_LIGHTNING_USER_ERROR[0])
+    extra = getattr(module, _LIGHTNING_USER_ERROR[1], None)
+    return USER_ERROR_TYPES + ((extra,) if isinstance(extra, type) else ())
 
 
 _PARSER_NOISE = ("Does not validate against", "Subtypes:", "Errors:", "Given value", "Expected a <class 'NoneType'>")
@@ -263,12 +115,13 @@ def parser_message(text: str) -> str:
 
 def user_error_message(error: BaseException) -> str | None:
     """The one-line message of a user's mistake in ``error`` (or what it wraps); None for a bug."""
-    chain = _chain(error)
+    chain = exception_chain(error)
     for item in chain:
         if isinstance(item, argparse.ArgumentError):
             return parser_message(str(item))
+    user_errors = _user_error_types()
     for item in chain:
-        if isinstance(item, USER_ERROR_TYPES):
+        if isinstance(item, user_errors):
             message = str(item) if not isinstance(item, OSError) or item.filename is None else (
                 f"{item.strerror or 'not found'}: {item.filename}")
             return " ".join(message.split())
@@ -280,14 +133,97 @@ def _debug_requested(argv: list[str]) -> tuple[list[str], bool]:
     if DEBUG_FLAG in argv:
         os.environ[DEBUG_ENV] = "1"  # DDP workers re-run the command line: they inherit it
         argv = [a for a in argv if a != DEBUG_FLAG]
-    return argv, os.environ.get(DEBUG_ENV, "") not in ("", "0")
+    return argv, _debugging()
 
 
-def _quiet_known_warnings() -> None:
-    """Silence library warnings that say nothing actionable to a user of the suite."""
-    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-    warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+#: Modules whose deprecation warnings are theirs to fix, not the user's.
+_THIRD_PARTY = (r"(torch|torchvision|timm|lightning_fabric|pytorch_lightning|lightning|lightning_utilities|"
+                r"jsonargparse|tensorboardX|tensorboard|huggingface_hub|safetensors|faiss|numpy|scipy|PIL|"
+                r"matplotlib|pkg_resources|setuptools|tqdm|google|webdataset)(\..*)?$")
+#: Warnings a user of the suite cannot act on: (message regex, category, module regex) for
+#: :func:`warnings.filterwarnings`. The suite's own warnings (``ImageSkipWarning``,
+#: ``StaleLockWarning``, ``SyntheticSkipWarning``...) are not among them and always show.
+KNOWN_WARNINGS: tuple[tuple[str, type[Warning], str], ...] = (
+    # Lightning: "The '...dataloader' does not have many workers ..." on tiny demo sets
+    (".*does not have many workers.*", UserWarning, ""),
+    # Lightning without tensorboard installed: "Starting from v1.9.0, `tensorboardX` has been removed ..."
+    (".*`tensorboardX` has been removed as a dependency.*", UserWarning, ""),
+    # torch.utils._pytree's LeafSpec deprecation, raised from inside Lightning
+    (".*LeafSpec.*", Warning, ""),
+    # deprecations inside the libraries below: only their maintainers can act on them
+    *(("", category, _THIRD_PARTY) for category in (DeprecationWarning, PendingDeprecationWarning, FutureWarning)),
+)
+
+#: Lightning's log lines that advertise, or restate the machine or the user's own settings.
+KNOWN_LOG_LINES = re.compile(
+    r"💡 Tip|litlogger|litmodels|(GPU|TPU|HPU|IPU) available:|"
+    r"You are using a CUDA device|LOCAL_RANK: \d+ - CUDA_VISIBLE_DEVICES|"
+    r"`Trainer\.fit` stopped: `max_(steps|epochs)=\d+` reached|Trainer already configured with model summary|"
+    r"`Trainer\(\w+=1(\.0)?\)` was configured so"  # the user's own limit_*_batches setting, restated
+)
+#: The loggers Lightning's ``rank_zero_info`` writes to (filters set on them before Lightning is
+#: imported stay: ``logging.getLogger`` hands Lightning the same objects).
+_LIGHTNING_LOGGERS = tuple(f"{package}.utilities.rank_zero" for package in (
+    "pytorch_lightning", "lightning_fabric", "lightning.pytorch", "lightning.fabric"))
+
+
+class _DropKnownLines(logging.Filter):
+    """Drop log records whose message matches :data:`KNOWN_LOG_LINES`."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return KNOWN_LOG_LINES.search(record.getMessage()) is None
+
+
+def quiet_known_warnings() -> None:
+    """Silence the warnings of :data:`KNOWN_WARNINGS` (the suite's own warnings still show)."""
+    for message, category, module in KNOWN_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category, module=module)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+
+def quiet_known_logs() -> None:
+    """Drop :data:`KNOWN_LOG_LINES` from Lightning's loggers (before or after Lightning is imported)."""
+    for name in _LIGHTNING_LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropKnownLines) for f in logger.filters):
+            logger.addFilter(_DropKnownLines())
+
+
+def _debugging() -> bool:
+    return os.environ.get(DEBUG_ENV, "") not in ("", "0")
+
+
+#: LightningCLI's subcommands (``lit validate`` is refused: no module has a validation loop).
+LIGHTNING_COMMANDS: dict[str, str] = {
+    "fit": "train a module (runs the full optimization routine)",
+    "test": "evaluate a module once over the test set (e.g. retrieval metrics)",
+    "predict": "run a module's predict_step (e.g. sample a DDPM)",
+}
+#: The module that holds the LightningCLI (imported by name: it loads torch and Lightning).
+LIGHTNING_CLI_MODULE = "lit.commands.lightning_cli"
+HELP_FLAGS = ("-h", "--help")
+
+
+def top_level_help() -> str:
+    """``lit --help``: the Lightning subcommands and :data:`EXTRA_COMMANDS` (built without torch)."""
+    names = ",".join(LIGHTNING_COMMANDS)
+    width = max(len(name) for name in LIGHTNING_COMMANDS)
+    lines = [
+        f"usage: lit [-c CONFIG] {{{names}}} ...",
+        "       lit NAME ...",
+        "",
+        "lit: find whether a diffusion model copies its training data (fit / test / predict with a YAML config).",
+        "",
+        "subcommands (lit SUBCOMMAND --help for every option of the trainer, model and data):",
+        *(f"  {name:<{width}}  {text}" for name, text in LIGHTNING_COMMANDS.items()),
+        "",
+        "options:",
+        "  -h, --help            Show this help message and exit.",
+        "  -c CONFIG, --config CONFIG",
+        "                        Path to a configuration file in json or yaml format.",
+        "",
+    ]
+    return "\n".join(lines) + "\n" + commands_epilog()
 
 
 def _run(argv: list[str], from_sys_argv: bool) -> None:
@@ -296,10 +232,11 @@ def _run(argv: list[str], from_sys_argv: bool) -> None:
         getattr(importlib.import_module(module), function)(argv[1:])
         return
     if argv[:1] == ["validate"]:
-        raise UserError(_NO_VALIDATION)
-    _quiet_known_warnings()
-    # from the console: LightningCLI reads sys.argv itself (it warns when given both)
-    LitCLI(args=None if from_sys_argv else argv, exit_on_error=False)
+        raise UserError(NO_VALIDATION)
+    if argv[:1] and argv[0] in HELP_FLAGS:
+        print(top_level_help(), end="")
+        raise SystemExit(0)
+    importlib.import_module(LIGHTNING_CLI_MODULE).run(argv, from_sys_argv)
 
 
 def main(args: Sequence[str] | None = None) -> None:
@@ -307,6 +244,9 @@ def main(args: Sequence[str] | None = None) -> None:
     argv, debug = _debug_requested(list(sys.argv[1:] if args is None else args))
     if args is None:
         sys.argv[1:] = argv
+    if not debug:
+        quiet_known_warnings()
+        quiet_known_logs()
     try:
         _run(argv, from_sys_argv=args is None)
     except Exception as error:

@@ -39,14 +39,13 @@ from pytorch_lightning import LightningModule
 from torch import Tensor
 
 import lit
+from lit.commands.export_options import DESCRIPTOR_NAME, SUFFIX, build_parser
 from lit.errors import UserError
 from lit.files import atomic_path, file_sha256
 from models.descriptor import Descriptor
 from models.registry import build_descriptor
 from models.weights import ExportMetadata, WeightsError, export_metadata_strings, lenient_torch_load
 
-SUFFIX = ".safetensors"
-DESCRIPTOR_NAME = "mocov3"
 _CHECKED_FIELDS = ("input_size", "crop_pct", "interpolation", "mean", "std", "output")
 _PROBE_TOLERANCE = 1e-4
 
@@ -213,19 +212,11 @@ def _check_round_trip(path: Path, probe: Tensor, expected: Tensor) -> None:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """``lit export``: write a checkpoint's trained backbone as a descriptor file."""
-    parser = argparse.ArgumentParser(
-        prog="lit export", allow_abbrev=False,
-        description="Write a checkpoint's trained backbone (e.g. MoCo v3's query encoder) as a descriptor file: "
-                    f"safetensors + metadata, loaded as --model.init_args.descriptor.name {DESCRIPTOR_NAME} "
-                    "--model.init_args.descriptor.weights FILE.",
-    )
-    parser.add_argument("--ckpt_path", required=True, metavar="CKPT",
-                        help="Lightning checkpoint of a module with a descriptor")
-    parser.add_argument("--out", required=True, metavar="FILE", help=f"descriptor file to write ({SUFFIX})")
-    parser.add_argument("--overwrite", action="store_true", help="replace FILE if an earlier lit export wrote it")
-    parser.add_argument("--class_path", default=None,
-                        help="module class (package.module.Class) when the checkpoint does not record it")
-    args = parser.parse_args(argv)
+    run(build_parser().parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> None:
+    """Export with parsed options (:func:`lit.commands.export_options.build_parser`) and say how to use the file."""
     out = export_descriptor(args.ckpt_path, args.out, overwrite=args.overwrite, class_path=args.class_path)
     meta = ExportMetadata.from_strings(export_metadata_strings(out) or {})
     print(f"Wrote {out}: {meta.arch} {meta.arch_kwargs}, {meta.output} features of width {meta.feature_dim}, "
