@@ -87,13 +87,18 @@ def file_sha256(path: str | Path, *, cached: bool = True) -> str:
     time (weights are hashed once a process); ``cached=False`` always reads the file again."""
     resolved = Path(path).expanduser().resolve()
     if not cached:
-        return _sha256_cached.__wrapped__(str(resolved), 0, 0)
+        return _sha256_of(resolved)
     stat = resolved.stat()
     return _sha256_cached(str(resolved), stat.st_size, stat.st_mtime_ns)
 
 
 @lru_cache(maxsize=64)
 def _sha256_cached(path: str, size: int, mtime_ns: int) -> str:
+    """:func:`_sha256_of` remembered per path; ``size`` and ``mtime_ns`` are part of the key only."""
+    return _sha256_of(Path(path))
+
+
+def _sha256_of(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for chunk in iter(lambda: handle.read(2**22), b""):

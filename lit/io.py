@@ -78,10 +78,6 @@ class ImageListing:
     paths: list[Path] = field(default_factory=list)
     skipped: list[tuple[Path, str]] = field(default_factory=list)
 
-    @property
-    def skipped_names(self) -> list[str]:
-        return [str(path) for path, _ in self.skipped]
-
 
 def scan_images(root: str | Path, recursive: bool = True) -> ImageListing:
     """The sorted image files under ``root`` (suffixes in :data:`IMAGE_EXTENSIONS`,
