@@ -675,3 +675,40 @@ def test_a_scan_from_another_folder_finds_every_image(folders: Path, tmp_path: P
     assert ("warning: 3 generation and 2 matched training images named in matches.csv cannot be found"
             in capsys.readouterr().out)
     assert json.loads((third / "summary.json").read_text())["images_not_found"] == {"generations": 3, "training": 2}
+
+
+# ----------------------------------------------------------------------------- a user's files beside what a scan deletes
+
+
+def test_a_users_files_in_the_scans_out_survive_a_rerun(folders: Path, tmp_path: Path) -> None:
+    """A rerun replaces the scan's own outputs, clears its own staging folders and drops only its own
+    plot names: a user's files and folders in the same --out (and in its stores folder) are untouched."""
+    out = tmp_path / "out"
+    args = ["--generations", str(folders / "gen"), "--training", str(folders / "train"), "--out", str(out),
+            "--device", "cpu", "--progress", "false", "--report_rows", "2", "--thumb", "16", "--dtype", "float32"]
+    main([*args, "--k", "3"])
+    mine = {out / "notes.txt": b"my notes", out / "figures" / "similarity_histogram.png": b"my own plot",
+            out / "stores" / "README.txt": b"what these stores are"}
+    for path, data in mine.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+    main([*args, "--k", "2"])
+    assert {path: path.read_bytes() for path in mine} == mine
+    assert (out / "matches.csv").is_file() and not list(out.glob(".lit-scan-staging*"))
+
+
+def test_a_damaged_folder_without_the_store_marker_is_refused_not_removed(folders: Path, tmp_path: Path) -> None:
+    """A damaged store is extracted again only when it carries the store marker (the suite's own);
+    a folder without it, in the place where the scan keeps a store, is refused with one line and kept."""
+    out = tmp_path / "out"
+    args = ["--generations", str(folders / "gen"), "--training", str(folders / "train"), "--out", str(out),
+            "--k", "2", "--dtype", "float32", "--device", "cpu", "--progress", "false", "--report_rows", "0"]
+    main(args)
+    store = next(p for p in (out / "stores").iterdir() if p.name.startswith("training"))
+    (store / ".lit-store.json").unlink()
+    (store / "manifest.json").write_text("{garbage")
+    before = {p.name: p.read_bytes() for p in store.iterdir()}
+    with pytest.raises(UserError) as raised:
+        main(args)
+    assert "\n" not in str(raised.value) and str(store) in str(raised.value)
+    assert {p.name: p.read_bytes() for p in store.iterdir()} == before
