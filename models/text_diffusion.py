@@ -309,8 +309,15 @@ class TextDiffusionModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ training
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        """MSE between the UNet's prediction and its target, for per-sample seeded timesteps and noise."""
-        position = fit_batch_position(self._trainer, batch_idx)
+        """:meth:`diffusion_loss` of the batch at its place in the fit, logged as ``train/loss``."""
+        loss = self.diffusion_loss(batch, fit_batch_position(self._trainer, batch_idx))
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=len(batch["caption"]))
+        return loss
+
+    def diffusion_loss(self, batch: dict[str, Any], position: int) -> Tensor:
+        """MSE between the UNet's prediction and its target, with the draws (timesteps, noise, latents,
+        caption dropout, embedding noise and mixup) of the batch at ``position`` in the fit: the same
+        ``position`` and batch give the same draws (a fixed-draw evaluation loss)."""
         images = batch["image"]
         captions = [str(c) for c in batch["caption"]]
         seeds = sample_seeds(self._seed(), position, [int(i) for i in batch["index"]])
@@ -324,9 +331,7 @@ class TextDiffusionModule(pl.LightningModule):
         conditioning = self.training_conditioning(captions, seeds, position)
         prediction = self.unet(noisy, steps, encoder_hidden_states=conditioning, return_dict=False)[0]
         target = training_target(self.noise_scheduler, clean, noise, steps)
-        loss = F.mse_loss(prediction.float(), target.float())
-        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=clean.shape[0])
-        return loss
+        return F.mse_loss(prediction.float(), target.float())
 
     def _seed(self) -> int:
         if self._run_seed is None:
