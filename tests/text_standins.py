@@ -7,8 +7,12 @@ does), with one caption per scene made of colour and shape words, and exposes ``
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
+import pytorch_lightning as pl
+import torch
 from torch.utils.data import Dataset
 
 from datamodules.images import ProceduralTrainData, TrainingImages
@@ -67,3 +71,23 @@ TINY_TEXT: dict[str, Any] = dict(
     max_caption_tokens=16, tokenizer_vocab_size=300, warmup_steps=0, learning_rate=1e-3, sample_steps=3,
     guidance_scale=3.0,
 )
+
+
+class TrainingRecord(pl.Callback):
+    """Writes ``<folder>/rank<r>.json`` (each step's loss on this rank) and ``<folder>/start.pt``
+    (the UNet's weights before the first step, rank 0) for tests that compare runs."""
+
+    def __init__(self, folder: str) -> None:
+        self.folder = Path(folder)
+        self.losses: list[tuple[int, float]] = []
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        if trainer.is_global_zero:
+            torch.save({k: v.detach().clone() for k, v in pl_module.unet.state_dict().items()}, self.folder / "start.pt")
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, *args: Any) -> None:
+        self.losses.append((trainer.global_step, float(outputs["loss"])))
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        (self.folder / f"rank{trainer.global_rank}.json").write_text(json.dumps(self.losses))
