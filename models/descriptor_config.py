@@ -25,9 +25,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, ClassVar, get_args
 
+from lit.choices import SimilarityKind, TokenNormalization
 from lit.errors import UserError
 from lit.files import file_sha256
-from lit.similarity import SimilarityKind, TokenNormalization
 from models.descriptor import Descriptor, similarity_of
 from models.registry import available_descriptors, build_descriptor, check_input_size, get_spec, resolve_spec
 from models.weights import WeightsError, weights_error

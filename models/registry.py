@@ -29,7 +29,7 @@ import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from torch import nn
 
-from lit.similarity import SimilarityKind
+from lit.choices import SimilarityKind
 from models.descriptor import Descriptor, OutputKind, similarity_of
 from models.pooling import AvgPool, GeM, PixelEmbedding, PooledTrunk
 from models.preprocessing import INCEPTION_MEAN, INCEPTION_STD, RGB, Interpolation, Preprocessing

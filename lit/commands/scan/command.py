@@ -36,6 +36,7 @@ import torch
 from jsonargparse import ActionConfigFile, ArgumentParser
 
 from datamodules.extraction_inputs import ImageSource
+from lit.choices import DEFAULT_THRESHOLDS, DTYPES, DUPLICATE_THRESHOLD, MATCH_MIRRORS
 from lit.commands.scan.approx import IndexOptions
 from lit.commands.scan.engine import run_scan
 from lit.commands.scan.mirror import mirrored_training
@@ -48,8 +49,7 @@ from lit.commands.scan.sources import (
 )
 from lit.commands.scan.types import ScanOptions
 from lit.errors import UserError
-from lit.replication import DEFAULT_THRESHOLDS, DUPLICATE_THRESHOLD, MATCH_MIRRORS
-from lit.store import DTYPES, FeatureStore, is_store
+from lit.store import FeatureStore, is_store
 from models.descriptor_config import DescriptorConfig
 from models.weights import WeightsError
 

@@ -7,16 +7,15 @@ from typing import Any
 
 from torch import Tensor
 
-from lit.commands.scan.analysis import ClassSimilarity
-from lit.commands.scan.approx import IndexOptions
-from lit.replication import (
+from lit.choices import (
     DEFAULT_THRESHOLDS,
     DUPLICATE_THRESHOLD,
     MATCH_MIRRORS,
-    Matches,
-    RowSample,
+    TokenNormalization,
 )
-from lit.similarity import TokenNormalization
+from lit.commands.scan.analysis import ClassSimilarity
+from lit.commands.scan.approx import IndexOptions
+from lit.replication import Matches, RowSample
 
 
 @dataclass(frozen=True)
