@@ -13,11 +13,7 @@ from lit.commands.scan.sources import store_folder_name
 from lit.errors import UserError
 from lit.files import file_sha256
 from models.descriptor_config import DescriptorConfig
-from models.descriptor_options import (
-    DEFAULT_DESCRIPTOR,
-    DESCRIPTOR_NAMES,
-    DescriptorOptions,
-)
+from models.descriptor_options import DEFAULT_DESCRIPTOR, DESCRIPTOR_NAMES, DescriptorOptions
 from models.registry import available_descriptors, get_spec, registry_table
 from models.weights import WeightsError
 

@@ -35,7 +35,6 @@ from typing import Any
 import torch
 
 from datamodules.extraction_inputs import ImageSource
-from lit.choices import DEFAULT_THRESHOLDS, DTYPES, DUPLICATE_THRESHOLD, MATCH_MIRRORS
 from lit.commands.scan.approx import IndexOptions
 from lit.commands.scan.engine import run_scan
 from lit.commands.scan.mirror import mirrored_training
