@@ -281,6 +281,19 @@ def test_batches_follow_the_contract() -> None:
         assert caption == data.draws.captions[row][0] and bool(dup) == data.draws.duplicated[row]
 
 
+def test_resume_on_other_captions_or_duplication_is_refused() -> None:
+    data = procedural(dup_fraction=0.25)
+    data.prepare_images()
+    state = data.state_dict()
+    same = procedural(dup_fraction=0.25)
+    same.prepare_images()
+    same.load_state_dict(state)
+    other = procedural(dup_fraction=0.5)  # the same images, other ones duplicated
+    other.prepare_images()
+    with pytest.raises(ValueError, match="other captions or other duplicated images"):
+        other.load_state_dict(state)
+
+
 def test_options_fail_in_one_line() -> None:
     with pytest.raises(UserError, match="exactly one of source"):
         CaptionedImageDataModule()
