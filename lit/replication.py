@@ -11,12 +11,12 @@ every report.
   (strictly; :func:`replication_rates`, :func:`replication_stats`; the paper reports
   t = 0.5 with SSCD);
 - **duplicates of a training image**: the other training images with similarity
-  > ``threshold`` (:data:`DUPLICATE_THRESHOLD` = 0.95, paper Sec. 7), counted
+  > ``threshold`` (:data:`lit.choices.DUPLICATE_THRESHOLD` = 0.95, paper Sec. 7), counted
   exhaustively over the whole training set, block by block (:func:`duplicate_counts`),
   never read off a top-k list (which would miss the members of large groups).
 
 **Mirror-aware matching** is one option of all of them, off by default
-(:data:`MATCH_MIRRORS`, the paper's definition): given the features of the
+(:data:`lit.choices.MATCH_MIRRORS`, the paper's definition): given the features of the
 horizontally flipped training images (``mirrored``, row for row), a training image
 scores ``max(s(q, g), s(q, mirror(g)))``; in the baseline and the duplicate counts an
 image's own mirror is left out with the image. A DDPM trained with random flips copies
@@ -42,14 +42,10 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from lit.choices import DEFAULT_THRESHOLDS, DUPLICATE_THRESHOLD, TokenNormalization
 from lit.search import RowSource, TensorRows, search, similarity_for
-from lit.similarity import TokenNormalization, cosine_similarity, split_product
+from lit.similarity import cosine_similarity, split_product
 
-DUPLICATE_THRESHOLD = 0.95
-#: Replication-rate thresholds of the monitor and the scan unless told otherwise.
-DEFAULT_THRESHOLDS: tuple[float, ...] = (0.5, 0.7, 0.8, 0.9, 0.95)
-#: The default of mirror-aware matching in the monitor and the scan (the paper's definition: off).
-MATCH_MIRRORS = False
 #: Float32 bytes of query features held at once (token features of many queries are searched in chunks).
 QUERY_CHUNK_BYTES = 2**30
 

@@ -34,7 +34,7 @@ from lit.errors import UserError
 EXTRA_COMMANDS: dict[str, tuple[str, str, str]] = {
     "report": ("lit.commands.table1", "main", "collect the metrics.json of lit test runs into the paper's Table 1"),
     "export": ("lit.commands.export_options", "main", "write a checkpoint's backbone as a descriptor file, or a text-to-image checkpoint as a pipeline folder"),
-    "scan": ("lit.commands.scan.command", "main", "search generated images against a training set and report what was copied"),
+    "scan": ("lit.commands.scan.options", "main", "search generated images against a training set and report what was copied"),
 }
 
 EXIT_USER_ERROR = 2

@@ -7,16 +7,10 @@ from typing import Any
 
 from torch import Tensor
 
+from lit.choices import DEFAULT_THRESHOLDS, DUPLICATE_THRESHOLD, MATCH_MIRRORS, TokenNormalization
 from lit.commands.scan.analysis import ClassSimilarity
 from lit.commands.scan.approx import IndexOptions
-from lit.replication import (
-    DEFAULT_THRESHOLDS,
-    DUPLICATE_THRESHOLD,
-    MATCH_MIRRORS,
-    Matches,
-    RowSample,
-)
-from lit.similarity import TokenNormalization
+from lit.replication import Matches, RowSample
 
 
 @dataclass(frozen=True)
