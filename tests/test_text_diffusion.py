@@ -18,7 +18,7 @@ from lit.errors import UserError
 from models.pipeline_folder import MARKER
 from models.text_diffusion import TextDiffusionModule
 from models.text_pipeline import PixelTextToImagePipeline, load_text_pipeline
-from tests.text_standins import TINY_TEXT, CaptionedStandIn, caption_of
+from tests.text_standins import TINY_TEXT, caption_of, scenes
 
 pytestmark = pytest.mark.filterwarnings("ignore:You are trying to `self.log()`")
 
@@ -26,7 +26,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:You are trying to `self.log()`")
 def tiny(**overrides: Any) -> TextDiffusionModule:
     torch.manual_seed(0)
     module = TextDiffusionModule(**{**TINY_TEXT, **overrides})
-    module.prepare_text_encoder(CaptionedStandIn().caption_words())
+    module.prepare_text_encoder([word for row in range(32) for word in caption_of(row).split()])
     return module
 
 
@@ -60,9 +60,10 @@ def fit(module: TextDiffusionModule, data: pl.LightningDataModule, tmp_path: Pat
 def test_training_reduces_the_loss_on_a_fixed_batch(tmp_path: Path) -> None:
     """The loss at fixed draws (8 positions) on the 2 training images falls by more than a third in 60 steps."""
     module = tiny(caption_dropout=0.0)
-    data = CaptionedStandIn(num_images=2, batch_size=2, random_flip=False)
+    data = scenes(2, dup_fraction=0.0, repeats=2)
     data.setup("fit")
-    batch = next(iter(torch.utils.data.DataLoader(data.train_dataset(), batch_size=2)))
+    dataset = data.train_dataset()
+    batch = torch.utils.data.default_collate([dataset[(row, row, 0)] for row in (0, 1)])
 
     def fixed_loss() -> float:
         with torch.no_grad():
@@ -175,7 +176,7 @@ def test_ema_follows_diffusers_warmup_formula(tmp_path: Path) -> None:
         def on_train_batch_end(self, *args: Any) -> None:
             steps.append({k: v.detach().clone() for k, v in module.unet.state_dict().items()})
 
-    fit(module, CaptionedStandIn(num_images=4, batch_size=2), tmp_path, steps=4, callbacks=[Record()])
+    fit(module, scenes(4), tmp_path, steps=4, callbacks=[Record()])
     reference = {k: v.clone() for k, v in steps[0].items()}
     for n, weights in enumerate(steps[1:], start=2):
         decay = min(1 - (1 + (n - 1)) ** -0.75, 0.6)
@@ -187,7 +188,7 @@ def test_ema_follows_diffusers_warmup_formula(tmp_path: Path) -> None:
 
 def test_pipeline_shares_the_modules_and_samples_per_seed(tmp_path: Path) -> None:
     module = tiny(ema_decay=0.5)
-    fit(module, CaptionedStandIn(num_images=4, batch_size=2), tmp_path, steps=3)
+    fit(module, scenes(4), tmp_path, steps=3)
     ema, live = module.pipeline(), module.pipeline(ema=False)
     assert isinstance(ema, PixelTextToImagePipeline)
     assert ema.unet is module.ema_unet and live.unet is module.unet and ema.text_encoder is module.text_encoder
@@ -205,7 +206,7 @@ def test_pipeline_shares_the_modules_and_samples_per_seed(tmp_path: Path) -> Non
 
 def test_exported_folder_loads_and_samples_like_the_module(tmp_path: Path) -> None:
     module = tiny(ema_decay=0.5)
-    fit(module, CaptionedStandIn(num_images=4, batch_size=2), tmp_path, steps=2)
+    fit(module, scenes(4), tmp_path, steps=2)
     folder = module.export_pipeline(tmp_path / "pipe")
     record = json.loads((folder / MARKER).read_text())
     assert record["ema"] is True and record["global_step"] == 2 and "model_index.json" in record["files"]

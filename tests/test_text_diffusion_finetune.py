@@ -21,7 +21,7 @@ from lit.text_conditioning import generators, sample_seeds
 from models.text_diffusion import TextDiffusionModule
 from models.text_pipeline import load_text_pipeline
 from models.tiny_text2image import train_clip_tokenizer, write_tiny_pixel_pipeline, write_tiny_sd_pipeline
-from tests.text_standins import TINY_TEXT, CaptionedStandIn, caption_of
+from tests.text_standins import TINY_TEXT, caption_of, scenes
 
 pytestmark = pytest.mark.filterwarnings("ignore:You are trying to `self.log()`")
 
@@ -37,12 +37,23 @@ def batch_of(rows: list[int]) -> dict[str, Any]:
             "key": [f"scene{r:03d}" for r in rows], "index": torch.tensor(rows)}
 
 
-def fit(module: TextDiffusionModule, tmp_path: Path, steps: int, **trainer: Any) -> pl.Trainer:
+class Keys(pl.Callback):
+    """The keys of every training batch."""
+
+    def __init__(self) -> None:
+        self.seen: list[str] = []
+
+    def on_train_batch_start(self, trainer: pl.Trainer, module: pl.LightningModule, batch: Any, *args: Any) -> None:
+        self.seen += list(batch["key"])
+
+
+def fit(module: TextDiffusionModule, tmp_path: Path, steps: int, keys: Keys | None = None,
+        precision: str = "32-true") -> pl.Trainer:
     pl.seed_everything(0, verbose=False)
-    run = pl.Trainer(**{"accelerator": "cpu", "devices": 1, "max_steps": steps, "logger": False,
-                        "enable_progress_bar": False, "enable_model_summary": False, "default_root_dir": tmp_path,
-                        "enable_checkpointing": False, **trainer})
-    run.fit(module, datamodule=CaptionedStandIn(num_images=4, resolution=32, batch_size=2, random_flip=False))
+    run = pl.Trainer(accelerator="cpu", devices=1, max_steps=steps, logger=False, enable_progress_bar=False, precision=precision,
+                     enable_model_summary=False, default_root_dir=tmp_path, enable_checkpointing=False,
+                     callbacks=[keys] if keys is not None else [])
+    run.fit(module, datamodule=scenes(4, resolution=32))
     return run
 
 
@@ -74,13 +85,14 @@ def test_latents_are_diffusers_posterior_samples_scaled(sd_folder: Path) -> None
 def test_fine_tune_trains_the_unet_only(sd_folder: Path, tmp_path: Path, cache: bool) -> None:
     module = TextDiffusionModule(pretrained=str(sd_folder), cache_latents=cache, warmup_steps=0, learning_rate=1e-3)
     original = load_text_pipeline(sd_folder)
-    run = fit(module, tmp_path, steps=2)
-    assert run.global_step == 2
+    keys = Keys()
+    run = fit(module, tmp_path, steps=2, keys=keys)
+    assert run.global_step == 2 and len(keys.seen) == 4
     assert all(torch.equal(a, b) for a, b in zip(module.vae.state_dict().values(), original.vae.state_dict().values()))
     assert all(torch.equal(a, b) for a, b in zip(module.text_encoder.state_dict().values(),
                                                   original.text_encoder.state_dict().values()))
     assert not all(torch.equal(a, b) for a, b in zip(module.unet.state_dict().values(), original.unet.state_dict().values()))
-    assert len(module._latent_cache) == (4 if cache else 0)
+    assert sorted(module._latent_cache) == (sorted(set(keys.seen)) if cache else [])  # one entry per image drawn
     assert all(not p.requires_grad for p in [*module.vae.parameters(), *module.text_encoder.parameters()])
     path = tmp_path / "model.ckpt"
     run.save_checkpoint(path)
@@ -90,6 +102,19 @@ def test_fine_tune_trains_the_unet_only(sd_folder: Path, tmp_path: Path, cache: 
     for name in ("unet", "ema_unet", "vae", "text_encoder"):
         ours, theirs = getattr(module, name).state_dict(), getattr(restored, name).state_dict()
         assert all(torch.equal(ours[k], theirs[k]) for k in ours), name
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "bf16-true"])
+def test_bf16_fine_tuning_with_cached_latents(sd_folder: Path, tmp_path: Path, precision: str) -> None:
+    module = TextDiffusionModule(pretrained=str(sd_folder), cache_latents=True, warmup_steps=0, learning_rate=1e-3)
+    before = [p.detach().clone() for p in module.unet.parameters()]
+    run = fit(module, tmp_path, steps=2, precision=precision)
+    assert torch.isfinite(run.callback_metrics["train/loss"])
+    weights = list(module.unet.parameters())
+    assert weights[0].dtype == (torch.bfloat16 if precision == "bf16-true" else torch.float32)
+    assert any(not torch.equal(a.to(b.dtype), b) for a, b in zip(before, weights))
+    images = module.sample([caption_of(0)], [1], steps=2)
+    assert images.dtype == torch.float32 and bool(torch.isfinite(images).all())
 
 
 def test_a_changed_folder_is_refused_on_load(sd_folder: Path, tmp_path: Path) -> None:

@@ -22,7 +22,7 @@ from lit.commands.cli import main as lit_main
 from lit.commands.lightning_cli import LitCLI
 from models.text_diffusion import TextDiffusionModule
 from models.text_pipeline import PixelTextToImagePipeline, load_text_pipeline
-from tests.text_standins import TINY_TEXT, CaptionedStandIn, caption_of
+from tests.text_standins import TINY_TEXT, caption_of, scenes
 
 REPO = Path(__file__).resolve().parents[1]
 #: every draw the module makes is on: caption dropout, embedding noise and mixup
@@ -49,9 +49,9 @@ def _fit(root: Path, folder: str, max_steps: int, extra: list[pl.Callback],
     mid_epoch = ModelCheckpoint(dirpath=root / folder / "mid", every_n_train_steps=3, save_top_k=-1)
     trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=max_steps, logger=False, enable_progress_bar=False,
                          enable_model_summary=False, default_root_dir=root, callbacks=[epoch_end, mid_epoch, *extra])
-    # 7 images, batch 2: 4 batches an epoch (the last one short), random flips per draw
+    # 6 scenes, 2 of them drawn twice as often: 8 draws an epoch, 4 batches of 2
     try:
-        trainer.fit(model, datamodule=CaptionedStandIn(num_images=7, batch_size=2), ckpt_path=ckpt_path)
+        trainer.fit(model, datamodule=scenes(6, random_flip=True, caption_replacement=0.3), ckpt_path=ckpt_path)
     except RuntimeError as error:
         assert "killed" in str(error)
     return model
@@ -89,8 +89,9 @@ def _config(root: Path, devices: int, batch_size: int) -> Path:
         },
         "model": {"class_path": "models.text_diffusion.TextDiffusionModule",
                   "init_args": {**MITIGATED, "export_on_fit_end": "pipeline"}},
-        "data": {"class_path": "tests.text_standins.CaptionedStandIn",
-                 "init_args": {"num_images": 8, "batch_size": batch_size}},
+        "data": {"class_path": "datamodules.captioned.CaptionedImageDataModule",
+                 "init_args": {"procedural": 6, "resolution": 16, "batch_size": batch_size, "dup_fraction": 0.34,
+                               "dup_weight": 2.0, "random_flip": True}},
     }
     path = root / "fit.yaml"
     root.mkdir(parents=True, exist_ok=True)
@@ -103,7 +104,8 @@ def _norm(tensors: list[torch.Tensor]) -> float:
 
 
 def test_two_ddp_processes_train_what_one_process_trains(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """8 images: 1 process with batch 4 and 2 processes with batch 2 see the same global batches; with
+    """6 scenes, 2 drawn twice as often (8 draws an epoch): 1 process with batch 4 and 2 processes with
+    batch 2 see the same global batches (datamodules.captioned); with
     every mitigation on (mixup partners from the global batch), each step's loss is the mean of the two
     ranks' losses and the weights agree to float rounding (AdamW amplifies rounding where a gradient is ~0:
     the distance is measured against how far training moved the weights)."""
@@ -150,3 +152,21 @@ def test_two_ddp_processes_train_what_one_process_trains(tmp_path: Path, capsys:
         lit_main(["export", "--ckpt_path", str(tmp_path / "two" / "ckpt" / "step=4.ckpt"), "--out", str(exported)])
     assert exited.value.code == 2
     assert capsys.readouterr().err.strip().splitlines()[-1].endswith("pass --overwrite to replace it")
+
+
+def test_the_text_encoder_is_built_from_the_datamodule_captions(tmp_path: Path) -> None:
+    """From scratch without text_encoder: the tokenizer knows every word of the training captions,
+    mitigated ones included (no unknown token inside any caption)."""
+    data = scenes(6, caption_replacement=0.5, token_addition=0.5)
+    model = TextDiffusionModule(**TINY_TEXT)
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=1, logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path)
+    trainer.fit(model, datamodule=data)
+    assert model.tokenizer is not None and set(data.caption_words()) >= {"background", "a"}
+    dataset = data.train_dataset()
+    drawn = [dataset[(row, 0, seed)]["caption"] for row in range(6) for seed in range(5)]
+    assert drawn and data.draws is not None
+    unknown = model.tokenizer.unk_token_id
+    for caption in [*data.draws.all_captions, *drawn]:
+        ids = model.tokenizer(caption).input_ids
+        assert unknown not in ids[1:-1], caption

@@ -1,9 +1,6 @@
-"""A tiny captioned-image datamodule for the text-diffusion tests (until datamodules/captioned.py lands).
-
-It yields the captioned batch contract, ``{"image", "caption", "key", "index", "duplicated"}``, from
-:class:`datamodules.images.ProceduralTrainData` (so it shards, shuffles and resumes as the DDPM data
-does), with one caption per scene made of colour and shape words, and exposes ``caption_words()``.
-"""
+"""Shared pieces of the text-diffusion tests: a tiny module configuration, small captioned data
+(:class:`datamodules.captioned.CaptionedImageDataModule` on procedural scenes), and a callback that
+records what a fit did, for comparing runs."""
 
 from __future__ import annotations
 
@@ -13,55 +10,22 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import Dataset
 
-from datamodules.images import ProceduralTrainData, TrainingImages
+from datamodules.captioned import CaptionedImageDataModule
 
 COLOURS = ("red", "green", "blue", "yellow", "purple", "orange", "white", "black")
 SHAPES = ("circle", "square", "triangle", "star")
 
 
 def caption_of(row: int) -> str:
-    """The caption of scene ``row``: unique for the first 32 rows."""
+    """A caption for row ``row`` of a hand-made batch: unique for the first 32 rows."""
     return f"a {COLOURS[row % len(COLOURS)]} {SHAPES[(row // len(COLOURS)) % len(SHAPES)]} on a plain background"
 
 
-class CaptionedImages(Dataset):
-    """Adds caption, key and duplicated flag to the items of a :class:`TrainingImages`."""
-
-    def __init__(self, images: TrainingImages, duplicated: frozenset[int]) -> None:
-        self.images = images
-        self.duplicated = duplicated
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, key: Any) -> dict[str, Any]:
-        item = self.images[key]
-        row = int(item["index"])
-        return {**item, "caption": caption_of(row), "key": f"scene{row:03d}", "duplicated": row in self.duplicated}
-
-
-class CaptionedStandIn(ProceduralTrainData):
-    """Procedural scenes with captions; ``duplicated`` only flags rows (no weighting).
-
-    Args:
-        duplicated: rows flagged as duplicated in the batches.
-        **kwargs: see :class:`datamodules.images.ProceduralTrainData`.
-    """
-
-    def __init__(self, num_images: int = 8, resolution: int = 16, batch_size: int = 2, random_flip: bool = True,
-                 duplicated: list[int] = [],  # noqa: B006 - LightningCLI shows list defaults
-                 seed: int = 0) -> None:
-        super().__init__(num_images=num_images, seed=seed, resolution=resolution, random_flip=random_flip,
-                         random_crop=False, batch_size=batch_size)
-        self.flagged = frozenset(duplicated)
-
-    def caption_words(self) -> list[str]:
-        return sorted({word for row in range(len(self.scenes)) for word in caption_of(row).split()})
-
-    def train_dataset(self) -> CaptionedImages:  # type: ignore[override]
-        return CaptionedImages(super().train_dataset(), self.flagged)
+def scenes(count: int = 6, batch_size: int = 2, **options: Any) -> CaptionedImageDataModule:
+    """``count`` procedural captioned scenes at 16 px; by default a third of them drawn twice as often."""
+    return CaptionedImageDataModule(**{"procedural": count, "resolution": 16, "batch_size": batch_size,
+                                       "dup_fraction": 1 / 3, "dup_weight": 2.0, **options})
 
 
 #: A tiny from-scratch TextDiffusionModule (16 px, two levels, a 32-wide text encoder).
