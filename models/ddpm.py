@@ -39,10 +39,12 @@ from lit.grids import save_png
 from lit.resume import close_finished_epoch, run_seed
 from lit.seeding import derive_seed
 from models.diffusion_training import (
+    BetaSchedule,
     LrSchedule,
     adamw_with_warmup,
     as_seed,
     check_positive,
+    check_unet_layout,
     fit_batch_position,
     make_ema,
     seeded_rng,
@@ -110,7 +112,7 @@ class DDPMModule(pl.LightningModule):
         ema_decay: float = 0.9999,
         ema_power: float = 0.75,
         num_train_timesteps: int = 1000,
-        beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "linear",
+        beta_schedule: BetaSchedule = "linear",
         beta_start: float = 1e-4,
         beta_end: float = 0.02,
         prediction_type: Literal["epsilon", "v_prediction", "sample"] = "epsilon",
@@ -301,19 +303,7 @@ def build_unet(
     dropout: float = 0.0,
 ) -> UNet2DModel:
     """A diffusers ``UNet2DModel`` after one-line checks of the block layout."""
-    levels = len(block_out_channels)
-    if levels == 0:
-        raise ValueError("block_out_channels must list at least one level")
-    if len(down_block_types) != levels or len(up_block_types) != levels:
-        raise ValueError(
-            f"down_block_types ({len(down_block_types)}) and up_block_types ({len(up_block_types)}) "
-            f"must have one entry per level of block_out_channels ({levels})"
-        )
-    bad = [c for c in block_out_channels if c % norm_num_groups]
-    if bad:
-        raise ValueError(f"norm_num_groups={norm_num_groups} must divide every block_out_channels entry; {bad} do not")
-    if resolution % (2 ** (levels - 1)):
-        raise ValueError(f"resolution {resolution} must be divisible by 2**{levels - 1} for {levels} UNet levels")
+    check_unet_layout(resolution, block_out_channels, down_block_types, up_block_types, norm_num_groups)
     return UNet2DModel(
         sample_size=resolution, in_channels=in_channels, out_channels=in_channels,
         block_out_channels=tuple(block_out_channels), layers_per_block=layers_per_block,

@@ -5,13 +5,13 @@
 - :func:`make_ema`: the exponential moving average of the weights (diffusers ``EMAModel``, warmup power);
 - :func:`fit_batch_position`: a batch's index among all batches of the fit (what per-batch seeds name);
 - :func:`seeded_rng`: a block run with torch's generators seeded, their states restored afterwards;
-- :func:`check_positive`, :func:`as_seed`: one-line argument checks.
+- :func:`check_unet_layout`, :func:`check_positive`, :func:`as_seed`: one-line argument checks.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, Literal
 
 import pytorch_lightning as pl
@@ -21,6 +21,7 @@ from diffusers.training_utils import EMAModel
 from torch import Tensor
 
 LrSchedule = Literal["constant", "cosine"]
+BetaSchedule = Literal["linear", "scaled_linear", "squaredcos_cap_v2"]
 
 
 def training_target(scheduler: DDPMScheduler, clean: Tensor, noise: Tensor, steps: Tensor) -> Tensor:
@@ -89,6 +90,24 @@ def seeded_rng(seed: int, device: torch.device) -> Iterator[None]:
         else:
             module.manual_seed(seed)
         yield
+
+
+def check_unet_layout(size: int, block_out_channels: Sequence[int], down_block_types: Sequence[str],
+                      up_block_types: Sequence[str], norm_num_groups: int, size_name: str = "resolution") -> None:
+    """One-line ValueErrors for a diffusers UNet block layout that cannot be built or run at ``size`` px."""
+    levels = len(block_out_channels)
+    if levels == 0:
+        raise ValueError("block_out_channels must list at least one level")
+    if len(down_block_types) != levels or len(up_block_types) != levels:
+        raise ValueError(
+            f"down_block_types ({len(down_block_types)}) and up_block_types ({len(up_block_types)}) "
+            f"must have one entry per level of block_out_channels ({levels})"
+        )
+    bad = [c for c in block_out_channels if c % norm_num_groups]
+    if bad:
+        raise ValueError(f"norm_num_groups={norm_num_groups} must divide every block_out_channels entry; {bad} do not")
+    if size % (2 ** (levels - 1)):
+        raise ValueError(f"{size_name} {size} must be divisible by 2**{levels - 1} for {levels} UNet levels")
 
 
 def as_seed(value: Any) -> int:

@@ -50,7 +50,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import pytorch_lightning as pl
 import torch
@@ -77,10 +77,12 @@ from lit.text_conditioning import (
     sample_seeds,
 )
 from models.diffusion_training import (
+    BetaSchedule,
     LrSchedule,
     adamw_with_warmup,
     as_seed,
     check_positive,
+    check_unet_layout,
     fit_batch_position,
     make_ema,
     training_target,
@@ -183,7 +185,7 @@ class TextDiffusionModule(pl.LightningModule):
         ema_decay: float = 0.9999,
         ema_power: float = 0.75,
         num_train_timesteps: int = 1000,
-        beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "linear",
+        beta_schedule: BetaSchedule = "linear",
         beta_start: float = 1e-4,
         beta_end: float = 0.02,
         sample_steps: int = 50,
@@ -542,17 +544,7 @@ def build_conditional_unet(image_size: int, in_channels: int, block_out_channels
                            down_block_types: Sequence[str], up_block_types: Sequence[str], attention_head_dim: int,
                            norm_num_groups: int, cross_attention_dim: int) -> UNet2DConditionModel:
     """A diffusers ``UNet2DConditionModel`` after one-line checks of the block layout."""
-    levels = len(block_out_channels)
-    if levels == 0:
-        raise ValueError("block_out_channels must list at least one level")
-    if len(down_block_types) != levels or len(up_block_types) != levels:
-        raise ValueError(f"down_block_types ({len(down_block_types)}) and up_block_types ({len(up_block_types)}) "
-                         f"must have one entry per level of block_out_channels ({levels})")
-    bad = [c for c in block_out_channels if c % norm_num_groups]
-    if bad:
-        raise ValueError(f"norm_num_groups={norm_num_groups} must divide every block_out_channels entry; {bad} do not")
-    if image_size % (2 ** (levels - 1)):
-        raise ValueError(f"image_size {image_size} must be divisible by 2**{levels - 1} for {levels} UNet levels")
+    check_unet_layout(image_size, block_out_channels, down_block_types, up_block_types, norm_num_groups, "image_size")
     if not any("CrossAttn" in name for name in down_block_types):
         raise ValueError("no CrossAttn block in down_block_types: the UNet would ignore the captions")
     return UNet2DConditionModel(

@@ -22,23 +22,13 @@ from lit.commands.cli import main as lit_main
 from lit.commands.lightning_cli import LitCLI
 from models.text_diffusion import TextDiffusionModule
 from models.text_pipeline import PixelTextToImagePipeline, load_text_pipeline
+from tests.test_resume import Kill
 from tests.text_standins import TINY_TEXT, caption_of, scenes
 
 REPO = Path(__file__).resolve().parents[1]
 #: every draw the module makes is on: caption dropout, embedding noise and mixup
 MITIGATED: dict[str, Any] = {**TINY_TEXT, "caption_dropout": 0.3, "embedding_noise": 0.1, "embedding_mixup": 1.0,
                              "ema_decay": 0.9}
-
-
-class Kill(pl.Callback):
-    """Raise after the given optimizer step: the process 'dies' after its last checkpoint."""
-
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
-        if trainer.global_step == self.step:
-            raise RuntimeError("killed")
 
 
 def _fit(root: Path, folder: str, max_steps: int, extra: list[pl.Callback],
