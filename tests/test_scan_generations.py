@@ -84,6 +84,7 @@ def folders(tmp_path_factory: pytest.TempPathFactory) -> Path:
     _save(new[6]["image"], out / "images" / "extra.png")  # an image without a row
     rows.append(["images/gone.png", "a lost prompt", "", 7, 1.5, 1.0, 12, 0, ""])  # a row without an image
     rows.append(["images/bad.png", "a bad row", "", "not a seed", 1.0, 1.0, 13, 0, ""])
+    rows.append(["", "a row without a file", "", 8, 1.0, 1.0, 14, 0, ""])
     with open(out / "generations.csv", "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(COLUMNS)
@@ -221,14 +222,14 @@ def test_memorization_auc_equals_scikit_learn(folders: Path, scanned: Path) -> N
 def test_counted_problems_are_in_summary_and_on_the_console(folders: Path, scanned: Path,
                                                             capsys: pytest.CaptureFixture[str]) -> None:
     summary = json.loads((scanned / "summary.json").read_text())["generated"]
-    assert (summary["rows"], summary["joined"], summary["bad_rows"]) == (15, 13, 1)
-    assert summary["rows_without_image_listed"] == ["images/gone.png"]
+    assert (summary["rows"], summary["joined"], summary["bad_rows"]) == (16, 13, 1)
+    assert summary["rows_without_image_listed"] == ["images/gone.png", "(no file name)"]
     assert summary["images_without_row_listed"] == ["images/extra.png"]
     assert summary["bad_rows_listed"][0]["reason"] == "seed 'not a seed' is not an integer"
     assert summary["manifest"]["format"] == "lit-generate/1"
     _scan(folders, scanned)  # again into the same folder: the stores are reused
     out = capsys.readouterr().out
-    assert "1 rows could not be read" in out and "1 rows name images that were not scanned" in out
+    assert "1 rows could not be read" in out and "2 rows name images that were not scanned" in out
     assert "1 scanned images have no row" in out
     assert "1 of 7 generations name a source key found in no training image" in out
     assert re.search(r"memorization score: ROC AUC n/a, TPR@1%FPR n/a for top-1 above -1 \(13 above, 0 not\)", out)

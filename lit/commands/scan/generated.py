@@ -44,6 +44,8 @@ OPTIONAL = ("prompt_index", "image_index", "variant")
 MATCH_COLUMNS = ("prompt", "source_key", "seed", "memorization_score", "memorization_score_first", "variant")
 #: How many names each counted problem lists in summary.json (the count is always whole).
 LISTED = 20
+#: How a row without a file name is listed among the rows without an image.
+NO_FILE = "(no file name)"
 
 
 @dataclass(frozen=True)
@@ -193,11 +195,11 @@ def relative_keys(source: FeatureSource, folder: Path | None = None) -> list[str
 def join_generations(folder: GenerateFolder, files: Sequence[str]) -> tuple[list[Generation | None], list[str], list[str]]:
     """Rows of ``generations.csv`` for the scan's generation rows (named by ``files``, relative to the
     folder): ``(row per generation or None, files of rows without a scanned image, scanned images
-    without a row)``."""
+    without a row)``; a row with an empty file name is listed as :data:`NO_FILE`."""
     by_file = {row.file: row for row in folder.rows if row.file}
     joined = [by_file.get(normalized_file(name)) for name in files]
     scanned = {normalized_file(name) for name in files}
-    without_image = [row.file for row in folder.rows if row.file and row.file not in scanned]
+    without_image = [row.file or NO_FILE for row in folder.rows if not row.file or row.file not in scanned]
     without_row = [name for name, row in zip(files, joined) if row is None]
     return joined, without_image, without_row
 
