@@ -140,7 +140,7 @@ figure.source img{outline:3px solid #2a2}
 figcaption .score{font-weight:bold;font-size:12px}
 .plots img{max-width:32%;margin-right:1%}
 .plots.wide img{max-width:65%}
-table.ablation td:nth-child(2){text-align:left}
+table.ablation td:nth-child(2),table.ablation th:nth-child(2){text-align:left}
 """
 
 
