@@ -117,10 +117,12 @@ def tpr_at_fpr(scores: np.ndarray | Tensor, labels: np.ndarray | Tensor, max_fpr
     positives, negatives = int(y.sum()), int((~y).sum())
     if positives == 0 or negatives == 0:
         return None
-    best = 0.0
-    for threshold in np.unique(s):
-        called = s >= threshold
-        fpr = (called & ~y).sum() / negatives
-        if fpr <= max_fpr:
-            best = max(best, (called & y).sum() / positives)
-    return float(best)
+    # thresholds from high to low: the calls (and both rates) only grow, so the best TPR is at the
+    # lowest threshold whose FPR stays within max_fpr; O(n log n) for any number of distinct scores
+    order = np.argsort(-s, kind="stable")
+    sorted_scores, sorted_labels = s[order], y[order]
+    last_of_tie = np.r_[sorted_scores[1:] != sorted_scores[:-1], True]
+    true_called = np.cumsum(sorted_labels)[last_of_tie]
+    false_called = np.cumsum(~sorted_labels)[last_of_tie]
+    allowed = false_called / negatives <= max_fpr
+    return float(true_called[allowed].max() / positives) if allowed.any() else 0.0
