@@ -64,7 +64,7 @@ def test_tpr_at_fpr_equals_the_roc_curve(max_fpr: float, decimals: int | None) -
     scores = rng.normal(size=300) + 1.5 * labels
     if decimals is not None:
         scores = np.round(scores, decimals)  # ties: a threshold calls every tied sample at once
-    fpr, tpr, _ = roc_curve(labels, scores)
+    fpr, tpr, _ = roc_curve(labels, scores, drop_intermediate=False)
     expected = float(tpr[fpr <= max_fpr].max())
     assert tpr_at_fpr(scores, labels, max_fpr) == pytest.approx(expected)
 
