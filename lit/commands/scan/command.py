@@ -22,11 +22,20 @@ searches the generations through an approximate faiss index built once over the
 training store and saved beside it (:mod:`lit.commands.scan.approx`), visiting ``--nprobe``
 lists and re-ranking a shortlist of ``k x --rerank_factor`` rows exactly from the
 store. The self-similarity baseline and the duplicate counts stay exact.
+
+A ``--generations`` folder written by ``lit generate`` (``generations.csv`` and
+``generate_manifest.json`` in it) brings each image's prompt, source key, seed,
+memorization scores and ablation variant into ``matches.csv`` and the report, with the
+memorization score against top-1 similarity (correlation, ROC AUC per threshold), the
+generations against their caption-source images and the duplicates of those (Fig. 11),
+and the prompt ablations (Fig. 10): :mod:`lit.commands.scan.generated`. Its sub-folder
+(``images/``) is not a class label.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -37,6 +46,14 @@ import torch
 from datamodules.extraction_inputs import ImageSource
 from lit.commands.scan.approx import IndexOptions
 from lit.commands.scan.engine import run_scan
+from lit.commands.scan.generated import (
+    GENERATIONS_CSV,
+    MANIFEST,
+    GenerateFolder,
+    generated_scan,
+    is_generate_folder,
+    read_generate_folder,
+)
 from lit.commands.scan.mirror import mirrored_training
 from lit.commands.scan.options import parse_args
 from lit.commands.scan.outputs import console_lines, locked_out, write_outputs
@@ -56,16 +73,16 @@ from models.weights import WeightsError
 
 def open_source(role: str, spec: str, record: dict[str, Any], config: DescriptorConfig, *, store_dir: Path,
                 device: torch.device, batch_size: int, num_workers: int, dtype: str,
-                progress: bool = True) -> FeatureSource:
+                progress: bool = True, labels: bool = True) -> FeatureSource:
     """The features of one input: a feature store as it is, or an image folder, file list or
     webdataset tars extracted to a store under ``store_dir`` (reused when the input and the
-    descriptor are unchanged)."""
+    descriptor are unchanged). ``labels=False``: the store's class labels are not used."""
     path = Path(spec).expanduser()
     if is_store(path):
         store = FeatureStore.open(path)
         check_descriptor(store, record)
         print(f"{role}: feature store {path} ({store.num_rows} rows)")
-        return StoreSource(role, store)
+        return StoreSource(role, store, labels=labels)
     try:
         store, reused = extract_input(role, spec, store_dir, config, record,
                                       accelerator="gpu" if device.type == "cuda" else "cpu",
@@ -75,7 +92,7 @@ def open_source(role: str, spec: str, record: dict[str, Any], config: Descriptor
         raise UserError(f"--{role} {spec}: {error}") from None
     print(f"{role}: {'reused' if reused else 'extracted'} feature store {store.root} ({store.num_rows} rows, "
           f"{len(store.skipped)} unreadable images skipped)")
-    return StoreSource(role, store)
+    return StoreSource(role, store, labels=labels)
 
 
 def check_outputs_outside_inputs(outputs: dict[str, Path], inputs: dict[str, str | None]) -> None:
@@ -152,21 +169,48 @@ def run(args: argparse.Namespace) -> dict[str, Path]:
                 raise UserError(f"--{role} {spec}: {error}") from None
     store_dir = Path(args.store_dir).expanduser() if args.store_dir else out / "stores"
     check_outputs_outside_inputs({"out": out, "store_dir": store_dir}, inputs)
+    generate_folder = read_generations_folder(args.generations)
     embeds = args.match_mirrors or any(spec is not None and not is_store(Path(spec).expanduser())
                                        for spec in inputs.values())
     if embeds:  # the weights load and fit before any folder is made (extraction builds it again)
         check_builds(config)
     with locked_out(out):
-        return _scan(args, out, config, record, device, store_dir, start)
+        return _scan(args, out, config, record, device, store_dir, start, generate_folder)
+
+
+def read_generations_folder(spec: str) -> GenerateFolder | None:
+    """The ``lit generate`` folder that ``--generations`` names (checked, read), or None for any
+    other input; one that holds scores but no images (``--score_only``) is refused in one line."""
+    path = Path(spec).expanduser()
+    if not is_generate_folder(path):
+        if path.is_dir() and (path / GENERATIONS_CSV).is_file():
+            print(f"generations: {path / GENERATIONS_CSV} without {MANIFEST}: scanned as a plain image folder")
+        return None
+    try:
+        folder = read_generate_folder(path)
+    except UserError as error:
+        raise UserError(f"--generations {spec}: {error}") from None
+    if folder.score_only:
+        raise UserError(f"--generations {spec} was written by lit generate --score_only: it holds memorization "
+                        "scores but no images to scan (run lit generate without --score_only)")
+    return folder
 
 
 def _scan(args: argparse.Namespace, out: Path, config: DescriptorConfig, record: dict[str, Any],
-          device: torch.device, store_dir: Path, start: float) -> dict[str, Path]:
+          device: torch.device, store_dir: Path, start: float,
+          generate_folder: GenerateFolder | None = None) -> dict[str, Path]:
     """The work of :func:`main` once every argument is checked and ``out`` is claimed and locked."""
     common = {"store_dir": store_dir, "device": device, "batch_size": args.batch_size,
               "num_workers": args.num_workers, "dtype": args.dtype, "progress": args.progress}
-    generations = open_source("generations", args.generations, record, config, **common)
+    generations = open_source("generations", args.generations, record, config, labels=generate_folder is None,
+                              **common)
     training = open_source("training", args.training, record, config, **common)
+    generated = None if generate_folder is None else generated_scan(generate_folder, generations, training)
+    if generated is not None:
+        print(f"generations: lit generate folder, {sum(g is not None for g in generated.generations)} of "
+              f"{generations.num_rows} images joined to {GENERATIONS_CSV}")
+        for line in generated.warnings():
+            print(line)
     background = None if args.background is None else open_source("background", args.background, record,
                                                                    config, **common)
     options = ScanOptions(k=args.k, thresholds=tuple(args.thresholds), match_mirrors=args.match_mirrors,
@@ -181,10 +225,12 @@ def _scan(args: argparse.Namespace, out: Path, config: DescriptorConfig, record:
     mirrored = None if not args.match_mirrors else mirrored_training(
         training, config, device=device, batch_size=args.batch_size, num_workers=args.num_workers,
         progress=args.progress)
-    result = run_scan(generations, training, options, background, mirrored)
+    result = run_scan(generations, training, options, background, mirrored,
+                      source_rows=None if generated is None else generated.source_rows)
     paths = write_outputs(out, result, generations, training, options, record, report_rows=args.report_rows,
-                          thumb=args.thumb, wall_s=time.perf_counter() - start)
-    print("\n".join(console_lines(result, generations, training, options, record)))
+                          thumb=args.thumb, wall_s=time.perf_counter() - start, generated=generated)
+    section = None if generated is None else json.loads(paths["summary"].read_text())["generated"]
+    print("\n".join(console_lines(result, generations, training, options, record, section)))
     print(f"report: {paths['report']} (matches.csv, summary.json and plots beside it)")
     return paths
 
