@@ -224,6 +224,14 @@ class CaptionedImageDataModule(ResumableTrainData):
         assert self.draws is not None
         return self.draws.monitor_pairs(self.keys, count, seed)
 
+    def caption_words(self) -> list[str]:
+        """Every word a training caption can hold (the caption mitigations draw theirs from the same
+        vocabulary): what ``models.text_diffusion.TextDiffusionModule`` builds its tokenizer from
+        when it has no text encoder folder."""
+        self.prepare_images()
+        assert self.draws is not None
+        return list(self.draws.vocabulary)
+
     # records -------------------------------------------------------------------
     def write_training_records(self, folder: str | Path) -> dict[str, Any]:
         """Write ``training_images/``, ``training_captions.csv``, ``skipped_images.tsv`` and

@@ -31,7 +31,6 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
-from diffusers.training_utils import EMAModel
 from diffusers.utils.torch_utils import randn_tensor
 from pytorch_lightning.utilities import rank_zero_info
 from torch import Tensor
@@ -39,6 +38,18 @@ from torch import Tensor
 from lit.grids import save_png
 from lit.resume import close_finished_epoch, run_seed
 from lit.seeding import derive_seed
+from models.diffusion_training import (
+    BetaSchedule,
+    LrSchedule,
+    adamw_with_warmup,
+    as_seed,
+    check_positive,
+    check_unet_layout,
+    fit_batch_position,
+    make_ema,
+    seeded_rng,
+    training_target,
+)
 
 Sampler = Literal["ddpm", "ddim"]
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
@@ -95,13 +106,13 @@ class DDPMModule(pl.LightningModule):
         dropout: float = 0.0,
         learning_rate: float = 1e-4,
         warmup_steps: int = 500,
-        lr_schedule: Literal["constant", "cosine"] = "constant",
+        lr_schedule: LrSchedule = "constant",
         weight_decay: float = 1e-6,
         adam_betas: tuple[float, float] = (0.95, 0.999),
         ema_decay: float = 0.9999,
         ema_power: float = 0.75,
         num_train_timesteps: int = 1000,
-        beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "linear",
+        beta_schedule: BetaSchedule = "linear",
         beta_start: float = 1e-4,
         beta_end: float = 0.02,
         prediction_type: Literal["epsilon", "v_prediction", "sample"] = "epsilon",
@@ -112,15 +123,13 @@ class DDPMModule(pl.LightningModule):
         predict_dir: str | None = None,
     ) -> None:
         super().__init__()
-        _check_positive(resolution=resolution, layers_per_block=layers_per_block,
+        check_positive(resolution=resolution, layers_per_block=layers_per_block,
                         num_train_timesteps=num_train_timesteps, sample_steps=sample_steps,
                         sample_batch_size=sample_batch_size)
         if learning_rate <= 0:
             raise ValueError(f"learning_rate must be > 0, got {learning_rate}")
         if warmup_steps < 0:
             raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
-        if not 0.0 <= ema_decay <= 1.0:
-            raise ValueError(f"ema_decay must be in [0, 1], got {ema_decay}")
         self.save_hyperparameters()
         if pretrained is not None:
             self.unet = load_pretrained_unet(pretrained).train()  # from_pretrained leaves eval mode (dropout off)
@@ -137,8 +146,7 @@ class DDPMModule(pl.LightningModule):
             num_train_timesteps=num_train_timesteps, beta_schedule=beta_schedule,
             beta_start=beta_start, beta_end=beta_end, prediction_type=prediction_type,
         )
-        self.ema = EMAModel(self.unet.parameters(), decay=ema_decay, use_ema_warmup=True,
-                            inv_gamma=1.0, power=ema_power, foreach=True)
+        self.ema = make_ema(self.unet.parameters(), decay=ema_decay, power=ema_power)
         self._predict_path: Path | None = None
         self._run_seed: int | None = None  # seed of the training noise draws (lit.resume.run_seed at first use)
 
@@ -157,7 +165,7 @@ class DDPMModule(pl.LightningModule):
                                   (clean.shape[0],), device=clean.device, dtype=torch.long)
             noisy = self.noise_scheduler.add_noise(clean, noise, steps)
             prediction = self.unet(noisy, steps, return_dict=False)[0]
-        loss = F.mse_loss(prediction.float(), self._target(clean, noise, steps).float())
+        loss = F.mse_loss(prediction.float(), training_target(self.noise_scheduler, clean, noise, steps).float())
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=clean.shape[0])
         return loss
 
@@ -167,32 +175,16 @@ class DDPMModule(pl.LightningModule):
         if self._run_seed is None:
             self._run_seed = run_seed()
         trainer = self._trainer
-        if trainer is None:
-            return derive_seed(self._run_seed, 0, batch_idx)
-        return derive_seed(self._run_seed, trainer.global_rank, trainer.fit_loop.epoch_loop.total_batch_idx)
-
-    def _target(self, clean: Tensor, noise: Tensor, steps: Tensor) -> Tensor:
-        kind = self.noise_scheduler.config.prediction_type
-        if kind == "epsilon":
-            return noise
-        if kind == "v_prediction":
-            return self.noise_scheduler.get_velocity(clean, noise, steps)
-        return clean
+        return derive_seed(self._run_seed, trainer.global_rank if trainer is not None else 0,
+                           fit_batch_position(trainer, batch_idx))
 
     def configure_optimizers(self) -> Any:
         """AdamW with linear warmup (LinearLR), then constant or cosine (SequentialLR)."""
         hp = self.hparams
-        optimizer = torch.optim.AdamW(self.unet.parameters(), lr=hp.learning_rate,
-                                      betas=tuple(hp.adam_betas), weight_decay=hp.weight_decay, eps=1e-8)
-        warmup = torch.optim.lr_scheduler.LinearLR(
-            optimizer, start_factor=1.0 / (hp.warmup_steps + 1), end_factor=1.0, total_iters=max(hp.warmup_steps, 1)
-        )
-        schedule: torch.optim.lr_scheduler.LRScheduler = warmup
-        if hp.lr_schedule == "cosine":
-            total = int(self.trainer.estimated_stepping_batches)
-            decay = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(total - hp.warmup_steps, 1))
-            schedule = torch.optim.lr_scheduler.SequentialLR(optimizer, [warmup, decay], milestones=[hp.warmup_steps])
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+        total = int(self.trainer.estimated_stepping_batches) if hp.lr_schedule == "cosine" else None
+        return adamw_with_warmup(self.unet.parameters(), learning_rate=hp.learning_rate, adam_betas=hp.adam_betas,
+                                 weight_decay=hp.weight_decay, warmup_steps=hp.warmup_steps,
+                                 lr_schedule=hp.lr_schedule, total_steps=total)
 
     def on_fit_start(self) -> None:
         self.ema.to(self.device)
@@ -257,9 +249,9 @@ class DDPMModule(pl.LightningModule):
         Image ``i`` depends only on ``seeds[i]`` (one CPU generator per seed draws its
         initial and per-step noise), not on the batch it shares or the rank drawing it.
         """
-        seeds = [_as_seed(s) for s in seeds]
+        seeds = [as_seed(s) for s in seeds]
         steps = self.hparams.sample_steps if steps is None else steps
-        _check_positive(steps=steps)
+        check_positive(steps=steps)
         batch_size = batch_size or self.hparams.sample_batch_size
         channels = self.unet.config.in_channels
         chunks: list[Tensor] = []
@@ -311,19 +303,7 @@ def build_unet(
     dropout: float = 0.0,
 ) -> UNet2DModel:
     """A diffusers ``UNet2DModel`` after one-line checks of the block layout."""
-    levels = len(block_out_channels)
-    if levels == 0:
-        raise ValueError("block_out_channels must list at least one level")
-    if len(down_block_types) != levels or len(up_block_types) != levels:
-        raise ValueError(
-            f"down_block_types ({len(down_block_types)}) and up_block_types ({len(up_block_types)}) "
-            f"must have one entry per level of block_out_channels ({levels})"
-        )
-    bad = [c for c in block_out_channels if c % norm_num_groups]
-    if bad:
-        raise ValueError(f"norm_num_groups={norm_num_groups} must divide every block_out_channels entry; {bad} do not")
-    if resolution % (2 ** (levels - 1)):
-        raise ValueError(f"resolution {resolution} must be divisible by 2**{levels - 1} for {levels} UNet levels")
+    check_unet_layout(resolution, block_out_channels, down_block_types, up_block_types, norm_num_groups)
     return UNet2DModel(
         sample_size=resolution, in_channels=in_channels, out_channels=in_channels,
         block_out_channels=tuple(block_out_channels), layers_per_block=layers_per_block,
@@ -353,38 +333,3 @@ def load_pretrained_unet(path: str | Path) -> UNet2DModel:
     except Exception as error:  # noqa: BLE001 - any failure becomes one line naming the folder
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ValueError(f"cannot load pretrained UNet from {folder} (expected {expected}): {first}") from error
-
-
-@contextlib.contextmanager
-def seeded_rng(seed: int, device: torch.device) -> Iterator[None]:
-    """Run a block with torch's CPU generator (and that of ``device``, on an accelerator)
-    seeded by ``seed``; their previous states come back on exit (``torch.random.fork_rng``)."""
-    if device.type in ("cpu", "meta"):
-        with torch.random.fork_rng(devices=[], device_type="cpu"):
-            torch.default_generator.manual_seed(seed)
-            yield
-        return
-    module = torch.get_device_module(device.type)
-    index = device.index if device.index is not None else module.current_device()
-    with torch.random.fork_rng(devices=[index], device_type=device.type):
-        torch.default_generator.manual_seed(seed)
-        if hasattr(module, "device"):
-            with module.device(index):
-                module.manual_seed(seed)  # this device only (manual_seed_all would touch the others)
-        else:
-            module.manual_seed(seed)
-        yield
-
-
-def _as_seed(value: Any) -> int:
-    if isinstance(value, Tensor) and value.numel() == 1:
-        value = value.item()
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"seeds must be non-negative ints, got {value!r}")
-    return value
-
-
-def _check_positive(**values: int) -> None:
-    for name, value in values.items():
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")

@@ -3,20 +3,22 @@ text encoder, a conditional UNet, a VAE, and whole pipeline folders made of them
 
 They serve the tests, the README's end-to-end example, the CPU benchmarks and the CPU demo of
 text-conditioned training: everything a Stable Diffusion folder has, in a few hundred kilobytes,
-written with the libraries' own classes (``tokenizers`` trains the BPE merges, ``transformers``
-and ``diffusers`` the models), so nothing is ever downloaded. Weights are random, drawn from
+written with the libraries' own classes (``transformers`` and ``diffusers``; the BPE merges are
+trained here, deterministically), so nothing is ever downloaded. Weights are random, drawn from
 ``torch.manual_seed(seed)``: the same seed writes the same folder.
 """
 
 from __future__ import annotations
 
+import json
+import re
 import tempfile
+from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from models.text_pipeline import PixelTextToImagePipeline
@@ -29,29 +31,66 @@ BASE_WORDS: tuple[str, ...] = tuple(
 )
 ALPHABET = list("abcdefghijklmnopqrstuvwxyz0123456789.,!?'-")
 START_TOKEN, END_TOKEN = "<|startoftext|>", "<|endoftext|>"
+#: What a word is when merges are trained (the ``Whitespace`` pre-tokenizer of ``tokenizers``).
+WORD_PATTERN = re.compile(r"\w+|[^\w\s]+")
 
 
 def train_clip_tokenizer(words: Iterable[str] = (), *, max_length: int = 16, vocab_size: int = 400) -> CLIPTokenizer:
     """A CLIP tokenizer whose BPE merges are trained on ``BASE_WORDS`` and ``words`` (lower-cased).
 
     Any text tokenizes (unknown words fall back to letters); ``max_length`` is the model's
-    context length, including the start and end tokens."""
-    corpus = " ".join([*BASE_WORDS, *(w.lower() for w in words)])
-    bpe = Tokenizer(models.BPE(unk_token=END_TOKEN, end_of_word_suffix="</w>"))
-    bpe.normalizer = normalizers.Lowercase()
-    bpe.pre_tokenizer = pre_tokenizers.Whitespace()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=[START_TOKEN, END_TOKEN], end_of_word_suffix="</w>",
-        initial_alphabet=ALPHABET, show_progress=False,
-    )
-    bpe.train_from_iterator([corpus] * 4, trainer)
+    context length, including the start and end tokens. The same words give the same tokenizer,
+    in every call and process (:func:`bpe_merges` breaks ties by the pair itself), so that DDP ranks
+    and resumed runs that build it agree."""
+    counts = Counter(piece for text in [*BASE_WORDS, *words] for piece in WORD_PATTERN.findall(text.lower()))
+    alphabet = sorted(set(ALPHABET) | {char for word in counts for char in word})
+    vocab = [START_TOKEN, END_TOKEN] + alphabet + [f"{char}</w>" for char in alphabet]
+    merges = bpe_merges(counts, max(vocab_size - len(vocab), 0))
+    vocab += [left + right for left, right in merges]
     with tempfile.TemporaryDirectory() as scratch:
-        bpe.model.save(scratch)
+        (Path(scratch) / "vocab.json").write_text(json.dumps({token: i for i, token in enumerate(vocab)}))
+        (Path(scratch) / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
         tokenizer = CLIPTokenizer(f"{scratch}/vocab.json", f"{scratch}/merges.txt", model_max_length=max_length)
         tokenizer.model_max_length = max_length
         # CLIPTokenizer reads its files lazily at most once; a round trip through save_pretrained keeps it self-contained
         tokenizer.save_pretrained(f"{scratch}/tokenizer")
         return CLIPTokenizer.from_pretrained(f"{scratch}/tokenizer", local_files_only=True)
+
+
+def bpe_merges(counts: Counter[str], budget: int) -> list[tuple[str, str]]:
+    """Byte-pair-encoding merges (Sennrich et al.) of words with their counts: up to ``budget`` times, merge
+    the most frequent adjacent pair of symbols, ties broken by the smaller pair (so the result depends on
+    the counts only). A word's last symbol carries the end-of-word suffix ``</w>``."""
+    symbols = {word: [*word[:-1], word[-1] + "</w>"] for word in sorted(counts) if word}
+    pairs: Counter[tuple[str, str]] = Counter()
+    holders: dict[tuple[str, str], set[str]] = {}
+    for word, parts in symbols.items():
+        for pair in zip(parts, parts[1:]):
+            pairs[pair] += counts[word]
+            holders.setdefault(pair, set()).add(word)
+    merges: list[tuple[str, str]] = []
+    while len(merges) < budget and pairs:
+        best = min(pairs, key=lambda pair: (-pairs[pair], pair))
+        merges.append(best)
+        for word in sorted(holders.pop(best, ())):
+            parts = symbols[word]
+            for pair in zip(parts, parts[1:]):
+                pairs[pair] -= counts[word]
+                if pairs[pair] <= 0:
+                    del pairs[pair]
+            merged, i = [], 0
+            while i < len(parts):
+                if i + 1 < len(parts) and (parts[i], parts[i + 1]) == best:
+                    merged.append(parts[i] + parts[i + 1])
+                    i += 2
+                else:
+                    merged.append(parts[i])
+                    i += 1
+            symbols[word] = merged
+            for pair in zip(merged, merged[1:]):
+                pairs[pair] += counts[word]
+                holders.setdefault(pair, set()).add(word)
+    return merges
 
 
 def tiny_clip_text_encoder(tokenizer: CLIPTokenizer, *, hidden_size: int = 32, layers: int = 2, seed: int = 0) -> CLIPTextModel:

@@ -4,6 +4,7 @@ pipeline against a hand-written sampling loop over the same components."""
 from __future__ import annotations
 
 import json
+from collections import Counter
 import shutil
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import torch
 
 from lit.errors import UserError
 from models.text_pipeline import PixelTextToImagePipeline, load_text_pipeline
-from models.tiny_text2image import train_clip_tokenizer, write_tiny_pixel_pipeline, write_tiny_sd_pipeline
+from models.tiny_text2image import bpe_merges, train_clip_tokenizer, write_tiny_pixel_pipeline, write_tiny_sd_pipeline
 
 
 @pytest.fixture(scope="module")
@@ -27,6 +28,16 @@ def test_tokenizer_is_built_offline_and_knows_its_words() -> None:
     tokens = tokenizer.convert_ids_to_tokens(tokenizer("a red castle").input_ids)
     assert tokens == ["<|startoftext|>", "a</w>", "red</w>", "castle</w>", "<|endoftext|>"]
     assert tokenizer.model_max_length == 12
+
+
+def test_tokenizer_is_the_same_in_every_call_and_merges_are_bpe() -> None:
+    """DDP ranks and resumed runs build it independently: the same words must give the same tokens."""
+    first, second = train_clip_tokenizer(["castle", "tower"]), train_clip_tokenizer(["tower", "castle"])
+    assert first.get_vocab() == second.get_vocab()
+    assert first("a red castle tower").input_ids == second("a red castle tower").input_ids
+    # Sennrich et al.'s BPE by hand: (a, b</w>) occurs 3 times, then (a, ab</w>) twice; ties go to the smaller pair
+    assert bpe_merges(Counter({"aab": 2, "ab": 1}), 5) == [("a", "b</w>"), ("a", "ab</w>")]
+    assert bpe_merges(Counter({"cd": 1, "ab": 1}), 1) == [("a", "b</w>")]
 
 
 @pytest.mark.parametrize("kind", ["sd", "pixel"])

@@ -33,7 +33,7 @@ from lit.errors import UserError
 #: name -> (module, function taking the remaining argv, one-line help).
 EXTRA_COMMANDS: dict[str, tuple[str, str, str]] = {
     "report": ("lit.commands.table1", "main", "collect the metrics.json of lit test runs into the paper's Table 1"),
-    "export": ("lit.commands.export_options", "main", "write a checkpoint's trained backbone as a descriptor file (safetensors)"),
+    "export": ("lit.commands.export_options", "main", "write a checkpoint's backbone as a descriptor file, or a text-to-image checkpoint as a pipeline folder"),
     "scan": ("lit.commands.scan.options", "main", "search generated images against a training set and report what was copied"),
 }
 

@@ -1,4 +1,6 @@
-"""``lit export --ckpt_path CKPT --out FILE``: a trained backbone as a descriptor file the whole suite reads.
+"""``lit export --ckpt_path CKPT --out FILE``: a trained backbone as a descriptor file the whole suite reads;
+for a text-to-image module (one with ``export_pipeline``, e.g. ``models.text_diffusion.TextDiffusionModule``),
+``--out FOLDER`` gets its pipeline folder instead (:func:`export_text_pipeline`), which ``lit generate`` loads.
 
 The checkpoint's LightningModule is rebuilt from its saved hyper-parameters
 (``LightningModule.load_from_checkpoint`` with the class path ``lit fit`` stores
@@ -43,6 +45,7 @@ from lit.commands.export_options import DESCRIPTOR_NAME, SUFFIX, build_parser
 from lit.errors import UserError
 from lit.files import atomic_path, file_sha256
 from models.descriptor import Descriptor
+from models.pipeline_folder import check_pipeline_destination
 from models.registry import build_descriptor
 from models.weights import ExportMetadata, WeightsError, export_metadata_strings, lenient_torch_load
 
@@ -210,13 +213,42 @@ def _check_round_trip(path: Path, probe: Tensor, expected: Tensor) -> None:
                            "descriptor: descriptor_arch does not describe the backbone (timm kwargs missing?)")
 
 
+def pipeline_module(ckpt_path: Path, summary: CheckpointSummary, class_path: str | None) -> bool:
+    """Whether the checkpoint's module class writes a pipeline folder (it has ``export_pipeline``,
+    e.g. :class:`models.text_diffusion.TextDiffusionModule`) rather than a descriptor file."""
+    name = class_path or summary.hparams.get("_class_path")
+    return bool(name) and callable(getattr(module_class(str(name), ckpt_path), "export_pipeline", None))
+
+
+def export_text_pipeline(ckpt_path: str | Path, out: str | Path, *, overwrite: bool = False,
+                         class_path: str | None = None) -> Path:
+    """Write the checkpoint's text-to-image model (EMA weights) as a diffusers pipeline folder that
+    ``load_text_pipeline`` and ``lit generate`` read; returns the folder."""
+    ckpt_path = Path(ckpt_path).expanduser()
+    out = check_pipeline_destination(out, overwrite)
+    if not ckpt_path.is_file():
+        raise UserError(f"--ckpt_path {ckpt_path}: no such checkpoint file")
+    summary = read_summary(ckpt_path)
+    module = load_module(ckpt_path, summary, class_path)
+    provenance = {"exported_by": "lit export", "source_checkpoint": str(ckpt_path.resolve()),
+                  "source_checkpoint_sha256": file_sha256(ckpt_path), "epoch": summary.epoch,
+                  "global_step": summary.global_step}
+    return module.export_pipeline(out, overwrite=overwrite, provenance=provenance)  # type: ignore[operator]
+
+
 def main(argv: Sequence[str] | None = None) -> None:
-    """``lit export``: write a checkpoint's trained backbone as a descriptor file."""
+    """``lit export``: write a checkpoint's trained backbone as a descriptor file (or its pipeline folder)."""
     run(build_parser().parse_args(argv))
 
 
 def run(args: argparse.Namespace) -> None:
-    """Export with parsed options (:func:`lit.commands.export_options.build_parser`) and say how to use the file."""
+    """Export with parsed options (:func:`lit.commands.export_options.build_parser`) and say how to use the result."""
+    ckpt_path = Path(args.ckpt_path).expanduser()
+    if ckpt_path.is_file() and pipeline_module(ckpt_path, read_summary(ckpt_path), args.class_path):
+        folder = export_text_pipeline(ckpt_path, args.out, overwrite=args.overwrite, class_path=args.class_path)
+        print(f"Wrote the pipeline folder {folder} (EMA weights).\nGenerate from it with "
+              f"lit generate --pipeline {folder} --prompts SOURCE --out OUT", flush=True)
+        return
     out = export_descriptor(args.ckpt_path, args.out, overwrite=args.overwrite, class_path=args.class_path)
     meta = ExportMetadata.from_strings(export_metadata_strings(out) or {})
     print(f"Wrote {out}: {meta.arch} {meta.arch_kwargs}, {meta.output} features of width {meta.feature_dim}, "
