@@ -141,7 +141,7 @@ def _debug_requested(argv: list[str]) -> tuple[list[str], bool]:
 #: Modules whose deprecation warnings are theirs to fix, not the user's.
 _THIRD_PARTY = (r"(torch|torchvision|timm|lightning_fabric|pytorch_lightning|lightning|lightning_utilities|"
                 r"jsonargparse|tensorboardX|tensorboard|huggingface_hub|safetensors|faiss|numpy|scipy|PIL|"
-                r"matplotlib|pkg_resources|setuptools|tqdm|google|webdataset)(\..*)?$")
+                r"matplotlib|pkg_resources|setuptools|tqdm|google|webdataset|diffusers|transformers|tokenizers)(\..*)?$")
 #: Warnings a user of the suite cannot act on: (message regex, category, module regex) for
 #: :func:`warnings.filterwarnings`. The suite's own warnings (``ImageSkipWarning``,
 #: ``StaleLockWarning``, ``SyntheticSkipWarning``...) are not among them and always show.
