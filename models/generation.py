@@ -21,6 +21,7 @@ Precision: float32 on the CPU; on CUDA ``auto`` is bfloat16 where supported (els
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -197,9 +198,9 @@ class MemorizationScorer:
             finally:
                 self._inside = False
         self.trace.add(conditional, unconditional)
-        finite = torch.isfinite(self.trace.steps[-1])
-        if not bool(finite.all()):
-            raise NonFinitePrediction(int((~finite).nonzero()[0]), self.trace.num_steps - 1)
+        for image, value in enumerate(self.trace.steps[-1].tolist()):  # B numbers: cheaper than a tensor check
+            if not math.isfinite(value):
+                raise NonFinitePrediction(image, self.trace.num_steps - 1)
 
 
 class TextToImageGenerator(pl.LightningModule):
@@ -264,7 +265,7 @@ class TextToImageGenerator(pl.LightningModule):
         guided = self.guidance > 1 and getattr(loaded.unet.config, "time_cond_proj_dim", None) is None
         self.score_mode = GUIDANCE_BATCH if guided and negative_prompt is None else EXTRA_PASS
         self._empty: Tensor | None = None
-        self.scorer = MemorizationScorer(loaded.unet, self._empty_embedding, self.score_mode)
+        self.scorer = MemorizationScorer(loaded.unet, self.empty_embedding, self.score_mode)
 
     # ------------------------------------------------------------------ set-up
     def dtype_on(self, device: torch.device | str) -> torch.dtype:
@@ -279,7 +280,8 @@ class TextToImageGenerator(pl.LightningModule):
                 self.pipeline.to(dtype=dtype)
         self._empty = None
 
-    def _empty_embedding(self) -> Tensor:
+    def empty_embedding(self) -> Tensor:
+        """The empty prompt's text-encoder states (computed once per device)."""
         if self._empty is None or self._empty.device != self.pipeline.unet.device:
             self._empty = empty_prompt_embedding(self.pipeline)
         return self._empty

@@ -10,7 +10,6 @@ a bad source is refused before the pipeline loads), :class:`models.generation.Te
 from __future__ import annotations
 
 import argparse
-import time
 from pathlib import Path
 from typing import Any
 
@@ -68,17 +67,17 @@ def say(line: str) -> None:
     print(line, flush=True)
 
 
-def summary_lines(summary: dict[str, Any], out: Path, elapsed: float) -> list[str]:
+def summary_lines(summary: dict[str, Any], out: Path) -> list[str]:
     """The console summary: what was written, how fast, the mean score, truncated prompts, where."""
-    done_before = summary["batches_done_before"]
+    seconds, written = summary["seconds"], summary["images_written"]
     if summary["score_only"]:
         made = f"{summary['rows']} scores of {summary['prompts']} prompts (--score_only: no images)"
     else:
-        made = f"{summary['images_written']} images written"
-        if done_before:
-            made += f" ({done_before} of {summary['batches']} batches were done already)"
-    rate = summary["images_written"] / summary["seconds"] if summary["seconds"] > 0 and summary["images_written"] else None
-    lines = [f"{made} in {elapsed:.1f} s" + (f" ({rate:.2f} img/s)" if rate else ""),
+        made = f"{written} images written"
+    made += f" in {seconds:.1f} s" + (f" ({written / seconds:.2f} img/s)" if written and seconds > 0 else "")
+    if summary["batches_done_before"]:
+        made += f"; {summary['batches_done_before']} of {summary['batches']} batches were done already"
+    lines = [made,
              f"memorization score (mean over {summary['rows']} generations): {summary['mean_memorization_score']:.4g} "
              f"(first step: {summary['mean_memorization_score_first']:.4g})"]
     if summary["truncated_prompts"]:
@@ -91,7 +90,6 @@ def summary_lines(summary: dict[str, Any], out: Path, elapsed: float) -> list[st
 
 def run(args: argparse.Namespace) -> dict[str, Any] | None:
     """``lit generate``: build, predict, print the summary; returns the writer's summary (rank 0)."""
-    start = time.perf_counter()
     data, module, writer, options = build(args)
     rows = data.rows
     if rows is not None:
@@ -103,6 +101,6 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
     trainer = pl.Trainer(callbacks=[writer], **options)
     trainer.predict(module, datamodule=data, return_predictions=False)
     if writer.summary is not None:
-        for line in summary_lines(writer.summary, Path(args.out).expanduser(), time.perf_counter() - start):
+        for line in summary_lines(writer.summary, Path(args.out).expanduser()):
             say(line)
     return writer.summary
