@@ -276,6 +276,8 @@ class GenerationWriter(BasePredictionWriter):
     # ------------------------------------------------------------------ per batch
     def write_on_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, prediction: Any,
                            batch_indices: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        if not prediction["rows"]:  # this rank had nothing left to do
+            return
         images = prediction["images"]
         rows = []
         for position, row in enumerate(prediction["rows"]):

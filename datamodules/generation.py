@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -25,6 +24,7 @@ from typing import Any
 import pytorch_lightning as pl
 from torch.utils.data import DataLoader, IterableDataset
 
+from datamodules.extraction_inputs import self_batching_loader
 from datamodules.prompts import Prompt, PromptSourceRows, ablation_prompts, draw_prompts, read_prompt_source
 from lit.errors import UserError
 from lit.seeding import derive_seed
@@ -84,11 +84,17 @@ def prompts_fingerprint(prompts: Sequence[Prompt]) -> str:
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()
 
 
+#: The batch a rank with nothing left to do gets: Lightning skips a rank's predict loop (and its
+#: end hooks, with their barrier) when it has no batch; an empty one keeps every rank in step.
+NOTHING_LEFT = GenerationBatch(-1, ())
+
+
 class BatchStream(IterableDataset):
-    """This rank's batches, one item each: ``{"batch": number, "jobs": [job as a dict, ...]}``."""
+    """This rank's batches, one item each: ``{"batch": number, "jobs": [job as a dict, ...]}``
+    (:data:`NOTHING_LEFT` alone when it has none)."""
 
     def __init__(self, batches: Sequence[GenerationBatch]) -> None:
-        self.batches = list(batches)
+        self.batches = list(batches) or [NOTHING_LEFT]
 
     def __len__(self) -> int:
         return len(self.batches)
@@ -96,10 +102,6 @@ class BatchStream(IterableDataset):
     def __iter__(self) -> Iterator[dict[str, Any]]:
         for batch in self.batches:
             yield {"batch": batch.number, "jobs": [asdict(job) for job in batch.jobs]}
-
-
-def _identity(batch: dict[str, Any]) -> dict[str, Any]:
-    return batch
 
 
 class GenerationDataModule(pl.LightningDataModule):
@@ -211,8 +213,4 @@ class GenerationDataModule(pl.LightningDataModule):
         if self._stream is None:
             raise UserError("GenerationDataModule needs a callbacks.generation_writer.GenerationWriter in "
                             "trainer.callbacks (it says where the images go and which batches are done)")
-        # the stream's length is exact per rank, and it batches itself (no sampler to read indices from)
-        warnings.filterwarnings("ignore", message=r".*`IterableDataset` has `__len__` defined.*")
-        warnings.filterwarnings("ignore", message=r".*Couldn't infer the batch indices.*")
-        warnings.filterwarnings("ignore", message=r".*Total length of `DataLoader` across ranks is zero.*")
-        return DataLoader(self._stream, batch_size=None, num_workers=0, collate_fn=_identity)
+        return self_batching_loader(self._stream)

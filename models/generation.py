@@ -342,6 +342,8 @@ class TextToImageGenerator(pl.LightningModule):
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int = 0) -> dict[str, Any]:
         jobs = list(batch["jobs"])
+        if not jobs:  # a rank with nothing left to do (datamodules.generation.NOTHING_LEFT)
+            return {"batch": batch["batch"], "rows": [], "images": [], "score_steps": 0}
         try:
             images, trace = self.generate([job["prompt"] for job in jobs], [job["seed"] for job in jobs])
         except NonFinitePrediction as error:

@@ -54,6 +54,14 @@ def test_two_ddp_processes_write_the_bytes_of_one(setup: dict[str, Path]) -> Non
     assert folder_bytes(ddp) == folder_bytes(single)
     manifest = json.loads((ddp / MANIFEST).read_text())
     assert manifest["complete"] and manifest["run"]["devices"] == 2 and manifest["batches"] == 3
+    # one batch left for two processes: the rank without work still reaches the end (no hang)
+    (ddp / BATCHES / "b000001.json").unlink()
+    (ddp / "generations.csv").unlink()
+    again = subprocess.run([sys.executable, "-m", "lit.commands.cli", "generate", *arguments(setup, ddp), "--devices", "2"],
+                           cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "2 images written" in again.stdout and "2 of 3 batches were done already" in again.stdout, again.stdout
+    assert folder_bytes(ddp) == folder_bytes(single)
 
 
 def test_a_killed_run_is_completed_to_the_bytes_of_an_uninterrupted_one(setup: dict[str, Path]) -> None:
