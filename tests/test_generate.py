@@ -353,12 +353,8 @@ def test_a_non_finite_prediction_names_the_prompt_and_seed(folders: dict[str, Pa
         run(folders["sd"], prompt_file, tmp_path / "out")
 
 
-def test_the_cli_prints_one_error_line_and_help_needs_no_torch(folders: dict[str, Path], tmp_path: Path) -> None:
+def test_the_cli_prints_one_error_line(folders: dict[str, Path], tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    code = ("import sys\nfrom lit.commands.cli import main\ntry:\n    main(['generate', '--help'])\n"
-            "except SystemExit:\n    pass\nprint('torch loaded' if 'torch' in sys.modules else 'no torch')")
-    shown = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
-    assert "--score_only" in shown.stdout and shown.stdout.strip().endswith("no torch"), shown.stderr[-2000:]
     failed = subprocess.run([sys.executable, "-m", "lit.commands.cli", "generate", "--pipeline", str(folders["sd"]),
                              "--out", str(tmp_path / "out")], cwd=REPO, env=env, capture_output=True, text=True,
                             timeout=120)
