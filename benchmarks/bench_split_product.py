@@ -28,7 +28,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lit.similarity import TokenNormalization, normalize_tokens, split_product  # noqa: E402
+from lit.choices import TokenNormalization  # noqa: E402
+from lit.similarity import normalize_tokens, split_product  # noqa: E402
 
 MB = 2**20
 

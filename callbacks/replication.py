@@ -62,14 +62,12 @@ from pytorch_lightning.loggers import TensorBoardLogger
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from lit.choices import DEFAULT_THRESHOLDS, DUPLICATE_THRESHOLD, MATCH_MIRRORS
 from lit.distributed import gather_by_index
 from lit.embedding import Precision, embed_dataset
 from lit.files import write_json, write_text_atomic
 from lit.plots import save_figure, similarity_histogram, top_copies_grid
 from lit.replication import (
-    DEFAULT_THRESHOLDS,
-    DUPLICATE_THRESHOLD,
-    MATCH_MIRRORS,
     Matches,
     ReplicationStats,
     RowSample,

@@ -57,11 +57,11 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from datamodules.retrieval import RetrievalDataModule
+from lit.choices import SimilarityKind, TokenNormalization
 from lit.embedding import Precision, embed_dataset
 from lit.grids import retrieval_grid
 from lit.metrics import RetrievalMetrics
 from lit.retrieval_scoring import ScoredQueries, score_queries
-from lit.similarity import SimilarityKind, TokenNormalization
 from models.descriptor import Descriptor
 
 PREFIX = "retrieval"

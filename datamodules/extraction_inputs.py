@@ -335,7 +335,7 @@ class ShardStream(IterableDataset):
         skipped: list[str] = []
         problems: list[str] = []
         count = 0
-        for number, sample, is_last in _with_last(_tar_samples(unit.path, problems)):
+        for number, sample, is_last in _with_last(tar_samples(unit.path, problems)):
             count = number + 1
             chunk = number // self.shard_size
             if name(chunk) in unit.done:
@@ -390,7 +390,7 @@ class ShardStream(IterableDataset):
         }
 
 
-def _tar_samples(path: str, problems: list[str]) -> Iterator[dict[str, Any]]:
+def tar_samples(path: str, problems: list[str]) -> Iterator[dict[str, Any]]:
     """Samples of one tar via ``webdataset`` (no shuffling, no node / worker splitting: the caller
     assigns whole tars); a damaged tar ends early with its problem listed in ``problems``."""
     import webdataset as wds

@@ -150,25 +150,27 @@ class GenerationSeeds(pl.LightningDataModule):
         return DataLoader(self.seeds, batch_size=self.hparams.batch_size, shuffle=False)
 
 
-class TrainImagesDataModule(pl.LightningDataModule):
-    """Base of the DDPM training datamodules: subclasses implement :meth:`load_subset`.
+class ResumableTrainData(pl.LightningDataModule):
+    """Base of the training datamodules that hold their images in memory and resume exactly.
+
+    Subclasses implement :meth:`load_subset` and :meth:`train_dataset`; they may replace
+    :meth:`train_sampler` (the epoch's order), :meth:`record_files` (what is written into the
+    run's log dir) and extend :meth:`state_dict`. This base loads and resizes the images once
+    (uint8, shorter side ``load_size``), counts skipped files in the hyper-parameters, builds
+    the resumable, DDP-sharded loader and keeps its position and seed in checkpoints.
 
     Args:
         resolution: side of the square training crops.
         load_size: shorter side the images are resized to before cropping
             (default ``resolution``: square images are then not cropped at all).
-        random_flip: random horizontal flips (the paper: on).
-        random_crop: random crops of the resized images (the paper: on); off: centre crops.
+        random_flip: random horizontal flips.
+        random_crop: random crops of the resized images; off: centre crops.
         batch_size: images per training batch (per process under DDP).
         num_workers: dataloader workers.
-        repeats: times the subset is listed per epoch.
-        predict_num_samples: seeds yielded by ``predict_dataloader``.
-        predict_first_seed: first of those seeds.
     """
 
     def __init__(self, resolution: int = 32, load_size: int | None = None, random_flip: bool = True,
-                 batch_size: int = 16, num_workers: int = 0, repeats: int = 1,
-                 predict_num_samples: int = 64, predict_first_seed: int = 0, random_crop: bool = True) -> None:
+                 batch_size: int = 16, num_workers: int = 0, random_crop: bool = True) -> None:
         super().__init__()
         if resolution < 1 or batch_size < 1 or num_workers < 0:
             raise ValueError(f"need resolution >= 1, batch_size >= 1, num_workers >= 0; got {resolution}, {batch_size}, {num_workers}")
@@ -180,8 +182,6 @@ class TrainImagesDataModule(pl.LightningDataModule):
         self.random_crop = random_crop
         self.batch_size = batch_size
         self.num_workers = num_workers
-        self.repeats = repeats
-        self.seeds = SeedDataset(predict_num_samples, predict_first_seed)
         self.images: list[Tensor] | None = None
         self.names: list[str] = []
         self.skipped: list[tuple[str, str]] = []  # (file, reason) of files that could not be used
@@ -192,6 +192,17 @@ class TrainImagesDataModule(pl.LightningDataModule):
     def load_subset(self) -> tuple[list[Tensor], list[str]]:
         """The subset as (float [0, 1] images of any size, their names/paths), in index order."""
         raise NotImplementedError
+
+    def train_dataset(self) -> Dataset:
+        """The dataset the training loader reads, indexed by what :meth:`train_sampler` yields."""
+        raise NotImplementedError
+
+    def train_sampler(self, dataset: Dataset, seed: int, num_replicas: int, rank: int) -> ResumableShuffleSampler:
+        """This rank's sampler of ``dataset``: by default every item once per epoch, shuffled."""
+        return ResumableShuffleSampler(dataset, seed=seed, num_replicas=num_replicas, rank=rank)  # type: ignore[arg-type]
+
+    def record_files(self, log_dir: Path) -> None:
+        """Write what the run was trained on into ``log_dir`` (rank 0, with a logger): nothing by default."""
 
     # loading ----------------------------------------------------------------
     def prepare_images(self) -> None:
@@ -206,44 +217,35 @@ class TrainImagesDataModule(pl.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         if stage not in (None, "fit"):
-            return  # predict needs seeds only
+            return  # only training reads the images
         self.prepare_images()
         self._record_skipped_in_hparams()
-        self._record_subset()
+        self._record_files()
 
     def _record_skipped_in_hparams(self) -> None:
         """Count and name the skipped files in the hyper-parameters the logger records."""
-        if not self.skipped and "skipped_images" not in self.hparams:
-            return
-        record = {"skipped_images": len(self.skipped), "skipped_files": [name for name, _ in self.skipped]}
+        if self.skipped or "skipped_images" in self.hparams:
+            self.record_hparams({"skipped_images": len(self.skipped),
+                                 "skipped_files": [name for name, _ in self.skipped]})
+
+    def record_hparams(self, record: dict[str, Any]) -> None:
+        """Add ``record`` to the hyper-parameters the logger records (and the checkpoint keeps)."""
         self.hparams.update(record)
         if hasattr(self, "_hparams_initial"):  # what Lightning hands to the loggers after setup
             self._hparams_initial.update(record)
 
-    def _record_subset(self) -> None:
-        """Write ``training_subset.tsv`` into the log dir (rank 0; log_dir is called on all ranks).
-        Not without a logger: ``log_dir`` would then be the working directory, and the subset
-        is in the hyper-parameters and the checkpoint anyway."""
+    def _record_files(self) -> None:
+        """:meth:`record_files` into the log dir (rank 0; log_dir is called on all ranks). Not
+        without a logger: ``log_dir`` would then be the working directory, and the subset is in
+        the hyper-parameters and the checkpoint anyway."""
         trainer = getattr(self, "trainer", None)
         if trainer is None or not trainer.loggers:
             return
         log_dir = trainer.log_dir
         if trainer.is_global_zero and log_dir is not None:
-            lines = [f"# {len(self.names)} training images chosen by {type(self).__name__} {dict(self.hparams)}",
-                     "index\tpath"] + [f"{i}\t{name}" for i, name in enumerate(self.names)]
-            write_text_atomic(Path(log_dir) / SUBSET_FILE, "\n".join(lines) + "\n")
-            if self.skipped:
-                lines = [f"# {len(self.skipped)} image file(s) skipped by {type(self).__name__} (not in the subset)",
-                         "path\treason"] + [f"{name}\t{reason}" for name, reason in self.skipped]
-                write_text_atomic(Path(log_dir) / SKIPPED_FILE, "\n".join(lines) + "\n")
+            self.record_files(Path(log_dir))
 
     # datasets and loaders ----------------------------------------------------
-    def train_dataset(self) -> TrainingImages:
-        self.prepare_images()
-        assert self.images is not None
-        return TrainingImages(self.images, self.resolution, augment=True, random_flip=self.random_flip,
-                              repeats=self.repeats, random_crop=self.random_crop)
-
     def reference_dataset(self) -> TrainingImages:
         """The training subset without augmentation (centre crop): what copies are searched in."""
         self.prepare_images()
@@ -251,16 +253,15 @@ class TrainImagesDataModule(pl.LightningDataModule):
         return TrainingImages(self.images, self.resolution, augment=False)
 
     def train_dataloader(self) -> DataLoader:
-        """Shuffled by a :class:`ResumableShuffleSampler` (order a function of the run seed and the
-        epoch, sharded over DDP ranks); a run resumed from a checkpoint starts after the batches
-        that checkpoint had already trained on."""
+        """Ordered by :meth:`train_sampler` (a function of the run seed and the epoch, sharded over
+        DDP ranks); a run resumed from a checkpoint starts after the batches that checkpoint had
+        already trained on."""
         dataset = self.train_dataset()
         trainer = getattr(self, "trainer", None)
         shard = (trainer.distributed_sampler_kwargs if trainer is not None else None) or {}
         if self._train_seed is None:
             self._train_seed = run_seed()
-        sampler = ResumableShuffleSampler(dataset, seed=self._train_seed, num_replicas=shard.get("num_replicas", 1),
-                                          rank=shard.get("rank", 0))
+        sampler = self.train_sampler(dataset, self._train_seed, shard.get("num_replicas", 1), shard.get("rank", 0))
         # the checkpoint's position (the datamodule is restored before any loader is built); else the
         # trainer's own count (a checkpoint without one, or a loader rebuilt during the fit)
         position = self._resume_position or (self.train_position() if trainer is not None else None)
@@ -283,9 +284,6 @@ class TrainImagesDataModule(pl.LightningDataModule):
             return {"epoch": int(trainer.fit_loop.epoch_progress.current.processed), "batches": 0}
         epoch, batches = divmod(done, per_epoch)
         return {"epoch": epoch, "batches": batches}
-
-    def predict_dataloader(self) -> DataLoader:
-        return DataLoader(self.seeds, batch_size=self.batch_size, shuffle=False)
 
     # checkpoint ------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -310,6 +308,54 @@ class TrainImagesDataModule(pl.LightningDataModule):
                 f"checkpoint was trained on a different subset ({changed} of {len(saved)} images differ); "
                 "use the same data, subset_size and subset_seed to resume"
             )
+
+
+class TrainImagesDataModule(ResumableTrainData):
+    """Base of the DDPM training datamodules: subclasses implement :meth:`load_subset`.
+
+    Args:
+        resolution: side of the square training crops.
+        load_size: shorter side the images are resized to before cropping
+            (default ``resolution``: square images are then not cropped at all).
+        random_flip: random horizontal flips (the paper: on).
+        random_crop: random crops of the resized images (the paper: on); off: centre crops.
+        batch_size: images per training batch (per process under DDP).
+        num_workers: dataloader workers.
+        repeats: times the subset is listed per epoch.
+        predict_num_samples: seeds yielded by ``predict_dataloader``.
+        predict_first_seed: first of those seeds.
+    """
+
+    def __init__(self, resolution: int = 32, load_size: int | None = None, random_flip: bool = True,
+                 batch_size: int = 16, num_workers: int = 0, repeats: int = 1,
+                 predict_num_samples: int = 64, predict_first_seed: int = 0, random_crop: bool = True) -> None:
+        super().__init__(resolution, load_size, random_flip, batch_size, num_workers, random_crop)
+        self.repeats = repeats
+        self.seeds = SeedDataset(predict_num_samples, predict_first_seed)
+
+    def record_files(self, log_dir: Path) -> None:
+        """``training_subset.tsv`` (index, path) and, when files were skipped, ``skipped_images.tsv``."""
+        lines = [f"# {len(self.names)} training images chosen by {type(self).__name__} {dict(self.hparams)}",
+                 "index\tpath"] + [f"{i}\t{name}" for i, name in enumerate(self.names)]
+        write_text_atomic(log_dir / SUBSET_FILE, "\n".join(lines) + "\n")
+        write_skipped_file(log_dir, self.skipped, type(self).__name__)
+
+    def train_dataset(self) -> TrainingImages:
+        self.prepare_images()
+        assert self.images is not None
+        return TrainingImages(self.images, self.resolution, augment=True, random_flip=self.random_flip,
+                              repeats=self.repeats, random_crop=self.random_crop)
+
+    def predict_dataloader(self) -> DataLoader:
+        return DataLoader(self.seeds, batch_size=self.batch_size, shuffle=False)
+
+
+def write_skipped_file(log_dir: Path, skipped: Sequence[tuple[str, str]], owner: str) -> None:
+    """``skipped_images.tsv`` (path, reason) in ``log_dir`` when ``skipped`` is not empty."""
+    if skipped:
+        lines = [f"# {len(skipped)} image file(s) skipped by {owner} (not in the subset)",
+                 "path\treason"] + [f"{name}\t{reason}" for name, reason in skipped]
+        write_text_atomic(log_dir / SKIPPED_FILE, "\n".join(lines) + "\n")
 
 
 class ImageFolderTrainData(TrainImagesDataModule):

@@ -27,13 +27,30 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from lit.seeding import derive_seed
+from lit.seeding import SeededDraws, derive_seed
 
 BACKGROUNDS: tuple[str, ...] = ("gradient", "radial", "stripes", "checkerboard", "noise")
 SHAPES: tuple[str, ...] = ("disc", "ellipse", "rectangle", "triangle", "polygon", "star", "ring")
 TEXTURES: tuple[str, ...] = ("solid", "stripes", "gradient", "checker", "dots")
 
 _GRAIN = 0.015  # amplitude of the per-pixel film grain, in [0, 1] units
+
+
+@dataclass(frozen=True)
+class Scene:
+    """A rendered scene with the parameters it was drawn from.
+
+    ``image`` (3, S, S) float32 in [0, 1]; ``mask`` (S, S) int64, 0 = background and 1..M the
+    visible objects; ``background`` its spec; ``objects[k]`` the spec of mask id ``k + 1`` (the
+    visible objects in painting order: one hidden by later ones or too small for the grid is left
+    out); ``areas[k]`` the share of the image's pixels that object covers where visible.
+    """
+
+    image: Tensor
+    mask: Tensor
+    background: BackgroundSpec
+    objects: tuple[ObjectSpec, ...]
+    areas: tuple[float, ...]
 
 
 def render_scene(
@@ -46,10 +63,16 @@ def render_scene(
     painting order (an object hidden by later ones or too small for the grid
     gets no id). ``num_objects`` is an inclusive range ``(low, high)``.
     """
+    scene = draw_scene(seed, size, num_objects)
+    return scene.image, scene.mask
+
+
+def draw_scene(seed: int, size: int = 64, num_objects: tuple[int, int] = (2, 5)) -> Scene:
+    """:func:`render_scene` with the scene's parameters (what its captions are made from)."""
     _check_args(seed, size, num_objects)
-    draw = _Draw(seed)
-    background = _BackgroundSpec.sample(draw)
-    objects = [_ObjectSpec.sample(draw) for _ in range(draw.integer(*num_objects))]
+    draw = SeededDraws(seed)
+    background = BackgroundSpec.sample(draw)
+    objects = [ObjectSpec.sample(draw) for _ in range(draw.integer(*num_objects))]
 
     x, y = _grid(size)
     image = background.render(x, y, size)
@@ -61,7 +84,10 @@ def render_scene(
 
     grain = torch.randn(3, size, size, generator=draw.generator) * _GRAIN  # drawn last: params stay size-free
     image = ((image + grain).clamp(0.0, 1.0) * 255.0).round() / 255.0
-    return image, _relabel(mask, len(objects))
+    counts = torch.bincount(mask.flatten(), minlength=len(objects) + 1)
+    visible = [k for k in range(len(objects)) if counts[k + 1] > 0]
+    return Scene(image, _relabel(mask, len(objects)), background, tuple(objects[k] for k in visible),
+                 tuple(float(counts[k + 1]) / (size * size) for k in visible))
 
 
 class ProceduralScenes(Dataset):
@@ -120,29 +146,6 @@ def _check_index(index: int, count: int) -> int:
     return index
 
 
-class _Draw:
-    """Scalar random draws from one seeded ``torch.Generator``."""
-
-    def __init__(self, seed: int) -> None:
-        self.generator = torch.Generator().manual_seed(seed & 0x7FFF_FFFF_FFFF_FFFF)
-
-    def uniform(self, low: float, high: float) -> float:
-        return low + (high - low) * float(torch.rand(1, generator=self.generator).item())
-
-    def integer(self, low: int, high: int) -> int:
-        """Uniform integer in the inclusive range [low, high]."""
-        return int(torch.randint(low, high + 1, (1,), generator=self.generator).item())
-
-    def choice(self, options: Sequence[str]) -> str:
-        return options[self.integer(0, len(options) - 1)]
-
-    def colour(self) -> Tensor:
-        return torch.rand(3, generator=self.generator)
-
-    def tensor(self, *shape: int) -> Tensor:
-        return torch.rand(*shape, generator=self.generator)
-
-
 def _grid(size: int) -> tuple[Tensor, Tensor]:
     """Pixel-centre coordinates in [0, 1]: ``x`` along width, ``y`` along height."""
     centres = (torch.arange(size, dtype=torch.float32) + 0.5) / size
@@ -162,7 +165,9 @@ def _rotate(x: Tensor, y: Tensor, angle: float) -> tuple[Tensor, Tensor]:
 
 
 @dataclass(frozen=True)
-class _BackgroundSpec:
+class BackgroundSpec:
+    """The parameters of a scene's background (coordinates and colours in [0, 1])."""
+
     kind: str
     first: Tensor
     second: Tensor
@@ -173,10 +178,10 @@ class _BackgroundSpec:
     noise: Tensor  # (3, k, k) control points for the "noise" kind
 
     @staticmethod
-    def sample(draw: _Draw) -> _BackgroundSpec:
+    def sample(draw: SeededDraws) -> BackgroundSpec:
         kind = draw.choice(BACKGROUNDS)
         cells = draw.integer(3, 6)
-        return _BackgroundSpec(
+        return BackgroundSpec(
             kind=kind,
             first=draw.colour(),
             second=draw.colour(),
@@ -206,7 +211,9 @@ class _BackgroundSpec:
 
 
 @dataclass(frozen=True)
-class _ObjectSpec:
+class ObjectSpec:
+    """The parameters of one object of a scene (coordinates in [0, 1] of the image side)."""
+
     shape: str
     centre: tuple[float, float]
     radius: float
@@ -220,8 +227,8 @@ class _ObjectSpec:
     frequency: float  # texture periods per radius
 
     @staticmethod
-    def sample(draw: _Draw) -> _ObjectSpec:
-        return _ObjectSpec(
+    def sample(draw: SeededDraws) -> ObjectSpec:
+        return ObjectSpec(
             shape=draw.choice(SHAPES),
             centre=(draw.uniform(0.15, 0.85), draw.uniform(0.15, 0.85)),
             radius=draw.uniform(0.1, 0.25),
@@ -296,4 +303,5 @@ def _relabel(mask: Tensor, count: int) -> Tensor:
     return lookup[mask]
 
 
-__all__ = ["BACKGROUNDS", "SHAPES", "TEXTURES", "ProceduralScenes", "render_scene"]
+__all__ = ["BACKGROUNDS", "SHAPES", "TEXTURES", "BackgroundSpec", "ObjectSpec", "ProceduralScenes", "Scene",
+           "draw_scene", "render_scene"]

@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from datamodules.extraction_inputs import _tar_samples, expand_tar_pattern
+from datamodules.extraction_inputs import tar_samples, expand_tar_pattern
 from lit.errors import UserError
 from lit.seeding import derive_seed
 from lit.store import is_store, open_store
@@ -353,7 +353,7 @@ def _store_rows(source: Path, skipped: Counter[str]) -> list[PromptRow]:
 def _tar_rows(tars: Iterable[str], skipped: Counter[str]) -> Iterator[PromptRow]:
     for tar in tars:
         problems: list[str] = []
-        for sample in _tar_samples(tar, problems):
+        for sample in tar_samples(tar, problems):
             caption = _sample_caption(sample, skipped)
             if caption is not None:
                 yield PromptRow(caption, _key(sample.get("__key__")))

@@ -13,12 +13,17 @@ draw its augmentation from a generator of its own, whatever worker or process lo
 Resume: :meth:`ResumableShuffleSampler.resume` sets the epoch and how many of this
 rank's items that epoch already consumed; the next iteration starts after them (once;
 later epochs start at their beginning).
+
+:class:`WeightedResumableSampler` draws an epoch with replacement, item ``i`` with probability
+``weights[i] / sum(weights)`` (the controlled duplication of the follow-up study, whose code
+uses ``torch.utils.data.WeightedRandomSampler``), and shards, seeds and resumes the same way.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Sized
+from collections.abc import Callable, Iterator, Sequence, Sized
+from itertools import accumulate
 from typing import Any
 
 import torch
@@ -101,6 +106,66 @@ class ResumableShuffleSampler(DistributedSampler):
         positions = range(self.rank, self.total_size, self.num_replicas)
         for position, index in list(zip(positions, mine))[start:]:
             yield index, derive_seed(self.seed, epoch, position)
+
+
+def weighted_draws(weights: Sequence[float], count: int, seed: int) -> list[int]:
+    """``count`` items of ``range(len(weights))`` drawn with replacement, item ``i`` with probability
+    ``weights[i] / sum(weights)``: float64 uniforms from a generator seeded by ``seed``, looked up
+    in the cumulative weights (summed in order in float64, so the draw is the same on every machine)."""
+    if not weights or min(weights) < 0 or sum(weights) <= 0:
+        raise ValueError("weights must be non-negative with a positive sum")
+    cumulative = torch.tensor(list(accumulate(float(w) for w in weights)), dtype=torch.float64)
+    uniforms = torch.rand(count, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    rows = torch.searchsorted(cumulative, uniforms * cumulative[-1], right=True)
+    return rows.clamp_(max=len(weights) - 1).tolist()
+
+
+class WeightedResumableSampler(ResumableShuffleSampler):
+    """Draws with replacement by weight; an epoch's draws depend only on ``(seed, epoch)``; resumable.
+
+    An epoch is ``length`` draws (e.g. ``ceil(repeats * sum(weights))``, so that with integer weights
+    an item of weight ``w`` is drawn ``w * repeats`` times per epoch in expectation), the global
+    sequence :func:`weighted_draws` ``(weights, length, derive_seed(seed, epoch))``. Each rank takes
+    its share of the positions as :func:`rank_share` splits them (padding repeats the head), so one
+    process and several see the same global sequence. Each item it yields is ``(row, draw, draw_seed)``:
+    the drawn row, the draw's global index ``epoch * length + position`` and
+    ``derive_seed(seed, epoch, position)``; a padded position repeats the draw it copies (same
+    index, same seed), so gathering by index removes the padding.
+
+    Args:
+        weights: one non-negative weight per item of ``dataset``'s rows.
+        length: draws per epoch (over all ranks).
+        seed, num_replicas, rank, drop_last: as :class:`ResumableShuffleSampler`.
+    """
+
+    def __init__(self, weights: Sequence[float], length: int, seed: int = 0, num_replicas: int = 1,
+                 rank: int = 0, drop_last: bool = False) -> None:
+        if length < 1:
+            raise ValueError(f"length must be >= 1, got {length}")
+        super().__init__(range(length), seed=seed, num_replicas=num_replicas, rank=rank, drop_last=drop_last)
+        self.weights = [float(w) for w in weights]
+        weighted_draws(self.weights, 0, 0)  # checks the weights now, not at the first epoch
+        self.length = length
+
+    def positions(self) -> list[int]:
+        """This rank's positions in every epoch's global sequence (padding: positions of the head)."""
+        return rank_share(list(range(self.length)), self.num_replicas, self.rank, self.drop_last)
+
+    def draws(self, epoch: int) -> list[int]:
+        """The whole epoch's global sequence of drawn rows (every rank's)."""
+        return weighted_draws(self.weights, self.length, derive_seed(self.seed, epoch))
+
+    def order(self, epoch: int) -> list[int]:
+        """This rank's rows for ``epoch``, all of them (no resume offset)."""
+        rows = self.draws(epoch)
+        return [rows[p] for p in self.positions()]
+
+    def __iter__(self) -> Iterator[tuple[int, int, int]]:  # type: ignore[override]
+        epoch, start = self.epoch, self.start
+        self.start = 0  # a resume offset applies to one iteration only
+        rows = self.draws(epoch)
+        for position in self.positions()[start:]:
+            yield rows[position], epoch * self.length + position, derive_seed(self.seed, epoch, position)
 
 
 class ResumableDataLoader(DataLoader):

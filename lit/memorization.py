@@ -8,7 +8,8 @@
 - :func:`guidance_halves`: the two halves of a classifier-free-guidance batch, the layout every
   diffusers text-to-image pipeline uses (``torch.cat([unconditional, conditional])``);
 - :func:`roc_auc` and :func:`tpr_at_fpr`: how well a score ranks positives (e.g. "top-1 above
-  0.5") above negatives; ties count one half, as in scikit-learn.
+  0.5") above negatives; ties count one half, as in scikit-learn (:func:`average_ranks`, also the
+  ranks of ``lit scan``'s Spearman correlation).
 
 One definition each, for ``lit generate``, ``lit scan`` and the training monitor.
 """
@@ -80,6 +81,20 @@ def _checked_binary(scores: np.ndarray | Tensor, labels: np.ndarray | Tensor) ->
     return s, y
 
 
+def average_ranks(values: np.ndarray) -> np.ndarray:
+    """1-based ranks of ``values`` (ascending), ties sharing the mean of their ranks
+    (``scipy.stats.rankdata(method="average")``), float64."""
+    values = np.asarray(values).reshape(-1)
+    order = np.argsort(values, kind="stable")
+    ranks = np.empty(values.size, dtype=np.float64)
+    ordered = values[order]
+    starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]]) if values.size else np.zeros(0, dtype=np.int64)
+    ends = np.r_[starts[1:], values.size]
+    for start, end in zip(starts, ends):
+        ranks[order[start:end]] = (start + end + 1) / 2.0
+    return ranks
+
+
 def roc_auc(scores: np.ndarray | Tensor, labels: np.ndarray | Tensor) -> float | None:
     """Area under the ROC curve of ``scores`` for binary ``labels``; ``None`` when a class is empty.
 
@@ -89,15 +104,7 @@ def roc_auc(scores: np.ndarray | Tensor, labels: np.ndarray | Tensor) -> float |
     positives, negatives = int(y.sum()), int((~y).sum())
     if positives == 0 or negatives == 0:
         return None
-    order = np.argsort(s, kind="stable")
-    ranks = np.empty(s.size, dtype=np.float64)
-    sorted_scores = s[order]
-    # average ranks over ties (1-based)
-    starts = np.flatnonzero(np.r_[True, sorted_scores[1:] != sorted_scores[:-1]])
-    ends = np.r_[starts[1:], s.size]
-    for start, end in zip(starts, ends):
-        ranks[order[start:end]] = (start + end + 1) / 2.0
-    rank_sum = ranks[y].sum()
+    rank_sum = average_ranks(s)[y].sum()
     return float((rank_sum - positives * (positives + 1) / 2.0) / (positives * negatives))
 
 
@@ -110,10 +117,12 @@ def tpr_at_fpr(scores: np.ndarray | Tensor, labels: np.ndarray | Tensor, max_fpr
     positives, negatives = int(y.sum()), int((~y).sum())
     if positives == 0 or negatives == 0:
         return None
-    best = 0.0
-    for threshold in np.unique(s):
-        called = s >= threshold
-        fpr = (called & ~y).sum() / negatives
-        if fpr <= max_fpr:
-            best = max(best, (called & y).sum() / positives)
-    return float(best)
+    # thresholds from high to low: the calls (and both rates) only grow, so the best TPR is at the
+    # lowest threshold whose FPR stays within max_fpr; O(n log n) for any number of distinct scores
+    order = np.argsort(-s, kind="stable")
+    sorted_scores, sorted_labels = s[order], y[order]
+    last_of_tie = np.r_[sorted_scores[1:] != sorted_scores[:-1], True]
+    true_called = np.cumsum(sorted_labels)[last_of_tie]
+    false_called = np.cumsum(~sorted_labels)[last_of_tie]
+    allowed = false_called / negatives <= max_fpr
+    return float(true_called[allowed].max() / positives) if allowed.any() else 0.0

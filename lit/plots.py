@@ -5,7 +5,8 @@
 - :func:`top_copies_grid`: the most-copied generations beside their top-k
   training matches with scores (Fig. 3 / 4);
 - :func:`rate_over_time`: replication rates along training;
-- :func:`replication_summary`: the three in one figure (the demo's PNG).
+- :func:`replication_summary`: the three in one figure (the demo's PNG);
+- :func:`duplicates_histogram`: duplicate counts of sets of training images (Fig. 11 right).
 
 Figures are plain ``matplotlib.figure.Figure`` objects (Agg canvas, no pyplot
 state), so they work headless, in threads and under DDP.
@@ -75,6 +76,26 @@ def similarity_histogram(generation: Tensor, baseline: Tensor, thresholds: Seque
     figure = new_figure(6.0, 4.0)
     draw_similarity_histogram(figure.add_subplot(1, 1, 1), generation, baseline, thresholds, bins, title,
                               baseline_label)
+    return figure
+
+
+def duplicates_histogram(series: Sequence[tuple[Tensor, str, str]], threshold: float,
+                         title: str = "duplicates in the training set") -> Figure:
+    """Fig. 11 right: for each ``(counts, colour, name)``, the share of its images with each number
+    of duplicates (training images with similarity > ``threshold``), overlaid; empty series left out."""
+    figure = new_figure(6.0, 4.0)
+    ax = figure.add_subplot(1, 1, 1)
+    top = max((int(counts.max()) for counts, _, _ in series if counts.numel()), default=0)
+    edges = np.arange(-0.5, max(top, 1) + 1.5, 1.0)
+    for counts, colour, name in series:
+        if counts.numel():
+            values = counts.double().numpy()
+            ax.hist(values, bins=edges, density=True, alpha=0.5, color=colour,
+                    label=f"{name} (n={values.size}, mean {values.mean():.2f})")
+    ax.set_xlabel(f"training images with similarity > {threshold:g} (duplicates)")
+    ax.set_ylabel("share")
+    ax.set_title(title)
+    ax.legend(fontsize="small")
     return figure
 
 

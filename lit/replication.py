@@ -10,13 +10,15 @@ every report.
 - **replication rate at t**: share of generations whose top-1 similarity *exceeds* t
   (strictly; :func:`replication_rates`, :func:`replication_stats`; the paper reports
   t = 0.5 with SSCD);
+- **similarity to a named training image** (a generation's caption-source image,
+  :func:`paired_similarity`), by the same similarity as the search;
 - **duplicates of a training image**: the other training images with similarity
-  > ``threshold`` (:data:`DUPLICATE_THRESHOLD` = 0.95, paper Sec. 7), counted
+  > ``threshold`` (:data:`lit.choices.DUPLICATE_THRESHOLD` = 0.95, paper Sec. 7), counted
   exhaustively over the whole training set, block by block (:func:`duplicate_counts`),
   never read off a top-k list (which would miss the members of large groups).
 
 **Mirror-aware matching** is one option of all of them, off by default
-(:data:`MATCH_MIRRORS`, the paper's definition): given the features of the
+(:data:`lit.choices.MATCH_MIRRORS`, the paper's definition): given the features of the
 horizontally flipped training images (``mirrored``, row for row), a training image
 scores ``max(s(q, g), s(q, mirror(g)))``; in the baseline and the duplicate counts an
 image's own mirror is left out with the image. A DDPM trained with random flips copies
@@ -42,14 +44,10 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from lit.choices import DEFAULT_THRESHOLDS, DUPLICATE_THRESHOLD, TokenNormalization
 from lit.search import RowSource, TensorRows, search, similarity_for
-from lit.similarity import TokenNormalization, cosine_similarity, split_product
+from lit.similarity import cosine_similarity, split_product
 
-DUPLICATE_THRESHOLD = 0.95
-#: Replication-rate thresholds of the monitor and the scan unless told otherwise.
-DEFAULT_THRESHOLDS: tuple[float, ...] = (0.5, 0.7, 0.8, 0.9, 0.95)
-#: The default of mirror-aware matching in the monitor and the scan (the paper's definition: off).
-MATCH_MIRRORS = False
 #: Float32 bytes of query features held at once (token features of many queries are searched in chunks).
 QUERY_CHUNK_BYTES = 2**30
 
@@ -356,6 +354,30 @@ def self_similarity_baseline(training: Features, rows: Tensor | None = None, *, 
                        settings=settings).scores[:, 0]
 
 
+def paired_similarity(queries: Features, training: Features, query_rows: Tensor, training_rows: Tensor, *,
+                      mirrored: Features | None = None, settings: SearchSettings = SearchSettings(),
+                      pairs_per_block: int = 64) -> Tensor:
+    """The similarity of query row ``query_rows[i]`` to training row ``training_rows[i]``, (n,) float32:
+    a generation against one named training image (its caption-source image, Fig. 11 centre), by
+    the search's own similarity (:func:`pairwise`), mirror-aware with ``mirrored`` (the better of
+    the image and its mirror)."""
+    source, gallery = as_rows(queries), as_rows(training)
+    if query_rows.shape != training_rows.shape or query_rows.ndim != 1:
+        raise ValueError(f"need one training row per query row, got {tuple(query_rows.shape)} and "
+                         f"{tuple(training_rows.shape)}")
+    flips = None if mirrored is None else as_rows(mirrored)
+    parts = []
+    for start in range(0, query_rows.numel(), pairs_per_block):
+        rows = training_rows[start:start + pairs_per_block]
+        q = read_rows(source, query_rows[start:start + pairs_per_block]).to(settings.device)
+        scores = pairwise(q, read_rows(gallery, rows).to(settings.device), settings.normalization).diagonal()
+        if flips is not None:
+            flipped = pairwise(q, read_rows(flips, rows).to(settings.device), settings.normalization).diagonal()
+            scores = torch.maximum(scores, flipped)
+        parts.append(scores.float().cpu())
+    return torch.cat(parts) if parts else torch.zeros(0)
+
+
 def count_above(similarities: Tensor, threshold: float, own_rows: Tensor | None = None,
                 block_start: int = 0) -> Tensor:
     """Per query, the gallery columns of one block with similarity strictly above ``threshold``.
@@ -403,16 +425,22 @@ def duplicate_counts(training: Features, rows: Tensor, *, mirrored: Features | N
     return torch.cat(counts) if counts else torch.zeros(0, dtype=torch.int64)
 
 
+def describe_counts(counts: Tensor) -> dict[str, Any]:
+    """Duplicate counts of some training images (one per generation or sampled row) as JSON:
+    ``count``, ``mean``, ``median`` (the lower middle value, as ``torch.median``), ``max`` and
+    ``share_with_duplicates`` (share with at least one)."""
+    if counts.numel() == 0:
+        raise ValueError("describe_counts needs at least one count")
+    values = counts.double()
+    return {"count": int(values.numel()), "mean": float(values.mean()), "median": float(values.median()),
+            "max": int(counts.max()), "share_with_duplicates": float((counts > 0).double().mean())}
+
+
 def duplicate_comparison(match_counts: Tensor, training_counts: Tensor,
                          threshold: float = DUPLICATE_THRESHOLD) -> dict[str, Any]:
     """Fig. 11 right: duplicates (> ``threshold``) of each generation's top match (``top_matches``)
     vs of training images (``random_training``: the sampled, or all, training rows)."""
-
-    def describe(counts: Tensor) -> dict[str, Any]:
-        values = counts.double()
-        return {"count": int(values.numel()), "mean": float(values.mean()), "median": float(values.median()),
-                "max": int(counts.max()), "share_with_duplicates": float((counts > 0).double().mean())}
-
     if match_counts.numel() == 0 or training_counts.numel() == 0:
         raise ValueError("duplicate_comparison needs at least one top match and one training image")
-    return {"threshold": threshold, "top_matches": describe(match_counts), "random_training": describe(training_counts)}
+    return {"threshold": threshold, "top_matches": describe_counts(match_counts),
+            "random_training": describe_counts(training_counts)}

@@ -17,9 +17,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lit.choices import SimilarityKind, TokenNormalization
 from lit.metrics import ranking_relevance
 from lit.search import search
-from lit.similarity import SimilarityKind, TokenNormalization
 
 
 @dataclass(frozen=True)

@@ -63,9 +63,8 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
+from lit.choices import SimilarityKind, TokenNormalization
 from lit.similarity import (
-    SimilarityKind,
-    TokenNormalization,
     _check_mode,
     l2_normalize,
     normalize_tokens,

@@ -1,6 +1,6 @@
 """Similarity functions between query and gallery descriptors.
 
-Two kinds (``SimilarityKind``):
+Two kinds (:data:`lit.choices.SimilarityKind`):
 
 * ``cosine``: global features ``(N, D)``, L2-normalised, inner product.
 * ``split_product`` (Somepalli et al. 2023, Sec. 4): token features ``(N, T, D)``,
@@ -14,14 +14,13 @@ are (the ``(Q, G)`` output aside).
 
 from __future__ import annotations
 
-from typing import Literal, get_args
+from typing import get_args
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-TokenNormalization = Literal["token", "global", "none"]
-SimilarityKind = Literal["cosine", "split_product"]
+from lit.choices import TokenNormalization
 
 #: Bytes for one block's chunk of per-token products ``(t_chunk, Qb, Gb)`` float32. Large
 #: enough that a 256 x 256 block takes all 197 tokens of a ViT-B/16 in one ``bmm`` (few,

@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from lit.choices import DTYPES
 from lit.errors import UserError
 from lit.files import claim_folder, write_bytes_atomic, write_json
 
@@ -47,7 +48,6 @@ FORMAT = "lit-feature-store"
 VERSION = 1
 MARKER = ".lit-store.json"
 MANIFEST = "manifest.json"
-DTYPES = ("float16", "float32")
 #: How two descriptor records differ where it matters for their features (empty: comparable). The store
 #: does not know what a descriptor is: its callers pass ``models.descriptor_config.DescriptorConfig.differences``.
 RecordComparison = Callable[[Mapping[str, Any], Mapping[str, Any]], list[str]]

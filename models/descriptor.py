@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lit.similarity import SimilarityKind
+from lit.choices import SimilarityKind
 from models.preprocessing import Preprocessing, center_crop, check_images, resize_short_side
 
 __all__ = ["Descriptor", "OutputKind", "similarity_of"]

@@ -21,46 +21,31 @@ compared with).
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any, ClassVar, get_args
 
+from lit.choices import SimilarityKind, TokenNormalization
 from lit.errors import UserError
 from lit.files import file_sha256
-from lit.similarity import SimilarityKind, TokenNormalization
 from models.descriptor import Descriptor, similarity_of
-from models.registry import available_descriptors, build_descriptor, check_input_size, get_spec, resolve_spec
+from models.descriptor_options import DescriptorOptions
+from models.registry import build_descriptor, check_input_size, get_spec, resolve_spec
 from models.weights import WeightsError, weights_error
 
 
 @dataclass(frozen=True)
-class DescriptorConfig:
+class DescriptorConfig(DescriptorOptions):
     """A descriptor as a user names it; refuses, at construction, what can be known wrong without building it.
 
-    Args:
-        name: registry name (``models.registry.available_descriptors``).
-        weights: local weights file (none for ``pixel``; required by every other descriptor
-            unless ``random_init``).
-        random_init: random weights instead of a file (tests, floors); recorded, and
-            reported under ``<name> (random init)``.
-        seed: the random network of ``random_init``: every build with the same seed is the same
-            network (built under a forked torch RNG, the global one untouched); recorded and
-            compared, so features of two random networks are never searched against each other.
-            Only with ``random_init``.
-        input_size: override of the descriptor's input resolution.
-        token_normalization: normalisation of split-product scores for token descriptors
-            (``token``, ``global`` or ``none``; see ``lit.similarity``); ignored by global ones.
+    The fields (``name``, ``weights``, ``random_init``, ``seed``, ``input_size``,
+    ``token_normalization``) and their documentation are :class:`models.descriptor_options.DescriptorOptions`'s,
+    torch-free so that ``lit scan --help`` shows them without loading torch; this class checks them
+    against the registry, builds the descriptor and records what was measured.
 
     A mistake raises a one-line :class:`lit.errors.UserError` that names the option
     (``descriptor.weights: weights file not found: ...``).
     """
-
-    name: str = "pixel"
-    weights: str | None = None
-    random_init: bool = False
-    seed: int = 0
-    input_size: int | None = None
-    token_normalization: TokenNormalization = "token"
 
     #: Fields of :meth:`record` that decide the features: two records that agree on all of them
     #: describe features that can be searched against each other (see :meth:`differences`).
@@ -69,9 +54,7 @@ class DescriptorConfig:
     )
 
     def __post_init__(self) -> None:
-        if self.name not in available_descriptors():
-            raise UserError(f"descriptor.name: unknown descriptor {self.name!r}; "
-                            f"available: {', '.join(available_descriptors())}")
+        super().__post_init__()  # the name, against the registry's names
         spec = get_spec(self.name)
         if self.weights is not None:
             if spec.weights is None:
@@ -97,6 +80,13 @@ class DescriptorConfig:
         if self.token_normalization not in modes:
             raise UserError(f"descriptor.token_normalization: must be one of {', '.join(modes)}, "
                             f"got {self.token_normalization!r}")
+
+    @classmethod
+    def of(cls, options: DescriptorOptions) -> DescriptorConfig:
+        """``options`` (e.g. parsed by ``lit scan`` without torch) as a config, checked against the registry."""
+        if isinstance(options, cls):
+            return options
+        return cls(**{field.name: getattr(options, field.name) for field in fields(options)})
 
     def build(self) -> Descriptor:
         """The descriptor in eval mode (weights read from the local file, or random when asked)."""

@@ -29,8 +29,9 @@ import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from torch import nn
 
-from lit.similarity import SimilarityKind
+from lit.choices import SimilarityKind
 from models.descriptor import Descriptor, OutputKind, similarity_of
+from models.descriptor_options import DESCRIPTOR_NAMES
 from models.pooling import AvgPool, GeM, PixelEmbedding, PooledTrunk
 from models.preprocessing import INCEPTION_MEAN, INCEPTION_STD, RGB, Interpolation, Preprocessing
 from models.weights import (
@@ -383,11 +384,15 @@ _SPECS: tuple[DescriptorSpec, ...] = (
 )
 
 _REGISTRY: dict[str, DescriptorSpec] = {spec.name: spec for spec in _SPECS}
+if tuple(_REGISTRY) != DESCRIPTOR_NAMES:  # the names --help shows without torch are the specs held here
+    raise ImportError(f"models.registry: the specs {tuple(_REGISTRY)} are not "
+                      f"models.descriptor_options.DESCRIPTOR_NAMES {DESCRIPTOR_NAMES}, in that order")
 
 
 def available_descriptors() -> list[str]:
-    """Registered descriptor names, in the order of the paper's Table 1 (pixel baseline last)."""
-    return list(_REGISTRY)
+    """Registered descriptor names (:data:`models.descriptor_options.DESCRIPTOR_NAMES`), in the order of
+    the paper's Table 1 (pixel baseline last)."""
+    return list(DESCRIPTOR_NAMES)
 
 
 def get_spec(name: str) -> DescriptorSpec:

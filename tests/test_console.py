@@ -3,6 +3,8 @@ the suite's own warnings always, and everything with ``--debug`` / ``LIT_DEBUG=1
 
 from __future__ import annotations
 
+import ast
+import dataclasses
 import logging
 import os
 import subprocess
@@ -15,11 +17,14 @@ import pytest
 from PIL import Image
 
 from lit.commands import cli
+from lit.commands.scan.options import build_parser
 from lit.files import StaleLockWarning
 from lit.io import ImageSkipWarning
+from models.descriptor_config import DescriptorConfig
+from models.registry import available_descriptors
 
 REPO = Path(__file__).resolve().parents[1]
-HEAVY = ("torch", "pytorch_lightning", "lightning_fabric", "timm")
+HEAVY = ("torch", "lightning", "pytorch_lightning", "lightning_fabric", "timm")
 #: Lines that Lightning and third-party libraries print and that say nothing a user can act on.
 NOISE = ("💡 Tip", "litlogger", "litmodels", "GPU available:", "TPU available:", "LeafSpec",
          "does not have many workers", "DeprecationWarning")
@@ -59,10 +64,65 @@ def test_top_level_help_lists_every_command_without_torch() -> None:
 
 
 @pytest.mark.parametrize(("command", "option"), [("report", "--metrics"), ("export", "--ckpt_path"),
-                                                 ("generate", "--score_only")])
+                                                   ("scan", "--descriptor.name"), ("generate", "--score_only")])
 def test_command_help_without_torch(command: str, option: str) -> None:
     text = _help_without([command, "--help"])
     assert text.startswith(f"usage: lit {command}") and option in text and "--out" in text
+
+
+#: Every option of ``lit scan`` before its parser moved to :mod:`lit.commands.scan.options` (the
+#: ``--descriptor.*`` group aside: it is checked against DescriptorConfig's fields below).
+SCAN_OPTIONS = (
+    "--config", "--print_config", "--generations", "--training", "--out", "--descriptor", "--background", "--norm_k",
+    "--norm_beta", "--k", "--thresholds", "--baseline_sample", "--match_mirrors", "--random_sample", "--class_sample",
+    "--duplicate_threshold", "--seed", "--block_rows", "--index", "--nprobe", "--rerank_factor", "--index_train_size",
+    "--report_rows", "--thumb", "--device", "--batch_size", "--num_workers", "--store_dir", "--dtype", "--progress",
+)
+
+
+def _help_options(text: str) -> set[str]:
+    """The options that ``--help`` lists at the start of its lines."""
+    return {word.rstrip(",") for line in text.splitlines() for word in line.split()[:1] if word.startswith("--")}
+
+
+def test_scan_help_lists_every_option_and_every_descriptor_field_and_name() -> None:
+    text = _help_without(["scan", "--help"])
+    descriptor = {f"--descriptor.{field.name}" for field in dataclasses.fields(DescriptorConfig)}
+    assert _help_options(text) == {*SCAN_OPTIONS, *descriptor}
+    assert f"(type: str, default: {DescriptorConfig().name})" in " ".join(text.split())
+    assert "{token,global,none}" in text and "(type: float, default: 0.95)" in " ".join(text.split())
+    names = " ".join(text.split()).split("descriptors (--descriptor.name): ")[1].split(", ")
+    assert names == available_descriptors()
+
+
+def test_the_scan_reads_only_options_its_light_parser_defines() -> None:
+    """Every ``args.NAME`` the scan reads is a parsed option (a dropped option fails here, not in a user's scan)."""
+    tree = ast.parse((REPO / "lit/commands/scan/command.py").read_text())
+    read = {node.attr for node in ast.walk(tree)
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "args"}
+    dests = {action.dest for action in build_parser()._actions}
+    assert read and read <= dests, read - dests
+
+
+def test_scan_arguments_are_parsed_and_checked_without_torch() -> None:
+    """A whole command line, descriptor included, is parsed and checked before torch loads; a mistake
+    found there is the one line of before, without torch either."""
+    code = ("import sys\n"
+            "from lit.commands.scan.options import parse_args\n"
+            "from lit.errors import UserError\n"
+            "args = parse_args(['--generations', 'g', '--training', 't', '--out', 'o', '--descriptor.name',\n"
+            "                   'vit_s16_in1k', '--descriptor.random_init', 'true', '--thresholds', '[0.5]'])\n"
+            "print(type(args.descriptor).__name__, args.descriptor.name, args.thresholds)\n"
+            "try:\n    parse_args(['--generations', 'g', '--training', 't', '--out', 'o', '--descriptor.name', 'x'])\n"
+            "except UserError as error:\n    print(error)\n"
+            f"loaded = sorted(m for m in sys.modules if m.split('.')[0] in {HEAVY!r})\n"
+            "assert not loaded, loaded\n")
+    result = subprocess.run([sys.executable, "-c", code], check=False, cwd=REPO, env=_env(), capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    parsed, refused = result.stdout.splitlines()
+    assert parsed == "DescriptorOptions vit_s16_in1k [0.5]"
+    assert refused.startswith("--descriptor.name: unknown descriptor 'x'; available: sscd_resnet50, ")
 
 
 def test_lightning_help_still_lists_the_trainer_options() -> None:

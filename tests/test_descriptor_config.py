@@ -13,6 +13,8 @@ from lit.commands.scan.sources import store_folder_name
 from lit.errors import UserError
 from lit.files import file_sha256
 from models.descriptor_config import DescriptorConfig
+from models.descriptor_options import DEFAULT_DESCRIPTOR, DESCRIPTOR_NAMES, DescriptorOptions
+from models.registry import available_descriptors, get_spec, registry_table
 from models.weights import WeightsError
 
 
@@ -157,3 +159,27 @@ def test_seed_mistakes_are_one_line_errors(fields: dict, message: str) -> None:
     with pytest.raises(UserError) as raised:
         DescriptorConfig(**fields)
     assert str(raised.value).startswith(message) and "\n" not in str(raised.value)
+
+
+def test_the_light_table_names_every_registered_descriptor_and_the_config_takes_exactly_those() -> None:
+    """``lit scan --help`` reads names, fields and defaults from models.descriptor_options (no torch): the
+    registry, DescriptorConfig and the README table agree with it."""
+    assert available_descriptors() == list(DESCRIPTOR_NAMES)
+    assert [get_spec(name).name for name in DESCRIPTOR_NAMES] == list(DESCRIPTOR_NAMES)
+    assert [row.split("|")[1].strip() for row in registry_table().splitlines()[2:]] == list(DESCRIPTOR_NAMES)
+    for name in DESCRIPTOR_NAMES:  # every name of the table is one DescriptorConfig accepts
+        DescriptorConfig(name=name, random_init=get_spec(name).weights is not None)
+    with pytest.raises(UserError, match=f"available: {', '.join(DESCRIPTOR_NAMES)}$"):
+        DescriptorConfig(name="not_in_the_table")
+    light = [(f.name, f.type, f.default) for f in dataclasses.fields(DescriptorOptions)]
+    assert [(f.name, f.type, f.default) for f in dataclasses.fields(DescriptorConfig)] == light
+    assert DescriptorConfig().name == DescriptorOptions().name == DEFAULT_DESCRIPTOR
+
+
+def test_parsed_options_become_a_config_with_the_registry_checks() -> None:
+    options = DescriptorOptions(name="vit_s16_in1k", random_init=True, seed=3, input_size=32)
+    config = DescriptorConfig.of(options)
+    assert type(config) is DescriptorConfig and dataclasses.asdict(config) == dataclasses.asdict(options)
+    assert DescriptorConfig.of(config) is config
+    with pytest.raises(UserError, match="^descriptor.input_size: vit_s16_in1k: input_size must be"):
+        DescriptorConfig.of(DescriptorOptions(name="vit_s16_in1k", random_init=True, input_size=30))

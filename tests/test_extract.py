@@ -169,7 +169,8 @@ def test_tsv_file_list_with_captions_and_labels(tmp_path: Path) -> None:
         str(tmp_path / "im" / "1.png"), "im/0.png"]
 
 
-def _tar(path: Path, samples: list[tuple[str, dict[str, bytes]]]) -> Path:
+def write_tar(path: Path, samples: list[tuple[str, dict[str, bytes]]]) -> Path:
+    """A tar shard of ``(key, {suffix: bytes})`` samples (the webdataset layout)."""
     with tarfile.open(path, "w") as tar:
         for key, fields in samples:
             for suffix, data in fields.items():
@@ -189,17 +190,17 @@ def test_webdataset_tars_round_trip_keys_and_captions(tmp_path: Path) -> None:
     rng = np.random.default_rng(2)
     images = [_png(rng) for _ in range(6)]
     (tmp_path / "shards").mkdir()
-    _tar(tmp_path / "shards" / "00000.tar", [
+    write_tar(tmp_path / "shards" / "00000.tar", [
         ("000000000", {"jpg": _encoded(images[0], "JPEG"), "txt": b"a cat", "json": b'{"url": "u0"}'}),
         ("000000001", {"png": _encoded(images[1], "PNG"), "txt": "caf\u00e9 au lait".encode()}),
         ("000000002", {"jpg": b"broken jpeg bytes", "txt": b"broken"}),
         ("000000003", {"txt": b"no image at all", "json": b"{}"}),
         ("000000004", {"webp": _encoded(images[2], "WEBP"), "txt": b"webp"}),
     ])
-    _tar(tmp_path / "shards" / "00001.tar", [
+    write_tar(tmp_path / "shards" / "00001.tar", [
         ("000010000", {"png": _encoded(images[3], "PNG"), "txt": b"second tar"}),
     ])
-    full = _tar(tmp_path / "00002_full.tar", [(f"00002{i:04d}", {"png": _encoded(images[4 + i % 2], "PNG")})
+    full = write_tar(tmp_path / "00002_full.tar", [(f"00002{i:04d}", {"png": _encoded(images[4 + i % 2], "PNG")})
                                                for i in range(4)])
     (tmp_path / "shards" / "00002.tar").write_bytes(full.read_bytes()[:3000])  # truncated download
     with pytest.warns(UserWarning, match="skipping image"):

@@ -57,11 +57,14 @@ def test_roc_auc_is_none_without_both_classes() -> None:
 
 
 @pytest.mark.parametrize("max_fpr", [0.0, 0.01, 0.1, 0.5])
-def test_tpr_at_fpr_equals_the_roc_curve(max_fpr: float) -> None:
+@pytest.mark.parametrize("decimals", [None, 1])
+def test_tpr_at_fpr_equals_the_roc_curve(max_fpr: float, decimals: int | None) -> None:
     rng = np.random.default_rng(7)
     labels = rng.random(300) < 0.4
     scores = rng.normal(size=300) + 1.5 * labels
-    fpr, tpr, _ = roc_curve(labels, scores)
+    if decimals is not None:
+        scores = np.round(scores, decimals)  # ties: a threshold calls every tied sample at once
+    fpr, tpr, _ = roc_curve(labels, scores, drop_intermediate=False)
     expected = float(tpr[fpr <= max_fpr].max())
     assert tpr_at_fpr(scores, labels, max_fpr) == pytest.approx(expected)
 

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from lit.choices import DEFAULT_THRESHOLDS
 from lit.plots import (
     rate_over_time,
     replication_summary,
@@ -17,7 +18,6 @@ from lit.plots import (
     top_copies_grid,
 )
 from lit.replication import (
-    DEFAULT_THRESHOLDS,
     MirroredRows,
     SearchSettings,
     baseline_rows,

@@ -16,8 +16,9 @@ import yaml
 from PIL import Image
 
 from datamodules.procedural import ProceduralScenes
-from lit.commands.scan.command import build_parser, main
+from lit.commands.scan.command import main
 from lit.commands.scan.engine import run_scan
+from lit.commands.scan.options import build_parser
 from lit.commands.scan.sources import MemorySource
 from lit.commands.scan.types import ScanOptions
 from lit.errors import UserError

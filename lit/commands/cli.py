@@ -34,7 +34,7 @@ from lit.errors import UserError
 EXTRA_COMMANDS: dict[str, tuple[str, str, str]] = {
     "report": ("lit.commands.table1", "main", "collect the metrics.json of lit test runs into the paper's Table 1"),
     "export": ("lit.commands.export_options", "main", "write a checkpoint's trained backbone as a descriptor file (safetensors)"),
-    "scan": ("lit.commands.scan.command", "main", "search generated images against a training set and report what was copied"),
+    "scan": ("lit.commands.scan.options", "main", "search generated images against a training set and report what was copied"),
     "generate": ("lit.commands.generate_options", "main",
                  "generate images and memorization scores from a text-to-image pipeline folder for a set of prompts"),
 }

@@ -1,6 +1,7 @@
 """``lit scan``: audit a generator's images against its training set (the paper's Sec. 6-7).
 
-- :mod:`lit.commands.scan.command`: the command line (options, inputs) that runs the rest;
+- :mod:`lit.commands.scan.options`: the command line's options, parsed and checked without torch (``--help``);
+- :mod:`lit.commands.scan.command`: the scan of parsed options (descriptor, inputs) that runs the rest;
 - :mod:`lit.commands.scan.types`: the scan's options and result records;
 - :mod:`lit.commands.scan.engine`: the search, baseline, duplicate and class analyses over feature sources;
 - :mod:`lit.commands.scan.outputs`: the claimed ``--out`` folder, ``matches.csv`` and ``summary.json``;

@@ -9,6 +9,7 @@ import time
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from lit.commands.scan.analysis import (
     ClassSimilarity,
@@ -19,28 +20,32 @@ from lit.commands.scan.analysis import (
 )
 from lit.commands.scan.approx import approximate_search, open_index
 from lit.commands.scan.sources import FeatureSource
-from lit.commands.scan.types import ScanOptions, ScanResult
+from lit.commands.scan.types import ScanOptions, ScanResult, SourceMatches
 from lit.errors import UserError
 from lit.replication import (
     Matches,
     SearchSettings,
     baseline_rows,
     duplicate_counts,
+    paired_similarity,
     query_chunks,
     self_similarity_baseline,
     top_matches,
 )
-from lit.search import TensorRows
+from lit.search import RowSource, TensorRows
 
 # ----------------------------------------------------------------------------- the scan
 
 
 def run_scan(generations: FeatureSource, training: FeatureSource, options: ScanOptions,
-             background: FeatureSource | None = None, mirrored: FeatureSource | None = None) -> ScanResult:
+             background: FeatureSource | None = None, mirrored: FeatureSource | None = None,
+             source_rows: Tensor | None = None) -> ScanResult:
     """Search, baseline, duplicates, per-class and normalisation: the numbers of a scan.
 
     ``mirrored``: the features of the horizontally flipped training images, row for row (needed,
-    and used, only with ``options.match_mirrors``)."""
+    and used, only with ``options.match_mirrors``). ``source_rows``: each generation's
+    caption-source training row (-1: none; ``lit generate``'s source keys): adds each generation's
+    similarity to it and its duplicate count (counted in the same pass as the top matches')."""
     if training.num_rows < 2:
         raise UserError(f"--training: need at least 2 training images, got {training.num_rows}")
     if generations.num_rows < 1:
@@ -88,11 +93,21 @@ def run_scan(generations: FeatureSource, training: FeatureSource, options: ScanO
     matched = top.indices[:, 0]
     random = baseline_rows(training.num_rows, options.random_sample, options.seed + 1)
     unique = torch.unique(matched)
-    counts = duplicate_counts(training.row_source, torch.cat([unique, random.rows]), mirrored=flips,
+    known = torch.zeros(0, dtype=torch.int64)
+    if source_rows is not None:
+        if source_rows.shape != (generations.num_rows,):
+            raise ValueError(f"source_rows must name one training row per generation ({generations.num_rows}), "
+                             f"got {tuple(source_rows.shape)}")
+        known = torch.unique(source_rows[source_rows >= 0])
+    counts = duplicate_counts(training.row_source, torch.cat([unique, random.rows, known]), mirrored=flips,
                               threshold=options.duplicate_threshold, settings=settings)
     per_unique = dict(zip(unique.tolist(), counts[: unique.numel()].tolist()))
     match_duplicates = torch.tensor([per_unique[int(r)] for r in matched], dtype=torch.int64)
-    random_duplicates = counts[unique.numel():]
+    random_duplicates = counts[unique.numel():unique.numel() + random.rows.numel()]
+    sources = None
+    if source_rows is not None:
+        per_source = dict(zip(known.tolist(), counts[unique.numel() + random.rows.numel():].tolist()))
+        sources = _source_matches(generations, training, source_rows, per_source, flips, settings)
     timings["duplicates_s"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
@@ -114,7 +129,21 @@ def run_scan(generations: FeatureSource, training: FeatureSource, options: ScanO
                          "note": "score - beta * mean similarity of the generation to its k nearest background items"}
         timings["normalization_s"] = time.perf_counter() - clock
     return ScanResult(top, normalized, baseline, sample, match_duplicates, random, random_duplicates,
-                      classes, class_source, normalization, timings, search_record)
+                      classes, class_source, normalization, timings, search_record, sources)
+
+
+def _source_matches(generations: FeatureSource, training: FeatureSource, source_rows: Tensor,
+                    per_source: dict[int, int], flips: RowSource | None,
+                    settings: SearchSettings) -> SourceMatches:
+    """Each generation's similarity to its caption-source row and that row's duplicates (NaN / -1: none)."""
+    rows = source_rows.to(torch.int64)
+    known = rows >= 0
+    similarity = torch.full((rows.numel(),), float("nan"))
+    similarity[known] = paired_similarity(generations.row_source, training.row_source,
+                                          torch.nonzero(known).flatten(), rows[known], mirrored=flips,
+                                          settings=settings)
+    duplicates = torch.tensor([per_source.get(int(r), -1) for r in rows], dtype=torch.int64)
+    return SourceMatches(rows, similarity, duplicates)
 
 
 def _class_analysis(generations: FeatureSource, training: FeatureSource, top: Matches, options: ScanOptions,

@@ -19,6 +19,13 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from lit.commands.scan.generated import MATCH_COLUMNS, GeneratedScan
+from lit.commands.scan.generated_report import (
+    GENERATED_PLOTS,
+    generated_console_lines,
+    generated_summary,
+    write_generated_plots,
+)
 from lit.commands.scan.report import generation_order, write_plots, write_report
 from lit.commands.scan.sources import FeatureSource, missing_images
 from lit.commands.scan.types import ScanOptions, ScanResult
@@ -30,7 +37,7 @@ MARKER = ".lit-scan"
 #: Lock file of the scan writing into an output folder (its process id; see :func:`lit.files.folder_lock`).
 LOCK = ".lit-scan.lock"
 #: Every plot a scan may write (one it did not write this time is removed with the rest of the old set).
-PLOTS = frozenset({"similarity_histogram.png", "duplicates.png", "classes.png"})
+PLOTS = frozenset({"similarity_histogram.png", "duplicates.png", "classes.png", *GENERATED_PLOTS.values()})
 #: Prefix of the staging folders the outputs are written into before they are moved into place.
 STAGING = ".lit-scan-staging-"
 
@@ -71,11 +78,13 @@ def threshold_note(descriptor: dict[str, Any], thresholds: tuple[float, ...]) ->
 
 
 def matches_rows(result: ScanResult, generations: FeatureSource, training: FeatureSource,
-                 options: ScanOptions) -> tuple[list[str], list[list[Any]]]:
+                 options: ScanOptions, generated: GeneratedScan | None = None) -> tuple[list[str], list[list[Any]]]:
     """Header and rows of matches.csv: one row per (generation, rank), generations by top-1 score,
     highest first, ties by generation key (:func:`generation_order`: the report's order; the normalised
     score with a background), ranks in order within a generation (``mirrored``: 1 where the match was
-    the flipped training image, only with ``--match_mirrors``)."""
+    the flipped training image, only with ``--match_mirrors``). A ``lit generate`` folder
+    (``generated``) adds each generation's :data:`lit.commands.scan.generated.MATCH_COLUMNS` (empty
+    for an image without a row) and, when caption sources were found, ``source_similarity``."""
     header = ["generation", "rank", "training", "score"]
     normalized = result.normalized is not None
     if normalized:
@@ -95,6 +104,8 @@ def matches_rows(result: ScanResult, generations: FeatureSource, training: Featu
     }
     extras = [(name, values, gen_side) for name, (values, gen_side) in columns.items()
               if values is not None and any(v is not None for v in values)]
+    if generated is not None:
+        extras += [(name, values, True) for name, values in _generated_columns(result, generated).items()]
     header += [name for name, _, _ in extras]
     gen_keys, train_keys = generations.keys_of(gen_rows), training.keys_of(train_rows)
     rows: list[list[Any]] = []
@@ -113,6 +124,19 @@ def matches_rows(result: ScanResult, generations: FeatureSource, training: Featu
                 row.append("" if value is None else value)
             rows.append(row)
     return header, rows
+
+
+def _generated_columns(result: ScanResult, generated: GeneratedScan) -> dict[str, list[Any]]:
+    """matches.csv's columns of a generate folder, one value per generation row (None: no value)."""
+    columns: dict[str, list[Any]] = {name: [] for name in MATCH_COLUMNS}
+    for record in generated.generations:
+        for name in MATCH_COLUMNS:
+            value = None if record is None else getattr(record, name)
+            columns[name].append(value if not isinstance(value, float) else repr(value))
+    if result.sources is not None:
+        columns["source_similarity"] = [None if not known else f"{float(s):.6f}" for known, s in
+                                        zip(result.sources.known.tolist(), result.sources.similarity)]
+    return columns
 
 
 def write_matches(path: Path, header: list[str], rows: list[list[Any]]) -> Path:
@@ -176,15 +200,18 @@ def _counts(source: FeatureSource) -> dict[str, Any]:
 
 def write_outputs(out: Path, result: ScanResult, generations: FeatureSource, training: FeatureSource,
                   options: ScanOptions, descriptor: dict[str, Any], report_rows: int = 20, thumb: int = 96,
-                  wall_s: float | None = None) -> dict[str, Path]:
+                  wall_s: float | None = None, generated: GeneratedScan | None = None) -> dict[str, Path]:
     """matches.csv, summary.json, the plots and report.html in ``out``: written into a staging folder
     inside ``out`` and moved into place together once all of them are written (a failure before
-    leaves ``out`` as it was and removes the staging folder)."""
+    leaves ``out`` as it was and removes the staging folder). ``generated``: the generations are a
+    ``lit generate`` folder (prompts, scores, caption sources: summary.json's ``generated``)."""
     staging = Path(tempfile.mkdtemp(prefix=STAGING, dir=out))
     try:
-        header, rows = matches_rows(result, generations, training, options)
+        header, rows = matches_rows(result, generations, training, options, generated)
         paths = {"matches": write_matches(staging / "matches.csv", header, rows)}
         summary = build_summary(result, generations, training, options, descriptor, wall_s)
+        if generated is not None:
+            summary["generated"] = generated_summary(result, generated, options)
         summary["images_not_found"] = not_found = images_not_found(result, generations, training)
         if any(not_found.values()):
             print(f"warning: {not_found['generations']} generation and {not_found['training']} matched training "
@@ -192,8 +219,12 @@ def write_outputs(out: Path, result: ScanResult, generations: FeatureSource, tra
                   "removed since extraction?); the report shows placeholders for them")
         paths["summary"] = write_json(staging / "summary.json", summary)
         paths.update(write_plots(staging, result, options))
+        if generated is not None:
+            paths.update(write_generated_plots(staging, result, generated, options, summary["generated"]))
         paths["report"] = write_report(staging, result, summary, generations, training, report_rows=report_rows,
-                                       thumb=thumb, plots={k: v for k, v in paths.items() if k.startswith("plot_")})
+                                       thumb=thumb, plots={k: v for k, v in paths.items() if k.startswith("plot_")},
+                                       generated=generated,
+                                       generated_plots={k: v for k, v in paths.items() if k in GENERATED_PLOTS})
         placed: dict[str, Path] = {}
         for key, path in sorted(paths.items(), key=lambda item: item[0] == "report"):  # report.html last
             os.replace(path, out / path.name)
@@ -208,9 +239,11 @@ def write_outputs(out: Path, result: ScanResult, generations: FeatureSource, tra
 
 
 def console_lines(result: ScanResult, generations: FeatureSource, training: FeatureSource,
-                  options: ScanOptions, descriptor: dict[str, Any] | None = None) -> list[str]:
+                  options: ScanOptions, descriptor: dict[str, Any] | None = None,
+                  generated: dict[str, Any] | None = None) -> list[str]:
     """What ``lit scan`` prints: the rates, the baseline (and how it was taken) and the matching, and
-    for a ``descriptor`` other than the thresholds' own, :func:`threshold_note`."""
+    for a ``descriptor`` other than the thresholds' own, :func:`threshold_note`; for a ``lit generate``
+    folder, its summary section's lines (``generated``: summary.json's ``generated``)."""
     stats = score_summary(result.top.scores[:, 0], options.thresholds)
     base = score_summary(result.baseline, options.thresholds)
     rates = ", ".join(f"rate@{t} {rate:.3f}" for t, rate in stats["rates"].items())
@@ -218,5 +251,7 @@ def console_lines(result: ScanResult, generations: FeatureSource, training: Feat
     mirrors = "mirror-aware matching" if options.match_mirrors else "no mirror matching"
     head = f"lit scan: {generations.num_rows} generations vs {training.num_rows} training images ({mirrors}); {rates}"
     lines = [head, f"baseline ({result.baseline_sample.label}): {base_rates}"]
+    if generated is not None:
+        lines += generated_console_lines(generated)
     note = None if descriptor is None else threshold_note(descriptor, options.thresholds)
     return lines if note is None else [*lines, note]

@@ -6,6 +6,9 @@ plots) is embedded as a base64 ``data:`` URI, so the page opens offline and can
 be mailed as one file; it links to ``matches.csv`` and ``summary.json`` beside it.
 Plots (paper figures): ``similarity_histogram.png`` (Fig. 5 / 11 left),
 ``duplicates.png`` (Fig. 11 right), ``classes.png`` (Fig. 6, when labels exist).
+For a ``lit generate`` folder, every shown generation carries its prompt, memorization
+score and seed (and its caption-source image beside its matches, green frame), and the
+page adds the sections of :mod:`lit.commands.scan.generated_report`.
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from lit.commands.scan.generated import GeneratedScan
+from lit.commands.scan.generated_report import generated_sections, generation_meta
 from lit.commands.scan.sources import FeatureSource
 from lit.commands.scan.types import ScanOptions, ScanResult
 from lit.files import write_text_atomic
@@ -30,6 +35,7 @@ from lit.io import to_uint8
 from lit.plots import (
     BASELINE_COLOUR,
     GENERATION_COLOUR,
+    duplicates_histogram,
     new_figure,
     save_figure,
     similarity_histogram,
@@ -41,20 +47,8 @@ from lit.replication_report import baseline_legend
 
 def duplicates_figure(match_counts: Tensor, random_counts: Tensor, threshold: float) -> Any:
     """Fig. 11 right: how many training images duplicate each generation's top match vs a random training image."""
-    figure = new_figure(6.0, 4.0)
-    ax = figure.add_subplot(1, 1, 1)
-    top = int(max(int(match_counts.max()), int(random_counts.max()), 1))
-    edges = np.arange(-0.5, top + 1.5, 1.0)
-    for counts, colour, name in ((random_counts, BASELINE_COLOUR, "random training images"),
-                                 (match_counts, GENERATION_COLOUR, "top-1 matches of generations")):
-        values = counts.double().numpy()
-        ax.hist(values, bins=edges, density=True, alpha=0.5, color=colour,
-                label=f"{name} (n={values.size}, mean {values.mean():.2f})")
-    ax.set_xlabel(f"training images with similarity > {threshold:g} (duplicates)")
-    ax.set_ylabel("share")
-    ax.set_title("duplicates in the training set")
-    ax.legend(fontsize="small")
-    return figure
+    return duplicates_histogram([(random_counts, BASELINE_COLOUR, "random training images"),
+                                 (match_counts, GENERATION_COLOUR, "top-1 matches of generations")], threshold)
 
 
 def classes_figure(mean_within: Tensor, max_generation: Tensor, slope: float, intercept: float,
@@ -140,8 +134,13 @@ table.stats th:first-child,table.stats td:first-child{text-align:left}
 figure{margin:0;width:var(--thumb);font-size:11px;overflow-wrap:anywhere}
 figure.gen img{outline:3px solid #888}
 figure.copy img{outline:3px solid #c22}
+figure.source img{outline:3px solid #2a2}
+.meta{width:240px;flex:none;font-size:12px;overflow-wrap:anywhere}
+.meta .prompt{font-style:italic;font-size:13px}
 figcaption .score{font-weight:bold;font-size:12px}
 .plots img{max-width:32%;margin-right:1%}
+.plots.wide img{max-width:65%}
+table.ablation td:nth-child(2),table.ablation th:nth-child(2){text-align:left}
 """
 
 
@@ -216,16 +215,21 @@ def search_line(search: dict[str, Any]) -> str:
 
 
 def render_report(result: ScanResult, summary: dict[str, Any], generations: FeatureSource,
-                  training: FeatureSource, *, report_rows: int, thumb: int, plots: dict[str, Path]) -> str:
-    """The HTML text of report.html."""
+                  training: FeatureSource, *, report_rows: int, thumb: int, plots: dict[str, Path],
+                  generated: GeneratedScan | None = None, generated_plots: dict[str, Path] | None = None) -> str:
+    """The HTML text of report.html (``generated``: the generations are a ``lit generate`` folder,
+    whose summary is ``summary["generated"]`` and whose plots are ``generated_plots``)."""
     ranking = result.ranking_scores
     normalized = result.normalized is not None
+    sources = result.sources
     rows_html = []
     unreadable = 0
     for g in generation_order(ranking, generations.keys)[:report_rows]:
         uri, ok = thumbnail_uri(generations, g, thumb)
         unreadable += not ok
-        cells = [_figure(uri, f"generation {g}", generations.keys_of([g])[0], _caption(generations, g), "gen")]
+        cells = [] if generated is None else [generation_meta(
+            generated.generations[g], None if sources is None else float(sources.similarity[g]))]
+        cells.append(_figure(uri, f"generation {g}", generations.keys_of([g])[0], _caption(generations, g), "gen"))
         for rank in range(result.top.scores.shape[1]):
             t = int(result.top.indices[g, rank])
             if t < 0:
@@ -238,8 +242,16 @@ def render_report(result: ScanResult, summary: dict[str, Any], generations: Feat
                 title += f" (norm. {float(ranking[g, rank]):.3f})"
             css = "copy" if score > summary["thresholds"][0] else "match"
             cells.append(_figure(uri, f"#{rank + 1} {title}", training.keys_of([t])[0], _caption(training, t), css))
+        if sources is not None and bool(sources.known[g]):
+            t = int(sources.rows[g])
+            uri, ok = thumbnail_uri(training, t, thumb)
+            unreadable += not ok
+            title = f'caption source <span class="score">{float(sources.similarity[g]):.3f}</span>'
+            cells.append(_figure(uri, title, training.keys_of([t])[0], _caption(training, t), "source"))
         rows_html.append('<div class="row">' + "".join(cells) + "</div>")
     plot_html = "".join(f'<img src="{file_data_uri(path)}" alt="{html.escape(path.name)}">' for path in plots.values())
+    generated_html = "" if generated is None else generated_sections(
+        summary["generated"], {key: (path, file_data_uri(path)) for key, path in (generated_plots or {}).items()})
     descriptor = summary["descriptor"]
     skipped = summary["generations"]["skipped"] + summary["training"]["skipped"]
     notes = []
@@ -264,16 +276,20 @@ Files: <a href="matches.csv">matches.csv</a> · <a href="summary.json">summary.j
 {_stats_table(summary)}
 <h2>Plots</h2>
 <div class="plots">{plot_html}</div>
+{generated_html}
 <h2>Most similar generations</h2>
-<p>Each row: a generation (grey frame), then its nearest training images with their similarity
-(red frame: above {summary['thresholds'][0]:g}).{' Ordered by normalised score.' if normalized else ''}</p>
+<p>Each row: {'its prompt, memorization score and seed, then ' if generated is not None else ''}a generation
+(grey frame), then its nearest training images with their similarity
+(red frame: above {summary['thresholds'][0]:g}){'; last, its caption-source image (green frame) with its similarity' if sources is not None else ''}.{' Ordered by normalised score.' if normalized else ''}</p>
 {''.join(rows_html)}
 </body></html>
 """
 
 
 def write_report(out: Path, result: ScanResult, summary: dict[str, Any], generations: FeatureSource,
-                 training: FeatureSource, *, report_rows: int, thumb: int, plots: dict[str, Path]) -> Path:
+                 training: FeatureSource, *, report_rows: int, thumb: int, plots: dict[str, Path],
+                 generated: GeneratedScan | None = None, generated_plots: dict[str, Path] | None = None) -> Path:
     """report.html in ``out``, atomically."""
-    text = render_report(result, summary, generations, training, report_rows=report_rows, thumb=thumb, plots=plots)
+    text = render_report(result, summary, generations, training, report_rows=report_rows, thumb=thumb, plots=plots,
+                         generated=generated, generated_plots=generated_plots)
     return write_text_atomic(out / "report.html", text)

@@ -143,11 +143,13 @@ class MemorySource:
 
 
 class StoreSource:
-    """A :class:`lit.store.FeatureStore` as a :class:`FeatureSource` (float32 torch blocks, string labels)."""
+    """A :class:`lit.store.FeatureStore` as a :class:`FeatureSource` (float32 torch blocks, string labels;
+    ``labels=False``: none, e.g. the ``images/`` folder of a ``lit generate`` folder is no class)."""
 
-    def __init__(self, name: str, store: FeatureStore) -> None:
+    def __init__(self, name: str, store: FeatureStore, labels: bool = True) -> None:
         self.name = name
         self.store = store
+        self.use_labels = labels
         self._keys: list[str] | None = None
 
     @property
@@ -173,7 +175,7 @@ class StoreSource:
 
     @property
     def labels(self) -> list[str | None] | None:
-        labels = self.store.labels
+        labels = self.store.labels if self.use_labels else None
         return None if labels is None else [None if label is None else str(label) for label in labels]
 
     def _column_of(self, field: str, rows: Sequence[int]) -> list[Any] | None:
@@ -195,7 +197,7 @@ class StoreSource:
         return self._column_of("captions", rows)
 
     def labels_of(self, rows: Sequence[int]) -> list[str | None] | None:
-        labels = self._column_of("labels", rows)
+        labels = self._column_of("labels", rows) if self.use_labels else None
         return None if labels is None else [None if label is None else str(label) for label in labels]
 
     @property

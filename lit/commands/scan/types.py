@@ -7,16 +7,10 @@ from typing import Any
 
 from torch import Tensor
 
+from lit.choices import DEFAULT_THRESHOLDS, DUPLICATE_THRESHOLD, MATCH_MIRRORS, TokenNormalization
 from lit.commands.scan.analysis import ClassSimilarity
 from lit.commands.scan.approx import IndexOptions
-from lit.replication import (
-    DEFAULT_THRESHOLDS,
-    DUPLICATE_THRESHOLD,
-    MATCH_MIRRORS,
-    Matches,
-    RowSample,
-)
-from lit.similarity import TokenNormalization
+from lit.replication import Matches, RowSample
 
 
 @dataclass(frozen=True)
@@ -45,6 +39,20 @@ class ScanOptions:
     index: IndexOptions | None = None  # None: exact generation search
 
 
+@dataclass(frozen=True)
+class SourceMatches:
+    """Each generation against its own caption-source training image (Fig. 11 centre and right)."""
+
+    rows: Tensor  # (G,) int64 training row of the caption source, -1: none
+    similarity: Tensor  # (G,) float32 similarity to it (NaN where there is none)
+    duplicates: Tensor  # (G,) int64 duplicates of it in the training set (-1 where there is none)
+
+    @property
+    def known(self) -> Tensor:
+        """(G,) bool: the generations whose caption source was found."""
+        return self.rows >= 0
+
+
 @dataclass
 class ScanResult:
     """Everything a scan found, in training rows / generation rows (files are written from it)."""
@@ -61,6 +69,7 @@ class ScanResult:
     normalization: dict[str, Any] | None
     timings: dict[str, float] = field(default_factory=dict)
     search: dict[str, Any] = field(default_factory=lambda: {"method": "exact"})
+    sources: SourceMatches | None = None  # only for generations with caption-source keys
 
     @property
     def ranking_scores(self) -> Tensor:
