@@ -22,6 +22,7 @@ from callbacks.generation_writer import BATCHES, COLUMNS, MANIFEST, PROMPT_COLUM
 from datamodules.generation import generation_jobs, global_batches
 from datamodules.prompts import Prompt
 from lit.commands.generate_options import main as generate
+from lit.commands.scan.command import main as scan_main
 from lit.errors import UserError
 from lit.seeding import derive_seed
 from models.generation import EXTRA_PASS, GUIDANCE_BATCH
@@ -360,3 +361,38 @@ def test_the_cli_prints_one_error_line(folders: dict[str, Path], tmp_path: Path)
                             timeout=120)
     assert failed.returncode == 2
     assert failed.stderr.strip().splitlines()[-1] == 'error: give --prompts SOURCE or --ablate "PROMPT" (one of them)'
+
+
+# ----------------------------------------------------------------------------- what lit scan reads
+
+
+def test_lit_scan_reads_a_lit_generate_folder(folders: dict[str, Path], tmp_path: Path) -> None:
+    """End to end: prompts with source keys -> lit generate -> two generations planted in the training
+    set under their source keys -> lit scan carries prompts, seeds and scores and finds the sources."""
+    source = tmp_path / "captions.csv"
+    source.write_text("caption,key\na red circle,k0.png\na blue square,k1.png\na small yellow star,o0.png\n")
+    gen = tmp_path / "gen"
+    found = run(folders["sd"], source, gen, "--batch_size", "2")
+    train = tmp_path / "train"
+    train.mkdir()
+    for index in (0, 1):
+        shutil.copy(gen / found["rows"][index]["file"], train / f"k{index}.png")
+    noise = np.random.default_rng(0)
+    for index in (0, 1):
+        Image.fromarray(noise.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(train / f"o{index}.png")
+    out = tmp_path / "scan"
+    scan_main(["--generations", str(gen), "--training", str(train), "--out", str(out), "--descriptor.name", "pixel",
+               "--k", "1", "--device", "cpu", "--progress", "false", "--dtype", "float32"])
+    with open(out / "matches.csv", newline="") as handle:
+        matches = {Path(r["generation"]).name: r for r in csv.DictReader(handle)}
+    for row in found["rows"]:
+        match = matches[Path(row["file"]).name]
+        for column in ("prompt", "source_key", "seed", "variant"):
+            assert match[column] == row[column], column
+        for column in ("memorization_score", "memorization_score_first"):
+            assert float(match[column]) == pytest.approx(float(row[column]), rel=1e-6)
+    for index in (0, 1):
+        planted = matches[Path(found["rows"][index]["file"]).name]
+        assert Path(planted["training"]).name == f"k{index}.png" and float(planted["score"]) == pytest.approx(1.0)
+        assert float(planted["source_similarity"]) == pytest.approx(1.0)
+    assert "a small yellow star" in (out / "report.html").read_text()
