@@ -439,6 +439,17 @@ def _collate_identity(batch: dict[str, Any]) -> dict[str, Any]:
     return batch
 
 
+def self_batching_loader(stream: IterableDataset, num_workers: int = 0) -> DataLoader:
+    """A loader over a stream that yields whole batches with an exact length per rank (this rank's
+    share, planned by the caller): no sampler, no collation, and none of Lightning's warnings about
+    such streams (their length, batch indices it cannot infer, a rank with nothing to do)."""
+    warnings.filterwarnings("ignore", message=r".*`IterableDataset` has `__len__` defined.*")
+    warnings.filterwarnings("ignore", message=r".*Couldn't infer the batch indices.*")
+    warnings.filterwarnings("ignore", message=r".*Total length of `DataLoader` across ranks is zero.*")
+    return DataLoader(stream, batch_size=None, num_workers=num_workers, collate_fn=_collate_identity,
+                      persistent_workers=False)
+
+
 # --------------------------------------------------------------------------- datamodule
 
 
@@ -505,9 +516,4 @@ class ExtractionDataModule(pl.LightningDataModule):
         if self._stream is None:
             raise UserError("ExtractionDataModule needs a StoreWriterCallback in trainer.callbacks "
                             "(it says where the store goes and which shards are left)")
-        # the stream's length is exact per rank and worker, and it batches itself (no sampler to read indices from)
-        warnings.filterwarnings("ignore", message=r".*`IterableDataset` has `__len__` defined.*")
-        warnings.filterwarnings("ignore", message=r".*Couldn't infer the batch indices.*")
-        warnings.filterwarnings("ignore", message=r".*Total length of `DataLoader` across ranks is zero.*")
-        return DataLoader(self._stream, batch_size=None, num_workers=self.num_workers,
-                          collate_fn=_collate_identity, persistent_workers=False)
+        return self_batching_loader(self._stream, self.num_workers)

@@ -59,12 +59,12 @@ def test_top_level_help_lists_every_command_without_torch() -> None:
     text = _help_without(["--help"])
     assert text.startswith("usage: lit") and "{fit,test,predict}" in text and "validate" not in text
     listed = {line.split()[0] for line in text.splitlines() if line.startswith("  ") and line.split()}
-    assert {"fit", "test", "predict", "report", "export", "scan"} <= listed
+    assert {"fit", "test", "predict", "report", "export", "scan", "generate"} <= listed
     assert _help_without(["-h"]) == text
 
 
 @pytest.mark.parametrize(("command", "option"), [("report", "--metrics"), ("export", "--ckpt_path"),
-                                                   ("scan", "--descriptor.name")])
+                                                   ("scan", "--descriptor.name"), ("generate", "--score_only")])
 def test_command_help_without_torch(command: str, option: str) -> None:
     text = _help_without([command, "--help"])
     assert text.startswith(f"usage: lit {command}") and option in text and "--out" in text
@@ -135,7 +135,8 @@ def test_known_warnings_are_silenced_and_the_suite_warnings_stay() -> None:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         cli.quiet_known_warnings()
-        for module in ("torch.utils._pytree", "timm.models", "jsonargparse._core"):
+        for module in ("torch.utils._pytree", "timm.models", "jsonargparse._core", "diffusers.schedulers.x",
+                       "transformers.models.clip"):
             warnings.warn_explicit("old API", DeprecationWarning, "x.py", 1, module=module)
         warnings.warn_explicit("old API", FutureWarning, "x.py", 1, module="pytorch_lightning.trainer")
         warnings.warn_explicit("The 'test_dataloader' does not have many workers which may be a bottleneck.",

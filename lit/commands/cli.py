@@ -35,6 +35,8 @@ EXTRA_COMMANDS: dict[str, tuple[str, str, str]] = {
     "report": ("lit.commands.table1", "main", "collect the metrics.json of lit test runs into the paper's Table 1"),
     "export": ("lit.commands.export_options", "main", "write a checkpoint's backbone as a descriptor file, or a text-to-image checkpoint as a pipeline folder"),
     "scan": ("lit.commands.scan.options", "main", "search generated images against a training set and report what was copied"),
+    "generate": ("lit.commands.generate_options", "main",
+                 "generate images and memorization scores from a text-to-image pipeline folder for a set of prompts"),
 }
 
 EXIT_USER_ERROR = 2
@@ -139,7 +141,7 @@ def _debug_requested(argv: list[str]) -> tuple[list[str], bool]:
 #: Modules whose deprecation warnings are theirs to fix, not the user's.
 _THIRD_PARTY = (r"(torch|torchvision|timm|lightning_fabric|pytorch_lightning|lightning|lightning_utilities|"
                 r"jsonargparse|tensorboardX|tensorboard|huggingface_hub|safetensors|faiss|numpy|scipy|PIL|"
-                r"matplotlib|pkg_resources|setuptools|tqdm|google|webdataset)(\..*)?$")
+                r"matplotlib|pkg_resources|setuptools|tqdm|google|webdataset|diffusers|transformers|tokenizers)(\..*)?$")
 #: Warnings a user of the suite cannot act on: (message regex, category, module regex) for
 #: :func:`warnings.filterwarnings`. The suite's own warnings (``ImageSkipWarning``,
 #: ``StaleLockWarning``, ``SyntheticSkipWarning``...) are not among them and always show.
