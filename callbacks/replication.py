@@ -92,6 +92,7 @@ from lit.replication_report import (
     summary_figure,
     summary_table,
 )
+from lit.text_replication import SCORE_PREFIX
 from models.descriptor_config import DescriptorConfig
 from models.descriptor import Descriptor
 from models.registry import get_spec
@@ -372,8 +373,7 @@ class ReplicationMonitor(Callback):
         assert self.train_features is not None and self.baseline is not None
         clock = time.perf_counter()
         positions = list(range(trainer.global_rank, len(self.seeds), trainer.world_size))
-        images = pl_module.sample([self.seeds[p] for p in positions], steps=self.sample_steps,
-                                  sampler=self.sampler, batch_size=self.sample_batch_size)
+        images = self._generate(trainer, pl_module, positions)
         clock = self._tick("sampling", clock)
         features = self._embed_generations(trainer, pl_module, images, positions)
         clock = self._tick("embedding", clock)
@@ -394,7 +394,7 @@ class ReplicationMonitor(Callback):
 
         check_duplicates, _ = duplicate_scalars(duplicates)
         row = {"step": trainer.global_step, "epoch": trainer.current_epoch, "num_samples": len(self.seeds),
-               **stats.as_dict(), **check_duplicates}
+               **stats.as_dict(), **check_duplicates, **self._extra_statistics(trainer, matches, positions)}
         self.history.append(row)
         self.latest = {"top1": top1, "matches": matches, "shown": shown, "copies": copies, "duplicates": duplicates}
         self._log_through_lightning(trainer, pl_module, row)
@@ -402,6 +402,16 @@ class ReplicationMonitor(Callback):
             self._log(trainer, row)
         self._tick("logging", clock)
         return row
+
+    def _generate(self, trainer: pl.Trainer, pl_module: pl.LightningModule, positions: list[int]) -> Tensor:
+        """This rank's generations, one per seed position in ``positions`` (float images in [0, 1])."""
+        return pl_module.sample([self.seeds[p] for p in positions], steps=self.sample_steps,
+                                sampler=self.sampler, batch_size=self.sample_batch_size)
+
+    def _extra_statistics(self, trainer: pl.Trainer, matches: Matches, positions: list[int]) -> dict[str, float]:
+        """Scalars a subclass adds to a check's row (its keys are logged under ``replication/``,
+        those starting with ``memorization/`` as they are); none here."""
+        return {}
 
     def _duplicates_of(self, rows: Tensor) -> Tensor:
         """Duplicate counts of training rows (counted once per row and kept: they never change)."""
@@ -419,7 +429,8 @@ class ReplicationMonitor(Callback):
         assert self.baseline is not None and self.baseline_rows is not None
         _, base_duplicates = duplicate_scalars(self.latest["duplicates"])
         prefix = baseline_prefix(self.baseline_rows)
-        values = {f"replication/{k}": float(v) for k, v in row.items() if k not in ("step", "epoch", "num_samples")}
+        values = {(k if k.startswith(f"{SCORE_PREFIX}/") else f"replication/{k}"): float(v)
+                  for k, v in row.items() if k not in ("step", "epoch", "num_samples")}
         values.update({f"{prefix}/{k}": float(v) for k, v in {**self.baseline.as_dict(), **base_duplicates}.items()})
         return values
 
@@ -427,7 +438,11 @@ class ReplicationMonitor(Callback):
                                row: dict[str, Any]) -> None:
         """The check's scalars into ``trainer.callback_metrics`` (every rank, identical values),
         for ModelCheckpoint / EarlyStopping; the loggers get them from :meth:`_log` at the check's step."""
-        values = self.scalars(row)
+        self._log_values(trainer, pl_module, self.scalars(row))
+
+    @staticmethod
+    def _log_values(trainer: pl.Trainer, pl_module: pl.LightningModule, values: dict[str, float]) -> None:
+        """``values`` into ``trainer.callback_metrics``: through ``pl_module.log`` where Lightning allows it."""
         hook = getattr(pl_module, "_current_fx_name", None)  # the hook Lightning is running now
         if hook == "on_train_batch_end":
             pl_module.log_dict(values, on_step=True, on_epoch=False, logger=False, sync_dist=False)
