@@ -32,15 +32,13 @@ import pytorch_lightning as pl
 import torch
 from diffusers import DDIMScheduler, DiffusionPipeline, DPMSolverMultistepScheduler
 from diffusers.image_processor import VaeImageProcessor
-from diffusers.utils import logging as diffusers_logging
 from PIL import Image
 from torch import Tensor, nn
-from transformers.utils import logging as transformers_logging
 
 from lit.errors import UserError
 from lit.files import file_sha256
 from lit.memorization import ScoreTrace, guidance_halves
-from models.text_pipeline import PixelTextToImagePipeline, load_text_pipeline
+from models.text_pipeline import PixelTextToImagePipeline, load_text_pipeline, quiet_libraries
 
 SchedulerChoice = Literal["folder", "ddim", "dpm"]
 """``folder``: the pipeline folder's own scheduler; ``ddim``: DDIM; ``dpm``: DPM-Solver multistep
@@ -55,25 +53,6 @@ GUIDANCE_BATCH = "guidance batch"
 EXTRA_PASS = "extra unconditional pass"
 """Score mode: no guidance batch (guidance <= 1) or its unconditional half is a negative prompt: one
 more UNet pass with the empty prompt per step gives eps(x_t, empty)."""
-
-
-@contextmanager
-def quiet_libraries() -> Iterator[None]:
-    """Silence diffusers' and transformers' log lines and progress bars for the block (loading bars,
-    the advice to install ``accelerate``, the per-call truncation warning: nothing a user of
-    ``lit generate`` acts on; truncation is counted and reported by the suite instead)."""
-    saved = [(library, library.get_verbosity(), library.is_progress_bar_enabled())
-             for library in (diffusers_logging, transformers_logging)]
-    for library, _, _ in saved:
-        library.set_verbosity_error()
-        library.disable_progress_bar()
-    try:
-        yield
-    finally:
-        for library, level, bars in saved:
-            library.set_verbosity(level)
-            if bars:
-                library.enable_progress_bar()
 
 
 def build_scheduler(pipeline: DiffusionPipeline, choice: str) -> Any:

@@ -19,6 +19,7 @@ from diffusers import DiffusionPipeline
 
 from lit.errors import UserError
 from lit.files import write_json
+from models.text_pipeline import quiet_libraries
 
 MARKER = "lit_pipeline.json"
 FORMAT = "lit-pipeline/1"
@@ -64,7 +65,8 @@ def write_pipeline_folder(pipeline: DiffusionPipeline, folder: str | Path, *, ov
     if partial.exists():
         shutil.rmtree(partial)  # our own leftover: the name carries this process's id
     try:
-        pipeline.save_pretrained(partial, safe_serialization=True)
+        with quiet_libraries():  # no "Writing model shards" bar for a few small files
+            pipeline.save_pretrained(partial, safe_serialization=True)
         write_json(partial / MARKER, {"format": FORMAT, "files": _files_under(partial), **(provenance or {})})
         if folder.exists():
             shutil.rmtree(folder)  # empty, or only files an earlier export listed (checked above)

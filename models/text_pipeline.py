@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import inspect
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +27,10 @@ from diffusers import DiffusionPipeline, StableDiffusionPipeline, UNet2DConditio
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from diffusers.schedulers import KarrasDiffusionSchedulers
+from diffusers.utils import logging as diffusers_logging
 from diffusers.utils.torch_utils import randn_tensor
 from transformers import CLIPTextModel, CLIPTokenizer
+from transformers.utils import logging as transformers_logging
 
 from lit.errors import UserError
 
@@ -166,6 +169,25 @@ class PixelTextToImagePipeline(DiffusionPipeline):
         if "generator" in parameters:
             kwargs["generator"] = generator
         return kwargs
+
+
+@contextmanager
+def quiet_libraries() -> Iterator[None]:
+    """Silence diffusers' and transformers' log lines and progress bars for the block (loading bars,
+    the advice to install ``accelerate``, the per-call truncation warning: nothing a user of
+    ``lit generate`` or ``lit fit`` acts on; truncation is counted and reported by the suite instead)."""
+    saved = [(library, library.get_verbosity(), library.is_progress_bar_enabled())
+             for library in (diffusers_logging, transformers_logging)]
+    for library, _, _ in saved:
+        library.set_verbosity_error()
+        library.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for library, level, bars in saved:
+            library.set_verbosity(level)
+            if bars:
+                library.enable_progress_bar()
 
 
 def pipeline_class_name(folder: Path) -> str:

@@ -150,6 +150,9 @@ KNOWN_WARNINGS: tuple[tuple[str, type[Warning], str], ...] = (
     (".*does not have many workers.*", UserWarning, ""),
     # Lightning without tensorboard installed: "Starting from v1.9.0, `tensorboardX` has been removed ..."
     (".*`tensorboardX` has been removed as a dependency.*", UserWarning, ""),
+    # Lightning at fit start: "Found N module(s) in eval mode": a text model's frozen text encoder / VAE,
+    # kept in eval mode on purpose (models.text_diffusion)
+    (r"Found \d+ module\(s\) in eval mode at the start of training.*", UserWarning, ""),
     # torch.utils._pytree's LeafSpec deprecation, raised from inside Lightning
     (".*LeafSpec.*", Warning, ""),
     # deprecations inside the libraries below: only their maintainers can act on them
