@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from callbacks.generation_writer import png_bytes
+from callbacks.generation_writer import PromptTruncationWarning, png_bytes
 from lit.commands.generate_options import build_parser
 from lit.commands.scan.command import main as scan_main
 from lit.errors import UserError
@@ -175,6 +175,19 @@ def test_random_words_add_count_vocabulary_words_and_the_image_is_of_the_generat
     again = run(folders["sd"], prompt_file, tmp_path / "again", "--batch_size", "2", "--images_per_prompt", "2",
                 "--random_words", str(count))
     assert [r["generated_prompt"] for r in again["rows"]] == [r["generated_prompt"] for r in found["rows"]]
+
+
+def test_prompts_that_added_words_make_too_long_are_counted_as_truncated(
+        folders: dict[str, Path], pipelines: dict[str, Any], tmp_path: Path) -> None:
+    prompt = "a red circle above a blue square beside a green star"
+    tokenizer = pipelines["sd"].tokenizer
+    assert len(tokenizer(prompt).input_ids) + 4 > tokenizer.model_max_length >= len(tokenizer(prompt).input_ids)
+    source = tmp_path / "prompts.txt"
+    source.write_text(f"a red circle\n{prompt}\n")
+    assert run(folders["sd"], source, tmp_path / "plain")["manifest"]["prompts"]["truncated"] == 0
+    with pytest.warns(PromptTruncationWarning, match="1 of 2 prompts are longer"):
+        found = run(folders["sd"], source, tmp_path / "words", "--random_words", "4")
+    assert found["manifest"]["prompts"]["truncated_indexes"] == [1]
 
 
 def test_the_score_reads_the_conditioning_actually_used(folders: dict[str, Path], pipelines: dict[str, Any],
