@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,35 +21,34 @@ from lit.commands.scan.command import main as scan_main
 from lit.errors import UserError
 from lit.seeding import derive_seed
 from models.generation import TextToImageGenerator
-from models.text_pipeline import load_text_pipeline
-from models.tiny_text2image import write_tiny_pixel_pipeline, write_tiny_sd_pipeline
-from tests.test_generate import PROMPTS, direct, folder_bytes, reference_scores, run
+from tests.test_generate import (
+    PROMPTS,
+    direct,
+    folder_bytes,
+    loaded_pipelines,
+    reference_scores,
+    run,
+    tiny_folders,
+    write_prompts,
+)
 
 NOISE = 0.5
 
 
-@pytest.fixture(scope="module")
-def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("pipelines")
-    return {"sd": write_tiny_sd_pipeline(root / "sd", image_size=32, seed=3),
-            "pixel": write_tiny_pixel_pipeline(root / "pixel", image_size=16, seed=3)}
+@dataclass(frozen=True)
+class Tiny:
+    """The tiny pipelines of tests/test_generate.py: folders, loaded pipelines (for direct calls), a prompt file."""
+
+    folders: dict[str, Path]
+    pipelines: dict[str, Any]
+    prompt_file: Path
 
 
 @pytest.fixture(scope="module")
-def pipelines(folders: dict[str, Path]) -> dict[str, Any]:
-    loaded = {}
-    for kind, folder in folders.items():
-        pipeline = load_text_pipeline(folder)
-        pipeline.set_progress_bar_config(disable=True)
-        loaded[kind] = pipeline
-    return loaded
-
-
-@pytest.fixture(scope="module")
-def prompt_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("prompts") / "prompts.txt"
-    path.write_text("\n".join(PROMPTS[:3]) + "\n")
-    return path
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Tiny:
+    root = tmp_path_factory.mktemp("tiny")
+    folders = tiny_folders(root)
+    return Tiny(folders, loaded_pipelines(folders), write_prompts(root))
 
 
 @torch.no_grad()
@@ -83,10 +83,9 @@ def pixels(path: Path) -> np.ndarray:
 # ----------------------------------------------------------------------------- off: nothing changes
 
 
-def test_zero_mitigations_write_the_bytes_of_a_run_without_them(folders: dict[str, Path], prompt_file: Path,
-                                                                 tmp_path: Path) -> None:
-    plain = run(folders["sd"], prompt_file, tmp_path / "plain", "--batch_size", "2")
-    zero = run(folders["sd"], prompt_file, tmp_path / "zero", "--batch_size", "2", "--embedding_noise", "0",
+def test_zero_mitigations_write_the_bytes_of_a_run_without_them(tiny: Tiny, tmp_path: Path) -> None:
+    plain = run(tiny.folders["sd"], tiny.prompt_file, tmp_path / "plain", "--batch_size", "2")
+    zero = run(tiny.folders["sd"], tiny.prompt_file, tmp_path / "zero", "--batch_size", "2", "--embedding_noise", "0",
                "--random_words", "0")
     assert folder_bytes(tmp_path / "zero") == folder_bytes(tmp_path / "plain")
     assert all(row["generated_prompt"] == row["prompt"] for row in zero["rows"])
@@ -100,10 +99,10 @@ def test_zero_mitigations_write_the_bytes_of_a_run_without_them(folders: dict[st
 
 @pytest.mark.parametrize("kind", ["sd", "pixel"])
 def test_embedding_noise_gives_the_image_of_a_direct_call_with_the_noisy_embeddings(
-        folders: dict[str, Path], pipelines: dict[str, Any], prompt_file: Path, tmp_path: Path, kind: str) -> None:
-    found = run(folders[kind], prompt_file, tmp_path / "out", "--batch_size", "1", "--images_per_prompt", "2",
+        tiny: Tiny, tmp_path: Path, kind: str) -> None:
+    found = run(tiny.folders[kind], tiny.prompt_file, tmp_path / "out", "--batch_size", "1", "--images_per_prompt", "2",
                 "--embedding_noise", str(NOISE))
-    pipeline = pipelines[kind]
+    pipeline = tiny.pipelines[kind]
     assert found["manifest"]["mitigations"]["embedding_noise"]["std"] == NOISE
     changes = []
     for row in found["rows"]:
@@ -116,11 +115,10 @@ def test_embedding_noise_gives_the_image_of_a_direct_call_with_the_noisy_embeddi
     assert min(changes) > 1 / 255  # the noise changes every image (PNG rounding alone: under 0.5 / 255 on average)
 
 
-def test_embedding_noise_is_drawn_per_image_from_its_seed_and_only_on_the_conditional_side(
-        folders: dict[str, Path], pipelines: dict[str, Any]) -> None:
+def test_embedding_noise_is_drawn_per_image_from_its_seed_and_only_on_the_conditional_side(tiny: Tiny) -> None:
     """The UNet's text input of one call with 3 images of one prompt: the unconditional half is the empty
     prompt's embedding untouched; conditional row i is the prompt's embedding plus the noise of seed i."""
-    module = TextToImageGenerator(str(folders["sd"]), steps=1, embedding_noise=NOISE)
+    module = TextToImageGenerator(str(tiny.folders["sd"]), steps=1, embedding_noise=NOISE)
     seen: list[torch.Tensor] = []
     handle = module.pipeline.unet.register_forward_hook(
         lambda m, args, kwargs, out: seen.append(kwargs["encoder_hidden_states"].clone()), with_kwargs=True)
@@ -130,17 +128,18 @@ def test_embedding_noise_is_drawn_per_image_from_its_seed_and_only_on_the_condit
     finally:
         handle.remove()
     unconditional, conditional = seen[0].chunk(2)
-    pipeline = pipelines["sd"]
+    pipeline = tiny.pipelines["sd"]
     torch.testing.assert_close(unconditional, encoded(pipeline, "").expand(3, -1, -1), rtol=1e-5, atol=1e-6)
     for row, seed in enumerate(seeds):
-        torch.testing.assert_close(conditional[row:row + 1], noisy(pipeline, "a red circle", seed), rtol=1e-5, atol=1e-6)
+        expected = noisy(pipeline, "a red circle", seed)
+        torch.testing.assert_close(conditional[row:row + 1], expected, rtol=1e-5, atol=1e-6)
     assert (conditional[0] - conditional[1]).abs().max() > NOISE  # every image its own noise
 
 
-def test_embedding_noise_does_not_depend_on_the_batch(folders: dict[str, Path], prompt_file: Path,
-                                                      tmp_path: Path) -> None:
-    single = run(folders["sd"], prompt_file, tmp_path / "one", "--batch_size", "1", "--embedding_noise", str(NOISE))
-    run(folders["sd"], prompt_file, tmp_path / "three", "--batch_size", "3", "--embedding_noise", str(NOISE))
+def test_embedding_noise_does_not_depend_on_the_batch(tiny: Tiny, tmp_path: Path) -> None:
+    noise = ("--embedding_noise", str(NOISE))
+    single = run(tiny.folders["sd"], tiny.prompt_file, tmp_path / "one", "--batch_size", "1", *noise)
+    run(tiny.folders["sd"], tiny.prompt_file, tmp_path / "three", "--batch_size", "3", *noise)
     for row in single["rows"]:
         # a batch of 3 images is one computation: equal to single calls up to float summation order
         np.testing.assert_allclose(pixels(tmp_path / "three" / row["file"]), pixels(tmp_path / "one" / row["file"]),
@@ -151,11 +150,11 @@ def test_embedding_noise_does_not_depend_on_the_batch(folders: dict[str, Path], 
 
 
 def test_random_words_add_count_vocabulary_words_and_the_image_is_of_the_generated_prompt(
-        folders: dict[str, Path], pipelines: dict[str, Any], prompt_file: Path, tmp_path: Path) -> None:
+        tiny: Tiny, tmp_path: Path) -> None:
     count = 3
-    found = run(folders["sd"], prompt_file, tmp_path / "out", "--batch_size", "1", "--images_per_prompt", "2",
+    found = run(tiny.folders["sd"], tiny.prompt_file, tmp_path / "out", "--batch_size", "1", "--images_per_prompt", "2",
                 "--random_words", str(count))
-    pipeline = pipelines["sd"]
+    pipeline = tiny.pipelines["sd"]
     vocabulary = whole_words(pipeline.tokenizer)
     assert found["manifest"]["mitigations"]["random_words"]["vocabulary_size"] == len(vocabulary) > 20
     for row in found["rows"]:
@@ -172,31 +171,29 @@ def test_random_words_add_count_vocabulary_words_and_the_image_is_of_the_generat
     for row in found["rows"]:
         by_prompt.setdefault(row["prompt"], set()).add(row["generated_prompt"])
     assert all(len(variants) == 2 for variants in by_prompt.values())  # each image its own words
-    again = run(folders["sd"], prompt_file, tmp_path / "again", "--batch_size", "2", "--images_per_prompt", "2",
-                "--random_words", str(count))
+    again = run(tiny.folders["sd"], tiny.prompt_file, tmp_path / "again", "--batch_size", "2",
+                "--images_per_prompt", "2", "--random_words", str(count))
     assert [r["generated_prompt"] for r in again["rows"]] == [r["generated_prompt"] for r in found["rows"]]
 
 
-def test_prompts_that_added_words_make_too_long_are_counted_as_truncated(
-        folders: dict[str, Path], pipelines: dict[str, Any], tmp_path: Path) -> None:
+def test_prompts_that_added_words_make_too_long_are_counted_as_truncated(tiny: Tiny, tmp_path: Path) -> None:
     prompt = "a red circle above a blue square beside a green star"
-    tokenizer = pipelines["sd"].tokenizer
+    tokenizer = tiny.pipelines["sd"].tokenizer
     assert len(tokenizer(prompt).input_ids) + 4 > tokenizer.model_max_length >= len(tokenizer(prompt).input_ids)
     source = tmp_path / "prompts.txt"
     source.write_text(f"a red circle\n{prompt}\n")
-    assert run(folders["sd"], source, tmp_path / "plain")["manifest"]["prompts"]["truncated"] == 0
+    assert run(tiny.folders["sd"], source, tmp_path / "plain")["manifest"]["prompts"]["truncated"] == 0
     with pytest.warns(PromptTruncationWarning, match="1 of 2 prompts are longer"):
-        found = run(folders["sd"], source, tmp_path / "words", "--random_words", "4")
+        found = run(tiny.folders["sd"], source, tmp_path / "words", "--random_words", "4")
     assert found["manifest"]["prompts"]["truncated_indexes"] == [1]
 
 
-def test_the_score_reads_the_conditioning_actually_used(folders: dict[str, Path], pipelines: dict[str, Any],
-                                                        prompt_file: Path, tmp_path: Path) -> None:
+def test_the_score_reads_the_conditioning_actually_used(tiny: Tiny, tmp_path: Path) -> None:
     """Both mitigations on: the score equals an independent hook on a direct call given the noisy
     embedding of the generated prompt."""
-    found = run(folders["sd"], prompt_file, tmp_path / "out", "--batch_size", "1", "--guidance", "5",
+    found = run(tiny.folders["sd"], tiny.prompt_file, tmp_path / "out", "--batch_size", "1", "--guidance", "5",
                 "--embedding_noise", str(NOISE), "--random_words", "2")
-    pipeline = pipelines["sd"]
+    pipeline = tiny.pipelines["sd"]
     for row in found["rows"]:
         seed = int(row["seed"])
         embeds = noisy(pipeline, row["generated_prompt"], seed)
@@ -221,26 +218,26 @@ def test_the_options_are_in_the_help() -> None:
     (["--embedding_noise", "nan"], r"^--embedding_noise must be a finite number >= 0, got nan$"),
     (["--random_words", "-1"], r"^--random_words must be >= 0, got -1$"),
 ])
-def test_bad_values_are_refused_in_one_line_before_any_folder(folders: dict[str, Path], prompt_file: Path,
-                                                              tmp_path: Path, extra: list[str], message: str) -> None:
+def test_bad_values_are_refused_in_one_line_before_any_folder(
+        tiny: Tiny, tmp_path: Path, extra: list[str], message: str) -> None:
     with pytest.raises(UserError, match=message):
-        run(folders["sd"], prompt_file, tmp_path / "out", *extra)
+        run(tiny.folders["sd"], tiny.prompt_file, tmp_path / "out", *extra)
     assert not (tmp_path / "out").exists()
 
 
-def test_a_resume_with_other_mitigations_is_refused(folders: dict[str, Path], prompt_file: Path, tmp_path: Path) -> None:
+def test_a_resume_with_other_mitigations_is_refused(tiny: Tiny, tmp_path: Path) -> None:
     out = tmp_path / "out"
-    run(folders["sd"], prompt_file, out, "--random_words", "2", "--embedding_noise", "0.25")
+    run(tiny.folders["sd"], tiny.prompt_file, out, "--random_words", "2", "--embedding_noise", "0.25")
     before = folder_bytes(out)
     with pytest.raises(UserError, match=r"the run there has --random_words 2, this one --random_words 3"):
-        run(folders["sd"], prompt_file, out, "--random_words", "3", "--embedding_noise", "0.25")
+        run(tiny.folders["sd"], tiny.prompt_file, out, "--random_words", "3", "--embedding_noise", "0.25")
     with pytest.raises(UserError, match=r"the run there has --embedding_noise 0.25, this one --embedding_noise 0.0"):
-        run(folders["sd"], prompt_file, out, "--random_words", "2")
+        run(tiny.folders["sd"], tiny.prompt_file, out, "--random_words", "2")
     assert folder_bytes(out) == before
 
 
-def test_lit_scan_carries_the_generated_prompt(folders: dict[str, Path], prompt_file: Path, tmp_path: Path) -> None:
-    found = run(folders["sd"], prompt_file, tmp_path / "gen", "--random_words", "2")
+def test_lit_scan_carries_the_generated_prompt(tiny: Tiny, tmp_path: Path) -> None:
+    found = run(tiny.folders["sd"], tiny.prompt_file, tmp_path / "gen", "--random_words", "2")
     train = tmp_path / "train"
     train.mkdir()
     noise = np.random.default_rng(0)
@@ -248,7 +245,8 @@ def test_lit_scan_carries_the_generated_prompt(folders: dict[str, Path], prompt_
         Image.fromarray(noise.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(train / f"t{index}.png")
     out = tmp_path / "scan"
     scan_main(["--generations", str(tmp_path / "gen"), "--training", str(train), "--out", str(out),
-               "--descriptor.name", "pixel", "--k", "1", "--device", "cpu", "--progress", "false", "--dtype", "float32"])
+               "--descriptor.name", "pixel", "--k", "1", "--device", "cpu", "--progress", "false",
+               "--dtype", "float32"])
     with open(out / "matches.csv", newline="") as handle:
         matches = {Path(r["generation"]).name: r for r in csv.DictReader(handle)}
     for row in found["rows"]:
