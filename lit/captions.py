@@ -12,7 +12,7 @@ or is prompted with. A caption is split into words at white space and joined wit
 - :func:`random_words`: ``count`` vocabulary words as a caption (random caption replacement:
   the study's code trains on four random CLIP tokens in place of the caption);
 - :func:`caption_vocabulary`: the sorted distinct words of a set of captions;
-- :func:`tokenizer_words`: the whole-word tokens of a CLIP BPE tokenizer's vocabulary (the words
+- :func:`tokenizer_words`: the word-final tokens of a CLIP BPE tokenizer's vocabulary (the words
   ``lit generate --random_words`` adds to a prompt).
 
 Every draw comes from a :class:`lit.seeding.SeededDraws`, so a caption change is a pure function
@@ -36,15 +36,16 @@ def caption_vocabulary(captions: Iterable[str]) -> list[str]:
     return sorted({word for caption in captions for word in words(caption)})
 
 
-#: The end-of-word suffix of CLIP's byte-pair-encoding vocabulary (``"cat</w>"``: ``cat`` as a whole word).
+#: The end-of-word suffix of CLIP's byte-pair-encoding vocabulary (``"cat</w>"``: ``cat`` ending a word).
 END_OF_WORD = "</w>"
 
 
 def tokenizer_words(tokens: Iterable[str], end_of_word: str = END_OF_WORD) -> list[str]:
-    """The whole words of a BPE vocabulary, sorted: the tokens ending in ``end_of_word`` whose
-    stem is ASCII letters only, without the suffix (``"cat</w>"`` -> ``cat``). Sub-word pieces,
-    numbers, punctuation and byte-level symbols are left out, so an added word reads as a word
-    (the study's code decodes any of CLIP's first 49,400 token ids instead, sub-word pieces included)."""
+    """The words of a BPE vocabulary, sorted: the tokens ending in ``end_of_word`` whose stem is
+    ASCII letters only, without the suffix (``"cat</w>"`` -> ``cat``). These are whole words and
+    the word-final pieces BPE also keeps (``"ing</w>"`` -> ``ing``), each a word of its own when
+    inserted between spaces; word-initial and inner pieces, numbers, punctuation and byte-level
+    symbols are left out (the study's code decodes any of CLIP's first 49,400 token ids instead)."""
     found = set()
     for token in tokens:
         if token.endswith(end_of_word):

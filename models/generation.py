@@ -68,7 +68,7 @@ RANDOM_WORDS = "random_words"
 """Purpose of the draw of an image's added words: ``SeededDraws(derive_seed(seed, RANDOM_WORDS))``."""
 EMBEDDING_NOISE = "embedding_noise"
 """Purpose of the draw of an image's embedding noise: ``lit.text_conditioning.generator(seed, EMBEDDING_NOISE)``."""
-VOCABULARY_RULE = (f"the whole-word tokens of the pipeline's tokenizer: tokens ending in {END_OF_WORD} whose stem is "
+VOCABULARY_RULE = (f"the word-final tokens of the pipeline's tokenizer: tokens ending in {END_OF_WORD} whose stem is "
                    "ASCII letters only, the suffix removed, sorted")
 EXTRA_PASS = "extra unconditional pass"
 """Score mode: no guidance batch (guidance <= 1) or its unconditional half is a negative prompt: one
@@ -271,7 +271,7 @@ class TextToImageGenerator(pl.LightningModule):
         self.embedding_noise, self.random_words = float(embedding_noise), int(random_words)
         self.vocabulary: list[str] = tokenizer_words(loaded.tokenizer.get_vocab()) if random_words else []
         if random_words and not self.vocabulary:
-            raise UserError(f"--random_words {random_words}: the pipeline's tokenizer has no whole-word tokens to draw "
+            raise UserError(f"--random_words {random_words}: the pipeline's tokenizer has no word-final tokens to draw "
                             f"from ({VOCABULARY_RULE})")
         guided = self.guidance > 1 and getattr(loaded.unet.config, "time_cond_proj_dim", None) is None
         self.score_mode = GUIDANCE_BATCH if guided and negative_prompt is None else EXTRA_PASS
