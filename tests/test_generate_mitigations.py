@@ -20,7 +20,7 @@ from lit.commands.generate_options import build_parser
 from lit.commands.scan.command import main as scan_main
 from lit.errors import UserError
 from lit.seeding import derive_seed
-from models.generation import TextToImageGenerator
+from models.generation import EXTRA_PASS, GUIDANCE_BATCH, TextToImageGenerator
 from tests.test_generate import (
     PROMPTS,
     direct,
@@ -188,19 +188,24 @@ def test_prompts_that_added_words_make_too_long_are_counted_as_truncated(tiny: T
     assert found["manifest"]["prompts"]["truncated_indexes"] == [1]
 
 
-def test_the_score_reads_the_conditioning_actually_used(tiny: Tiny, tmp_path: Path) -> None:
-    """Both mitigations on: the score equals an independent hook on a direct call given the noisy
-    embedding of the generated prompt."""
+@pytest.mark.parametrize("negative", [None, "a black background"])
+def test_the_score_reads_the_conditioning_actually_used(tiny: Tiny, tmp_path: Path, negative: str | None) -> None:
+    """Both mitigations on: the score (from the guidance batch, or with a negative prompt from the added
+    empty-prompt pass) equals an independent hook on a direct call given the noisy embedding of the
+    generated prompt, and so does the image."""
+    extra = ["--negative_prompt", negative] if negative else []
     found = run(tiny.folders["sd"], tiny.prompt_file, tmp_path / "out", "--batch_size", "1", "--guidance", "5",
-                "--embedding_noise", str(NOISE), "--random_words", "2")
+                "--embedding_noise", str(NOISE), "--random_words", "2", *extra)
+    assert found["manifest"]["score"]["mode"] == (EXTRA_PASS if negative else GUIDANCE_BATCH)
+    options = {"negative_prompt": negative} if negative else {}
     pipeline = tiny.pipelines["sd"]
     for row in found["rows"]:
         seed = int(row["seed"])
         embeds = noisy(pipeline, row["generated_prompt"], seed)
-        d = reference_scores(pipeline, None, seed, 5.0, prompt_embeds=embeds)
+        d = reference_scores(pipeline, None, seed, 5.0, prompt_embeds=embeds, **options)
         np.testing.assert_allclose(float(row["memorization_score"]), d.mean(), rtol=1e-5)
         np.testing.assert_allclose(float(row["memorization_score_first"]), d[0], rtol=1e-5)
-        image = direct(pipeline, None, seed, 5.0, prompt_embeds=embeds)[0]
+        image = direct(pipeline, None, seed, 5.0, prompt_embeds=embeds, **options)[0]
         assert (tmp_path / "out" / row["file"]).read_bytes() == png_bytes(image)
 
 
