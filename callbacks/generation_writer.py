@@ -5,10 +5,12 @@ Used with :class:`models.generation.TextToImageGenerator` and
 
 - ``images/p{prompt_index:06d}_i{image_index}.png``: the images (PNG, RGB; none with ``score_only``);
 - ``generations.csv``: one row per image, sorted by (prompt_index, image_index), columns
-  :data:`COLUMNS` (``file`` relative to OUT, empty with ``score_only``);
+  :data:`COLUMNS` (``file`` relative to OUT, empty with ``score_only``; ``prompt`` the source
+  prompt, ``generated_prompt`` the one the image was made from: the same unless ``random_words``
+  added words);
 - ``prompts.csv``: one row per prompt, columns :data:`PROMPT_COLUMNS` (scores: means over its images);
 - ``generate_manifest.json``: the pipeline (path, SHA-256 of every file), the scheduler, every
-  argument, the score's mode, the prompts (source, count, fingerprint, truncated ones), a summary;
+  argument, the mitigations, the score's mode, the prompts (source, count, fingerprint, truncated ones), a summary;
 - ``.lit-generate`` (the marker: the folder is lit generate's own) and ``.lit-generate-batches/``:
   one row file per finished batch (rows with each image's SHA-256), written after its images.
 
@@ -52,14 +54,15 @@ BATCHES = ".lit-generate-batches"
 MANIFEST = "generate_manifest.json"
 GENERATIONS = "generations.csv"
 PROMPTS = "prompts.csv"
-COLUMNS = ("file", "prompt", "source_key", "seed", "memorization_score", "memorization_score_first",
+COLUMNS = ("file", "prompt", "generated_prompt", "source_key", "seed", "memorization_score", "memorization_score_first",
            "prompt_index", "image_index", "variant")
 PROMPT_COLUMNS = ("prompt_index", "prompt", "source_key", "variant", "images", "memorization_score",
                   "memorization_score_first")
 #: Arguments a resumed run must share with the run it completes (each changes images or rows);
 #: the pipeline and the prompts are compared by content (SHA-256), not by path.
 RESUME_ARGUMENTS = ("ablate", "n", "seed", "replacement", "images_per_prompt", "batch_size", "steps", "guidance",
-                    "scheduler", "height", "width", "negative_prompt", "score_only", "score_steps")
+                    "scheduler", "height", "width", "negative_prompt", "score_only", "score_steps",
+                    "embedding_noise", "random_words")
 #: ``precision`` is compared by the dtype it runs in here (``auto`` and ``32`` are the same on a CPU).
 _TEMPORARY = re.compile(r"^\..+\.tmp$")  # lit.files.atomic_path's temporary files
 
@@ -244,7 +247,10 @@ class GenerationWriter(BasePredictionWriter):
         record = module.record(trainer.strategy.root_device)
         prompts = data.record()
         generation = record["generation"]
-        too_long = module.too_long([p.text for p in data.prompts])
+        # a prompt counts as truncated when the prompt of any of its images is (random words make them longer)
+        generated = sorted({(job.prompt_index, module.generated_prompt(job.prompt, job.seed)) for job in data.jobs})
+        truncated = sorted({index for (index, _), flag in zip(generated, module.too_long([t for _, t in generated]))
+                            if flag})
         arguments = {
             "pipeline": record["pipeline"]["path"],
             "prompts": None if prompts["source"] is None else prompts["source"]["path"],
@@ -255,14 +261,15 @@ class GenerationWriter(BasePredictionWriter):
             "height": generation["height"], "width": generation["width"],
             "negative_prompt": generation["negative_prompt"], "score_only": record["score"]["score_only"],
             "score_steps": module.score_steps, "precision": generation["precision"], "dtype": generation["dtype"],
+            "embedding_noise": module.embedding_noise, "random_words": module.random_words,
         }
         return {
             "format": FORMAT, "complete": False, "arguments": arguments,
             "pipeline": record["pipeline"], "scheduler": record["scheduler"], "generation": generation,
+            "mitigations": record["mitigations"],
             "score_only": module.score_only, "score": record["score"],
             "prompts": {"source": prompts["source"], "count": prompts["prompts"], "sha256": prompts["prompts_sha256"],
-                        "truncated": sum(too_long),
-                        "truncated_indexes": [i for i, flag in enumerate(too_long) if flag]},
+                        "truncated": len(truncated), "truncated_indexes": truncated},
             "images": 0 if module.score_only else len(data.jobs), "rows": len(data.jobs),
             "batches": len(data.batches),
             "run": {"accelerator": type(trainer.accelerator).__name__, "devices": trainer.world_size,

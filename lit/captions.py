@@ -11,7 +11,9 @@ or is prompted with. A caption is split into words at white space and joined wit
 - :func:`repeat_words`: ``count`` words drawn from the caption itself, inserted (word repetition);
 - :func:`random_words`: ``count`` vocabulary words as a caption (random caption replacement:
   the study's code trains on four random CLIP tokens in place of the caption);
-- :func:`caption_vocabulary`: the sorted distinct words of a set of captions.
+- :func:`caption_vocabulary`: the sorted distinct words of a set of captions;
+- :func:`tokenizer_words`: the word-final tokens of a CLIP BPE tokenizer's vocabulary (the words
+  ``lit generate --random_words`` adds to a prompt).
 
 Every draw comes from a :class:`lit.seeding.SeededDraws`, so a caption change is a pure function
 of its seed.
@@ -32,6 +34,25 @@ def words(caption: str) -> list[str]:
 def caption_vocabulary(captions: Iterable[str]) -> list[str]:
     """The distinct words of ``captions``, sorted (so the same captions give the same list)."""
     return sorted({word for caption in captions for word in words(caption)})
+
+
+#: The end-of-word suffix of CLIP's byte-pair-encoding vocabulary (``"cat</w>"``: ``cat`` ending a word).
+END_OF_WORD = "</w>"
+
+
+def tokenizer_words(tokens: Iterable[str], end_of_word: str = END_OF_WORD) -> list[str]:
+    """The words of a BPE vocabulary, sorted: the tokens ending in ``end_of_word`` whose stem is
+    ASCII letters only, without the suffix (``"cat</w>"`` -> ``cat``). These are whole words and
+    the word-final pieces BPE also keeps (``"ing</w>"`` -> ``ing``), each a word of its own when
+    inserted between spaces; word-initial and inner pieces, numbers, punctuation and byte-level
+    symbols are left out (the study's code decodes any of CLIP's first 49,400 token ids instead)."""
+    found = set()
+    for token in tokens:
+        if token.endswith(end_of_word):
+            stem = token[: -len(end_of_word)]
+            if stem.isascii() and stem.isalpha():
+                found.add(stem)
+    return sorted(found)
 
 
 def insert_words(caption: str, new_words: Sequence[str], draw: SeededDraws) -> str:
@@ -62,4 +83,4 @@ def repeat_words(caption: str, count: int, draw: SeededDraws) -> str:
     return insert_words(caption, random_words(words(caption), count, draw) if words(caption) else [], draw)
 
 
-__all__ = ["add_random_words", "caption_vocabulary", "insert_words", "random_words", "repeat_words", "words"]
+__all__ = ["add_random_words", "caption_vocabulary", "insert_words", "random_words", "repeat_words", "tokenizer_words", "words"]

@@ -13,7 +13,18 @@ the memorization score of Wen et al. read from the guidance batch the pipeline c
   are in the batch the pipeline already computes: no extra UNet pass. Otherwise the hook adds one
   unconditional pass with the empty prompt's embedding (:data:`EXTRA_PASS`, said in the manifest);
 - ``score_only``: the pipeline stops after ``score_steps`` UNet calls (``callback_on_step_end``
-  sets the pipeline's interrupt flag) and returns latents: no image is finished or decoded.
+  sets the pipeline's interrupt flag) and returns latents: no image is finished or decoded;
+- inference-time mitigations of copying (Somepalli et al., NeurIPS 2023, ``diff_inference.py`` of
+  somepago/DCR): ``random_words`` vocabulary words inserted into each prompt at random places
+  (:func:`lit.captions.add_random_words`, drawn from ``derive_seed(seed, "random_words")``; the
+  vocabulary: :func:`lit.captions.tokenizer_words` of the pipeline's tokenizer), and Gaussian noise
+  of std ``embedding_noise`` added to each image's conditional prompt embeddings
+  (:func:`lit.text_conditioning.add_embedding_noise`, generator ``derive_seed(seed, "embedding_noise")``):
+  the prompts are encoded with the pipeline's own encoder and passed as ``prompt_embeds``; the
+  unconditional (negative) side is encoded by the pipeline as usual and gets no noise. Both draws
+  come from the image's recorded seed, so an image stays a function of (prompt, seed, arguments)
+  whatever the batch, the process or a resume. The memorization score reads the conditioning
+  actually used (the noisy embedding of the prompt with its added words).
 
 Precision: float32 on the CPU; on CUDA ``auto`` is bfloat16 where supported (else float16), or
 ``32`` / ``bf16`` / ``16`` as asked. 16-bit precisions on the CPU are refused.
@@ -35,9 +46,12 @@ from diffusers.image_processor import VaeImageProcessor
 from PIL import Image
 from torch import Tensor, nn
 
+from lit.captions import END_OF_WORD, add_random_words, tokenizer_words
 from lit.errors import UserError
 from lit.files import file_sha256
 from lit.memorization import ScoreTrace, guidance_halves
+from lit.seeding import SeededDraws, derive_seed
+from lit.text_conditioning import add_embedding_noise, generators
 from models.text_pipeline import PixelTextToImagePipeline, load_text_pipeline, quiet_libraries
 
 SchedulerChoice = Literal["folder", "ddim", "dpm"]
@@ -50,6 +64,12 @@ DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float
 
 GUIDANCE_BATCH = "guidance batch"
 """Score mode: both noise predictions come from the pipeline's own classifier-free-guidance batch."""
+RANDOM_WORDS = "random_words"
+"""Purpose of the draw of an image's added words: ``SeededDraws(derive_seed(seed, RANDOM_WORDS))``."""
+EMBEDDING_NOISE = "embedding_noise"
+"""Purpose of the draw of an image's embedding noise: ``lit.text_conditioning.generator(seed, EMBEDDING_NOISE)``."""
+VOCABULARY_RULE = (f"the word-final tokens of the pipeline's tokenizer: tokens ending in {END_OF_WORD} whose stem is "
+                   "ASCII letters only, the suffix removed, sorted")
 EXTRA_PASS = "extra unconditional pass"
 """Score mode: no guidance batch (guidance <= 1) or its unconditional half is a negative prompt: one
 more UNet pass with the empty prompt per step gives eps(x_t, empty)."""
@@ -203,6 +223,10 @@ class TextToImageGenerator(pl.LightningModule):
         score_only: compute the score over the first ``score_steps`` steps and stop: no image.
         score_steps: UNet calls scored with ``score_only`` (default: all ``steps``).
         precision: ``auto`` (float32 on the CPU, bfloat16 or float16 on CUDA), ``32``, ``bf16``, ``16``.
+        embedding_noise: std of the Gaussian noise added to each image's conditional prompt
+            embeddings (0: none), seeded from the image's seed.
+        random_words: words of the tokenizer's vocabulary inserted into each prompt at random
+            places (0: none), drawn from the image's seed; rows record the ``generated_prompt``.
     """
 
     def __init__(
@@ -217,10 +241,13 @@ class TextToImageGenerator(pl.LightningModule):
         score_only: bool = False,
         score_steps: int | None = None,
         precision: GenerationPrecision = "auto",
+        embedding_noise: float = 0.0,
+        random_words: int = 0,
     ) -> None:
         super().__init__()
         check_generation_options(steps=steps, guidance=guidance, score_only=score_only, score_steps=score_steps,
-                                 precision=precision, scheduler=scheduler, height=height, width=width)
+                                 precision=precision, scheduler=scheduler, height=height, width=width,
+                                 embedding_noise=embedding_noise, random_words=random_words)
         self.save_hyperparameters()
         self.folder = Path(pipeline).expanduser().resolve()
         with quiet_libraries():
@@ -241,6 +268,11 @@ class TextToImageGenerator(pl.LightningModule):
         self.score_only = score_only
         self.score_steps = (score_steps or steps) if score_only else None
         self.precision_choice: str = precision
+        self.embedding_noise, self.random_words = float(embedding_noise), int(random_words)
+        self.vocabulary: list[str] = tokenizer_words(loaded.tokenizer.get_vocab()) if random_words else []
+        if random_words and not self.vocabulary:
+            raise UserError(f"--random_words {random_words}: the pipeline's tokenizer has no word-final tokens to draw "
+                            f"from ({VOCABULARY_RULE})")
         guided = self.guidance > 1 and getattr(loaded.unet.config, "time_cond_proj_dim", None) is None
         self.score_mode = GUIDANCE_BATCH if guided and negative_prompt is None else EXTRA_PASS
         self._empty: Tensor | None = None
@@ -265,6 +297,22 @@ class TextToImageGenerator(pl.LightningModule):
             self._empty = empty_prompt_embedding(self.pipeline)
         return self._empty
 
+    def generated_prompt(self, prompt: str, seed: int) -> str:
+        """The prompt an image is generated from: ``prompt`` itself, or with ``random_words`` words
+        inserted (:func:`lit.captions.add_random_words`, drawn from ``derive_seed(seed, "random_words")``)."""
+        if not self.random_words:
+            return prompt
+        return add_random_words(prompt, self.vocabulary, self.random_words,
+                                SeededDraws(derive_seed(int(seed), RANDOM_WORDS)))
+
+    def prompt_embeddings(self, prompts: Sequence[str]) -> Tensor:
+        """The conditional embeddings ``(B, L, D)`` of ``prompts``, from the pipeline's own encoder
+        (what its ``__call__`` computes from ``prompt``)."""
+        pipeline, device = self.pipeline, self.pipeline._execution_device
+        if isinstance(pipeline, PixelTextToImagePipeline):
+            return pipeline.encode_text(list(prompts), device)
+        return pipeline.encode_prompt(list(prompts), device, 1, False)[0]
+
     def too_long(self, texts: Sequence[str]) -> list[bool]:
         """Whether each text has more tokens than the tokenizer's limit (the pipeline truncates it)."""
         tokenizer = self.pipeline.tokenizer
@@ -273,7 +321,7 @@ class TextToImageGenerator(pl.LightningModule):
 
     def record(self, device: torch.device | str | None = None) -> dict[str, Any]:
         """What the outputs depend on, for the manifest: the pipeline (path, class, SHA-256 of
-        every file), the scheduler, the generation options and the score's mode."""
+        every file), the scheduler, the generation options, the mitigations and the score's mode."""
         scheduler = self.pipeline.scheduler
         dtype = self.dtype_on(self.device if device is None else device)
         return {
@@ -284,6 +332,17 @@ class TextToImageGenerator(pl.LightningModule):
             "generation": {"steps": self.steps, "guidance": self.guidance, "height": self.height, "width": self.width,
                            "negative_prompt": self.negative_prompt, "precision": self.precision_choice,
                            "dtype": DTYPE_NAMES[dtype], "tokenizer_max_length": self.pipeline.tokenizer.model_max_length},
+            "mitigations": {
+                "embedding_noise": {"std": self.embedding_noise,
+                                    "rule": "e + std * n, n ~ N(0, 1) per entry of the image's conditional prompt "
+                                            "embeddings (the unconditional / negative ones unchanged), n drawn with "
+                                            "lit.text_conditioning.generator(image seed, 'embedding_noise')"},
+                "random_words": {"count": self.random_words, "vocabulary_size": len(self.vocabulary),
+                                 "vocabulary": VOCABULARY_RULE if self.random_words else None,
+                                 "rule": "each word drawn uniformly from the vocabulary and inserted at a uniformly "
+                                         "drawn place between the prompt's words, with SeededDraws(derive_seed(image "
+                                         "seed, 'random_words'))"},
+            },
             "score": {"mode": self.score_mode, "score_only": self.score_only,
                       "steps": self.score_steps if self.score_only else "all",
                       "definition": "d_t = ||eps(x_t, prompt) - eps(x_t, empty prompt)||_2 over the whole prediction; "
@@ -308,6 +367,11 @@ class TextToImageGenerator(pl.LightningModule):
         }
         if self.negative_prompt is not None:
             options["negative_prompt"] = [self.negative_prompt] * len(prompts)
+        if self.embedding_noise > 0:  # the unconditional side stays the pipeline's own (from negative_prompt or "")
+            embeddings = self.prompt_embeddings(prompts)
+            options["prompt_embeds"] = add_embedding_noise(embeddings, self.embedding_noise,
+                                                           generators([int(seed) for seed in seeds], EMBEDDING_NOISE))
+            del options["prompt"]
         if self.score_only:
             options["callback_on_step_end"] = self._stop_after_score_steps
         with quiet_libraries(), self.scorer.recording(len(prompts)) as trace:
@@ -323,21 +387,23 @@ class TextToImageGenerator(pl.LightningModule):
         jobs = list(batch["jobs"])
         if not jobs:  # a rank with nothing left to do (datamodules.generation.NOTHING_LEFT)
             return {"batch": batch["batch"], "rows": [], "images": [], "score_steps": 0}
+        prompts = [self.generated_prompt(job["prompt"], job["seed"]) for job in jobs]
         try:
-            images, trace = self.generate([job["prompt"] for job in jobs], [job["seed"] for job in jobs])
+            images, trace = self.generate(prompts, [job["seed"] for job in jobs])
         except NonFinitePrediction as error:
             job = jobs[error.image]
             where = "the decoded image" if error.step is None else f"the noise prediction at step {error.step + 1}"
-            raise UserError(f"{where} is not finite (NaN or inf) for prompt {job['prompt']!r} with seed {job['seed']}: "
-                            f"the pipeline's weights or --precision cannot make this image") from None
+            raise UserError(f"{where} is not finite (NaN or inf) for prompt {prompts[error.image]!r} with seed "
+                            f"{job['seed']}: the pipeline's weights or --precision cannot make this image") from None
         means, firsts = trace.mean.tolist(), trace.first.tolist()
-        rows = [{**job, "memorization_score": means[i], "memorization_score_first": firsts[i]}
-                for i, job in enumerate(jobs)]
+        rows = [{**job, "generated_prompt": prompts[i], "memorization_score": means[i],
+                 "memorization_score_first": firsts[i]} for i, job in enumerate(jobs)]
         return {"batch": batch["batch"], "rows": rows, "images": images, "score_steps": trace.num_steps}
 
 
 def check_generation_options(*, steps: int, guidance: float, score_only: bool, score_steps: int | None,
-                             precision: str, scheduler: str, height: int | None, width: int | None) -> None:
+                             precision: str, scheduler: str, height: int | None, width: int | None,
+                             embedding_noise: float = 0.0, random_words: int = 0) -> None:
     """One-line errors naming the option, before any pipeline is loaded."""
     if steps < 1:
         raise UserError(f"--steps must be >= 1, got {steps}")
@@ -355,3 +421,7 @@ def check_generation_options(*, steps: int, guidance: float, score_only: bool, s
     for name, value in (("height", height), ("width", width)):
         if value is not None and value < 1:
             raise UserError(f"--{name} must be >= 1, got {value}")
+    if not np.isfinite(embedding_noise) or embedding_noise < 0:
+        raise UserError(f"--embedding_noise must be a finite number >= 0, got {embedding_noise}")
+    if random_words < 0:
+        raise UserError(f"--random_words must be >= 0, got {random_words}")

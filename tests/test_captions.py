@@ -12,6 +12,7 @@ from lit.captions import (
     insert_words,
     random_words,
     repeat_words,
+    tokenizer_words,
     words,
 )
 from lit.seeding import SeededDraws, derive_seed
@@ -64,3 +65,11 @@ def test_random_words_checks_its_arguments() -> None:
         random_words([], 1, SeededDraws(0))
     with pytest.raises(ValueError, match="count"):
         random_words(["a"], -1, SeededDraws(0))
+
+
+def test_tokenizer_words_are_the_whole_word_tokens_sorted() -> None:
+    vocabulary = ["cat</w>", "cat", "dog</w>", "do", "g</w>", "a</w>", "12</w>", "ca", ".</w>", "Ã©</w>", "<|endoftext|>",
+                  "dog</w>", "zebra</w>"]
+    assert tokenizer_words(vocabulary) == ["a", "cat", "dog", "g", "zebra"]
+    assert tokenizer_words(["cat</w>", "x@"], end_of_word="@") == ["x"]
+    assert tokenizer_words(["cat", "dog"]) == []

@@ -35,15 +35,14 @@ STEPS = 3
 PROMPTS = ["a red circle", "a blue square on a green background", "a small yellow star", "a purple ring"]
 
 
-@pytest.fixture(scope="module")
-def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("pipelines")
+def tiny_folders(root: Path) -> dict[str, Path]:
+    """A tiny Stable Diffusion-layout folder (32 px) and a pixel-space one (16 px) under ``root``."""
     return {"sd": write_tiny_sd_pipeline(root / "sd", image_size=32, seed=3),
             "pixel": write_tiny_pixel_pipeline(root / "pixel", image_size=16, seed=3)}
 
 
-@pytest.fixture(scope="module")
-def pipelines(folders: dict[str, Path]) -> dict[str, Any]:
+def loaded_pipelines(folders: dict[str, Path]) -> dict[str, Any]:
+    """The folders' pipelines, loaded (for direct calls), without progress bars."""
     loaded = {}
     for kind, folder in folders.items():
         pipeline = load_text_pipeline(folder)
@@ -52,11 +51,26 @@ def pipelines(folders: dict[str, Path]) -> dict[str, Any]:
     return loaded
 
 
-@pytest.fixture(scope="module")
-def prompt_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("prompts") / "prompts.txt"
+def write_prompts(folder: Path) -> Path:
+    """``prompts.txt`` with the first three of :data:`PROMPTS`."""
+    path = folder / "prompts.txt"
     path.write_text("\n".join(PROMPTS[:3]) + "\n")
     return path
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return tiny_folders(tmp_path_factory.mktemp("pipelines"))
+
+
+@pytest.fixture(scope="module")
+def pipelines(folders: dict[str, Path]) -> dict[str, Any]:
+    return loaded_pipelines(folders)
+
+
+@pytest.fixture(scope="module")
+def prompt_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_prompts(tmp_path_factory.mktemp("prompts"))
 
 
 def run(pipeline: Path, prompts: Path | None, out: Path, *extra: str, ablate: str | None = None) -> dict[str, Any]:

@@ -38,7 +38,8 @@ def build(args: argparse.Namespace) -> tuple[GenerationDataModule, TextToImageGe
         module = TextToImageGenerator(args.pipeline, scheduler=args.scheduler, steps=args.steps, guidance=args.guidance,
                                       height=args.height, width=args.width, negative_prompt=args.negative_prompt,
                                       score_only=args.score_only, score_steps=args.score_steps,
-                                      precision=args.precision)
+                                      precision=args.precision, embedding_noise=args.embedding_noise,
+                                      random_words=args.random_words)
     except UserError as error:
         message = str(error)
         raise UserError(message if message.startswith("--") else f"--pipeline {args.pipeline}: {message}") from None
@@ -60,6 +61,13 @@ def out_inside(out: Path, folder: Path) -> bool:
     """Whether ``out`` is ``folder`` or lies inside it (the pipeline's files would change under the run)."""
     target, root = out.expanduser().resolve(), folder.expanduser().resolve()
     return target == root or root in target.parents
+
+
+def mitigation_text(module: TextToImageGenerator) -> str:
+    """``; mitigations: ...`` for the start line (empty when none is on)."""
+    parts = ([f"embedding noise {module.embedding_noise:g}"] if module.embedding_noise else []) + (
+        [f"{module.random_words} random words added to each prompt"] if module.random_words else [])
+    return f"; mitigations: {', '.join(parts)}" if parts else ""
 
 
 @rank_zero_only
@@ -97,7 +105,7 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
     say(f"{len(data.prompts)} prompts x {args.images_per_prompt} images = {len(data.jobs)} generations in "
         f"{len(data.batches)} batches of {args.batch_size}; pipeline {module.folder} ({type(module.pipeline).__name__}, "
         f"{type(module.pipeline.scheduler).__name__}, {args.steps} steps, guidance {args.guidance:g}, "
-        f"{module.width}x{module.height}); score: {module.score_mode}")
+        f"{module.width}x{module.height}); score: {module.score_mode}{mitigation_text(module)}")
     trainer = pl.Trainer(callbacks=[writer], **options)
     trainer.predict(module, datamodule=data, return_predictions=False)
     if writer.summary is not None:

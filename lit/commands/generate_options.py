@@ -67,6 +67,12 @@ def build_parser() -> argparse.ArgumentParser:
                              "without finishing or decoding the images (no images written)")
     parser.add_argument("--score_steps", type=_optional_int, default=None, metavar="K",
                         help="steps scored with --score_only (default: all --steps)")
+    parser.add_argument("--embedding_noise", type=float, default=0.0, metavar="LAMBDA",
+                        help="mitigation: add Gaussian noise of std LAMBDA to each image's prompt embeddings "
+                             "(seeded by the image's seed; the unconditional ones unchanged)")
+    parser.add_argument("--random_words", type=int, default=0, metavar="COUNT",
+                        help="mitigation: insert COUNT random words of the tokenizer's vocabulary into each prompt at "
+                             "random places (seeded by the image's seed; generations.csv: generated_prompt)")
     parser.add_argument("--caption_column", default=None, help="caption column of a table source (default: found)")
     parser.add_argument("--key_column", default=None, help="key column of a table source (default: found)")
     parser.add_argument("--devices", type=int, default=1, help="processes (GPUs); more than 1 runs DDP")

@@ -3,7 +3,8 @@
 ``lit scan --generations OUT`` knows a folder that ``lit generate`` wrote (``OUT/generations.csv``
 and ``OUT/generate_manifest.json`` beside the images in ``OUT/images/``): every scanned image is
 joined, by its path relative to ``OUT``, to its row of ``generations.csv`` (prompt, source key,
-seed, memorization scores, prompt index, image index, ablation variant), and the rows' source keys
+seed, memorization scores, prompt index, image index, ablation variant, and the prompt the image
+was generated from when ``--random_words`` changed it), and the rows' source keys
 are looked up among the training set's keys (:func:`match_source_keys`).
 
 - :func:`is_generate_folder`, :func:`read_generate_folder`: detect and read the folder (columns
@@ -39,8 +40,9 @@ MANIFEST = "generate_manifest.json"
 FORMAT = "lit-generate/1"
 #: Columns every ``generations.csv`` has (the issue's contract); the rest have defaults.
 REQUIRED = ("file", "prompt", "source_key", "seed", "memorization_score", "memorization_score_first")
-OPTIONAL = ("prompt_index", "image_index", "variant")
-#: The columns a generate folder adds to matches.csv, in order.
+OPTIONAL = ("prompt_index", "image_index", "variant", "generated_prompt")
+#: The columns a generate folder adds to matches.csv, in order (then ``generated_prompt`` when a
+#: prompt was changed by ``lit generate --random_words``, and ``source_similarity`` with source keys).
 MATCH_COLUMNS = ("prompt", "source_key", "seed", "memorization_score", "memorization_score_first", "variant")
 #: How many names each counted problem lists in summary.json (the count is always whole).
 LISTED = 20
@@ -61,6 +63,7 @@ class Generation:
     prompt_index: int
     image_index: int
     variant: str = ""
+    generated_prompt: str = ""  # the prompt the image was made from (``prompt`` plus added words); "" read as prompt
 
 
 @dataclass
@@ -170,7 +173,7 @@ def _generation(record: dict[str, str | None], number: int) -> Generation:
                       seed=integer("seed"), memorization_score=score("memorization_score"),
                       memorization_score_first=score("memorization_score_first"),
                       prompt_index=integer("prompt_index", number), image_index=integer("image_index", 0),
-                      variant=text("variant").strip())
+                      variant=text("variant").strip(), generated_prompt=text("generated_prompt") or text("prompt"))
 
 
 def relative_keys(source: FeatureSource, folder: Path | None = None) -> list[str]:

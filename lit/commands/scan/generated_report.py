@@ -173,13 +173,16 @@ def _text(value: float | None, digits: int = 3) -> str:
 
 
 def generation_meta(record: Generation | None, source_similarity: float | None = None) -> str:
-    """The prompt, memorization scores, seed and variant of one shown generation (escaped HTML)."""
+    """The prompt (and the prompt it was generated from, when words were added), memorization
+    scores, seed and variant of one shown generation (escaped HTML)."""
     if record is None:
         return '<div class="meta"><i>no row in generations.csv</i></div>'
     parts = [f'<span class="prompt">“{html.escape(record.prompt)}”</span>',
              (f'memorization score <b class="mscore">{record.memorization_score:.4g}</b> '
              f'(first step {record.memorization_score_first:.4g})'),
              f"seed {record.seed}"]
+    if record.generated_prompt and record.generated_prompt != record.prompt:
+        parts.insert(1, f'generated from <span class="prompt">“{html.escape(record.generated_prompt)}”</span>')
     if record.variant:
         parts.append(f"variant: {html.escape(record.variant)}")
     if record.source_key:

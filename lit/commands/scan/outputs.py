@@ -84,7 +84,8 @@ def matches_rows(result: ScanResult, generations: FeatureSource, training: Featu
     score with a background), ranks in order within a generation (``mirrored``: 1 where the match was
     the flipped training image, only with ``--match_mirrors``). A ``lit generate`` folder
     (``generated``) adds each generation's :data:`lit.commands.scan.generated.MATCH_COLUMNS` (empty
-    for an image without a row) and, when caption sources were found, ``source_similarity``."""
+    for an image without a row), ``generated_prompt`` when ``lit generate --random_words`` changed a
+    prompt, and, when caption sources were found, ``source_similarity``."""
     header = ["generation", "rank", "training", "score"]
     normalized = result.normalized is not None
     if normalized:
@@ -133,6 +134,9 @@ def _generated_columns(result: ScanResult, generated: GeneratedScan) -> dict[str
         for name in MATCH_COLUMNS:
             value = None if record is None else getattr(record, name)
             columns[name].append(value if not isinstance(value, float) else repr(value))
+    if any(record is not None and record.generated_prompt != record.prompt for record in generated.generations):
+        columns["generated_prompt"] = [None if record is None else record.generated_prompt
+                                       for record in generated.generations]
     if result.sources is not None:
         columns["source_similarity"] = [None if not known else f"{float(s):.6f}" for known, s in
                                         zip(result.sources.known.tolist(), result.sources.similarity)]
