@@ -15,7 +15,13 @@ and the training time. Rows:
 - then each mitigation on ``dup_same``: ``multiple_captions`` (every image trains with one of its
   captions), ``caption_replacement`` (p 0.4, four random words), ``token_addition`` (p 0.4, 2 words),
   ``word_repetition`` (p 0.4, 2 words), ``embedding_noise`` (0.1), ``embedding_mixup`` (alpha 5, as
-  the study's ``mixup_noise_lam``).
+  the study's ``mixup_noise_lam``);
+- inference-time mitigations on ``dup_same``'s exported pipeline (``--inference``): ``lit generate``
+  from the monitor's 32 pairs' captions (keyed by their training image), plain
+  (``generate_plain``), with ``--embedding_noise 0.1`` (``generate_embedding_noise``) and with
+  ``--random_words 4`` (``generate_random_words``), each searched by ``lit scan`` against the run's
+  ``training_images/`` (pixel descriptor): own-image share and rate@0.5 per group, p95 and the
+  score's AUC, computed from ``matches.csv`` with the suite's own functions.
 
     .venv/bin/python benchmarks/text_memorization.py --jobs 2 --out benchmarks/results/text_memorization
     .venv/bin/python benchmarks/text_memorization.py --steps 40 --rows none dup_same --seeds 0   # smoke run
@@ -32,13 +38,19 @@ import csv
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+
+import torch
 import yaml
+
+from lit.replication import replication_stats
+from lit.text_replication import group_statistics
 
 REPO = Path(__file__).resolve().parents[1]
 BASE_CONFIG = REPO / "configs" / "demo_text.yaml"
@@ -53,6 +65,12 @@ MITIGATIONS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "embedding_mixup": ({}, {"embedding_mixup": 5.0}),
 }
 ROWS = ("none", "dup_same", "dup_varied", *MITIGATIONS)
+#: Inference rows: lit generate options on dup_same's pipeline.
+INFERENCE: dict[str, list[str]] = {
+    "generate_plain": [],
+    "generate_embedding_noise": ["--embedding_noise", "0.1"],
+    "generate_random_words": ["--random_words", "4"],
+}
 
 
 def row_config(row: str, seed: int, steps: int, images: int, dup_fraction: float, dup_weight: float,
@@ -67,7 +85,7 @@ def row_config(row: str, seed: int, steps: int, images: int, dup_fraction: float
     monitor = trainer["callbacks"][0]["init_args"]
     monitor.update({"every_n_steps": steps, "check_at_start": False, "verbose": False})
     data, model = config["data"]["init_args"], config["model"]["init_args"]
-    model["export_on_fit_end"] = None
+    model["export_on_fit_end"] = "pipeline" if row == "dup_same" else None  # lit generate reads it (--inference)
     data.update({"procedural": images, "seed": seed, "dup_fraction": dup_fraction, "dup_weight": dup_weight,
                  "dup_caption": "same"})
     if row == "none":
@@ -110,6 +128,54 @@ def run_one(row: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+def _lit(args: list[str], cwd: Path, threads: int) -> None:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "-m", "lit.commands.cli", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"lit {args[0]} failed: {(done.stdout + done.stderr).strip().splitlines()[-1:]}")
+
+
+def run_inference(name: str, trained: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    """``lit generate`` from the monitor's pairs on a trained dup_same pipeline with one inference
+    setting, ``lit scan`` against its training images, and the monitor's statistics from ``matches.csv``."""
+    run = args.out / f"dup_same_seed{trained['seed']}" / "run" / "version_0"
+    out = args.out / f"{name}_seed{trained['seed']}"
+    result_file = out / "result.json"
+    if result_file.is_file():
+        saved = json.loads(result_file.read_text())
+        if saved.get("options") == INFERENCE[name] and saved.get("trained") == trained["seconds"]:
+            return saved
+    if out.exists():
+        shutil.rmtree(out)  # this script's own folder, from an older or unfinished run
+    out.mkdir(parents=True)
+    pairs = list(csv.DictReader((run / "monitor_pairs.csv").open()))
+    with open(out / "captions.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["caption", "key"])
+        writer.writerows([pair["caption"], pair["key"]] for pair in pairs)
+    started = time.perf_counter()
+    _lit(["generate", "--pipeline", str(run / "pipeline"), "--prompts", "captions.csv", "--out", "gen", "--steps", "20",
+          "--guidance", "3.0", "--seed", str(trained["seed"]), "--no_progress", *INFERENCE[name]], out, args.threads)
+    _lit(["scan", "--generations", "gen", "--training", str(run / "training_images"), "--descriptor.name", "pixel",
+          "--out", "scan", "--device", "cpu", "--k", "1"], out, args.threads)
+    seconds = time.perf_counter() - started
+    rows = {Path(r["generation"]).name: r for r in csv.DictReader((out / "scan" / "matches.csv").open())
+            if r["rank"] == "1"}
+    generations = list(csv.DictReader((out / "gen" / "generations.csv").open()))
+    top1 = torch.tensor([float(rows[Path(g["file"]).name]["score"]) for g in generations])
+    own = torch.tensor([Path(rows[Path(g["file"]).name]["training"]).stem == g["source_key"] for g in generations])
+    scores = torch.tensor([float(g["memorization_score"]) for g in generations])
+    first = torch.tensor([float(g["memorization_score_first"]) for g in generations])
+    duplicated = torch.tensor([pairs[int(g["prompt_index"])]["group"] == "duplicated" for g in generations])
+    last = group_statistics(top1, own, scores, first, duplicated, [0.5])
+    last["top1_p95"] = replication_stats(top1, [0.5]).p95
+    result = {"row": name, "seed": trained["seed"], "seconds": seconds, "last": last, "options": INFERENCE[name],
+              "trained": trained["seconds"]}
+    result_file.write_text(json.dumps(result, indent=1))
+    return result
+
+
 COLUMNS = (
     ("own dup", "duplicated/own_share"), ("own uniq", "unique/own_share"),
     (">0.5 dup", "duplicated/rate@0.5"), (">0.5 uniq", "unique/rate@0.5"),
@@ -128,7 +194,7 @@ def _cell(values: list[float]) -> str:
 
 def table(results: list[dict[str, Any]], rows: list[str]) -> str:
     """Markdown: one line per row, mean ± half the range over seeds."""
-    lines = ["| setting | " + " | ".join(name for name, _ in COLUMNS) + " | training time |",
+    lines = ["| setting | " + " | ".join(name for name, _ in COLUMNS) + " | time |",
              "|---|" + "---|" * (len(COLUMNS) + 1)]
     for row in rows:
         runs = [r for r in results if r["row"] == row]
@@ -136,13 +202,16 @@ def table(results: list[dict[str, Any]], rows: list[str]) -> str:
             continue
         cells = [_cell([r["last"].get(key, math.nan) for r in runs]) for _, key in COLUMNS]
         seconds = sum(r["seconds"] for r in runs) / len(runs)
-        lines.append(f"| {row} | " + " | ".join(cells) + f" | {seconds / 60:.1f} min |")
+        what = "generate + scan" if row in INFERENCE else "training"
+        lines.append(f"| {row} | " + " | ".join(cells) + f" | {seconds / 60:.1f} min {what} |")
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=ROWS)
+    parser.add_argument("--inference", action="store_true",
+                        help="also the inference-time mitigations on dup_same's pipeline (trains dup_same if needed)")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     parser.add_argument("--steps", type=int, default=600, help="optimizer steps per run (the same for every row)")
     parser.add_argument("--images", type=int, default=64, help="procedural training scenes")
@@ -164,7 +233,18 @@ def main() -> None:
             print(f"{result['row']} seed {result['seed']}: {result['seconds'] / 60:.1f} min, own dup "
                   f"{result['last'].get('duplicated/own_share', math.nan):.3f}, own uniq "
                   f"{result['last'].get('unique/own_share', math.nan):.3f}", flush=True)
-    text = table(results, args.rows)
+    rows = list(args.rows)
+    if args.inference:
+        trained = {r["seed"]: r for r in results if r["row"] == "dup_same"}
+        with concurrent.futures.ThreadPoolExecutor(max_workers=args.jobs) as pool:
+            missing = [s for s in args.seeds if s not in trained]
+            for result in pool.map(lambda s: run_one("dup_same", s, args), missing):
+                trained[result["seed"]] = result
+            for result in pool.map(lambda job: run_inference(job[0], trained[job[1]], args),
+                                   [(name, seed) for seed in args.seeds for name in INFERENCE]):
+                results.append(result)
+        rows += list(INFERENCE)
+    text = table(results, rows)
     header = (f"{args.images} procedural scenes at 16 px, {args.steps} steps of batch 16, seeds {args.seeds}; "
               f"duplication: {args.dup_fraction:g} of the images x{args.dup_weight:g}; "
               f"monitor: 32 fixed (caption, seed) pairs, pixel descriptor; wall {(time.perf_counter() - started) / 60:.1f} min")
