@@ -110,6 +110,8 @@ def run_one(row: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
         saved = json.loads(result_file.read_text())
         if saved.get("config") == config:
             return saved
+    if (out / "run").exists():
+        shutil.rmtree(out / "run")  # this script's own run, with other settings or unfinished: train again
     out.mkdir(parents=True, exist_ok=True)
     config_file = out / "fit.yaml"
     config_file.write_text(yaml.safe_dump(config))
