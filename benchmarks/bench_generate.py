@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import io
 import resource
-import shutil
 import statistics
 import tempfile
 import time
@@ -208,8 +207,8 @@ def main() -> None:
     args.steps = args.steps or (50 if args.gpu else 20)
     quiet_known_warnings()
     quiet_known_logs()
-    work = Path(tempfile.mkdtemp(prefix="bench_generate_"))
-    try:
+    with tempfile.TemporaryDirectory(prefix="bench_generate_") as scratch:  # removed with what the run wrote
+        work = Path(scratch)
         with quiet_libraries():
             folder = (write_sd_sized_pipeline(work / "pipeline") if args.gpu
                       else write_tiny_sd_pipeline(work / "pipeline", image_size=32, words=WORDS))
@@ -236,8 +235,6 @@ def main() -> None:
                   f"{100 * (statistics.median(each) - 1):+.2f}%); inside the hook: {inside:.3f} s = "
                   f"{100 * inside / (with_hook - inside):.2f}% of the hooked pipeline's time")
         print(f"peak RSS of the process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB")
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

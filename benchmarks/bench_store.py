@@ -19,7 +19,6 @@ from ``/proc/self/status`` (VmHWM, reset between phases through ``/proc/self/cle
 from __future__ import annotations
 
 import argparse
-import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -68,8 +67,15 @@ def main() -> None:
     parser.add_argument("--no-reference", action="store_true", help="skip loading the store whole")
     parser.add_argument("--dir", default=None, help="where to write the store (default: a temporary folder)")
     args = parser.parse_args()
+    if args.dir is not None:
+        run(args, Path(args.dir) / "store")
+        return
+    with tempfile.TemporaryDirectory(prefix="bench_store_") as scratch:  # removed with the store it holds
+        run(args, Path(scratch) / "store")
 
-    root = Path(args.dir or tempfile.mkdtemp(prefix="bench_store_")) / "store"
+
+def run(args: argparse.Namespace, root: Path) -> None:
+    """Write a store of ``args.rows`` rows at ``root``, then time its checks and scans."""
     rng = np.random.default_rng(0)
     record = DescriptorConfig("pixel").record()
     writer = StoreWriter(root, record, (args.dim,), compare=DescriptorConfig.differences)
@@ -115,8 +121,6 @@ def main() -> None:
           f"exact scan of {args.scan_queries} queries {many_s:.2f} s (checks alone = "
           f"{100 * (open_s + verify_s) / many_s:.1f}% of it)")
     if args.no_reference:
-        if args.dir is None:
-            shutil.rmtree(root.parent)
         return
 
     picks = rng.integers(0, args.rows, 100_000)
@@ -138,8 +142,6 @@ def main() -> None:
           f"blocks of {args.block:,} rows = {args.block * args.dim * 4 / 2**20:.0f} MB float32)")
     print(f"{'reference: load whole':28s}{ref_s:9.2f}s{ref_peak / 2**20:22.0f} MB")
     print(f"rows(): 100,000 random rows gathered in {gather_s:.2f} s (shards in the page cache after the scan)")
-    if args.dir is None:
-        shutil.rmtree(root.parent)
 
 
 if __name__ == "__main__":

@@ -49,11 +49,14 @@ from typing import Any
 import torch
 import yaml
 
+from lit.files import claim_folder
 from lit.replication import replication_stats
 from lit.text_replication import group_statistics
 
 REPO = Path(__file__).resolve().parents[1]
 BASE_CONFIG = REPO / "configs" / "demo_text.yaml"
+#: Marks the folders this script writes (``--out`` and one per run); it changes nothing elsewhere.
+MARKER = ".lit-text-memorization"
 
 #: Row name -> (data init_args, model init_args) changed from the duplicated setting.
 MITIGATIONS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
@@ -110,19 +113,12 @@ def run_one(row: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
         saved = json.loads(result_file.read_text())
         if saved.get("config") == config:
             return saved
-    if (out / "run").exists():
-        shutil.rmtree(out / "run")  # this script's own run, with other settings or unfinished: train again
-    out.mkdir(parents=True, exist_ok=True)
+    prepare_run_folder(out, ("run",))
     config_file = out / "fit.yaml"
     config_file.write_text(yaml.safe_dump(config))
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(args.threads), "HF_HUB_OFFLINE": "1"}
     started = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "lit.commands.cli", "fit", "-c", str(config_file)], cwd=out, env=env,
-                          capture_output=True, text=True)
+    _lit(["fit", "-c", str(config_file)], out, args.threads, log=out / "fit.log")
     seconds = time.perf_counter() - started
-    (out / "fit.log").write_text(done.stdout + done.stderr)
-    if done.returncode != 0:
-        raise RuntimeError(f"{row} seed {seed} failed: {(done.stdout + done.stderr).strip().splitlines()[-1:]}")
     history = list(csv.DictReader((out / "run" / "version_0" / "text_replication_history.csv").open()))
     last = {k: float(v) for k, v in history[-1].items() if v not in ("", None)}
     result = {"row": row, "seed": seed, "seconds": seconds, "last": last, "config": config}
@@ -130,12 +126,28 @@ def run_one(row: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
-def _lit(args: list[str], cwd: Path, threads: int) -> None:
+def prepare_run_folder(out: Path, leftovers: tuple[str, ...]) -> None:
+    """Claim ``out`` for this script (a user's non-empty folder is refused in one line, untouched)
+    and remove the ``leftovers`` an earlier, unfinished or differently set run of it wrote there;
+    nothing else in the folder is touched."""
+    claim_folder(out, MARKER, label=str(out), note="made by benchmarks/text_memorization.py\n")
+    for name in leftovers:
+        path = out / name
+        if path.is_dir():
+            shutil.rmtree(path)  # written by this script's own lit fit / generate / scan in a claimed folder
+        elif path.exists():
+            path.unlink()
+
+
+def _lit(args: list[str], cwd: Path, threads: int, log: Path | None = None) -> None:
+    """Run ``lit ARGS`` in ``cwd`` with ``threads`` torch threads; its output goes to ``log``."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1"}
     done = subprocess.run([sys.executable, "-m", "lit.commands.cli", *args], cwd=cwd, env=env, capture_output=True,
                           text=True)
+    if log is not None:
+        log.write_text(done.stdout + done.stderr)
     if done.returncode != 0:
-        raise RuntimeError(f"lit {args[0]} failed: {(done.stdout + done.stderr).strip().splitlines()[-1:]}")
+        raise RuntimeError(f"lit {args[0]} in {cwd} failed: {(done.stdout + done.stderr).strip().splitlines()[-1:]}")
 
 
 def run_inference(name: str, trained: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
@@ -148,9 +160,7 @@ def run_inference(name: str, trained: dict[str, Any], args: argparse.Namespace) 
         saved = json.loads(result_file.read_text())
         if saved.get("options") == INFERENCE[name] and saved.get("trained") == trained["seconds"]:
             return saved
-    if out.exists():
-        shutil.rmtree(out)  # this script's own folder, from an older or unfinished run
-    out.mkdir(parents=True)
+    prepare_run_folder(out, ("gen", "scan", "captions.csv"))
     pairs = list(csv.DictReader((run / "monitor_pairs.csv").open()))
     with open(out / "captions.csv", "w", newline="") as handle:
         writer = csv.writer(handle)
@@ -224,6 +234,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "text_memorization")
     args = parser.parse_args()
     args.out = args.out.resolve()
+    claim_folder(args.out, MARKER, label=f"--out {args.out}", note="made by benchmarks/text_memorization.py\n")
     started = time.perf_counter()
     plan = [(row, seed) for seed in args.seeds for row in args.rows]
     results = []

@@ -65,6 +65,7 @@ RESUME_ARGUMENTS = ("ablate", "n", "seed", "replacement", "images_per_prompt", "
                     "embedding_noise", "random_words")
 #: ``precision`` is compared by the dtype it runs in here (``auto`` and ``32`` are the same on a CPU).
 _TEMPORARY = re.compile(r"^\..+\.tmp$")  # lit.files.atomic_path's temporary files
+_ROW_FILE = re.compile(r"^b\d{6}\.json$")  # batch_file's names
 
 
 class PromptTruncationWarning(UserWarning):
@@ -225,8 +226,9 @@ class GenerationWriter(BasePredictionWriter):
                 raise UserError(f"--out {out} holds another run ({why}): rerun with its arguments to complete it, "
                                 "or choose a new --out")
         elif parts.is_dir():  # row files without a manifest cannot be checked: ours, so regenerate them
-            for stale in parts.glob("b*.json"):
-                stale.unlink()
+            for stale in parts.iterdir():
+                if _ROW_FILE.match(stale.name) and stale.is_file():
+                    stale.unlink()
         for folder in (out / IMAGES, parts):
             if folder.is_dir():
                 for stale in folder.iterdir():

@@ -280,6 +280,26 @@ def test_an_out_folder_with_foreign_files_is_refused(folders: dict[str, Path], p
     assert [p.name for p in out.iterdir()] == ["holiday.jpg"]
 
 
+def test_a_users_files_in_a_generate_folder_survive_reruns(folders: dict[str, Path], prompt_file: Path,
+                                                           tmp_path: Path) -> None:
+    """A rerun removes only what lit generate wrote: its row files when the manifest is gone, and the
+    temporary files of a killed run's atomic writes; a user's files beside them stay."""
+    out = tmp_path / "out"
+    run(folders["sd"], prompt_file, out)
+    before = folder_bytes(out)
+    mine = {out / "notes.txt": b"mine", out / "images" / "notes.txt": b"mine too",
+            out / BATCHES / "bmine.json": b"{}", out / BATCHES / "b000000.json.bak": b"a copy"}
+    for path, data in mine.items():
+        path.write_bytes(data)
+    killed = out / "images" / ".p000000_i0.png.k1ll3d.tmp"  # what lit.files.atomic_path leaves when killed
+    killed.write_bytes(b"half an image")
+    (out / MANIFEST).unlink()  # row files without a manifest cannot be checked: they are regenerated
+    run(folders["sd"], prompt_file, out)
+    assert folder_bytes(out) == before
+    assert not killed.exists()
+    assert all(path.read_bytes() == data for path, data in mine.items())
+
+
 # ----------------------------------------------------------------------------- prompts: ablation, truncation
 
 
