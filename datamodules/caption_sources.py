@@ -44,12 +44,12 @@ from datamodules.extraction_inputs import (
     tar_samples,
 )
 from datamodules.procedural import ProceduralScenes
+from datamodules.prompts import CAPTION_COLUMNS, pick_column
 from datamodules.scene_captions import seed_captions
 from lit.errors import UserError
 from lit.io import ImageLoadError, load_image, load_image_bytes, scan_images, shorten
 
 FILE_COLUMNS = ("file", "path", "image", "filename")
-CAPTION_COLUMNS = ("caption", "text", "prompt")
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 #: Converts a loaded float [0, 1] image into the form the set keeps (e.g. resized uint8).
@@ -238,8 +238,8 @@ def _rows(path: Path, caption_column: str | None, file_column: str | None) -> li
     if not records:
         raise UserError(f"{path} lists no images")
     columns = list(records[0])
-    file_key = _column(path, columns, file_column, FILE_COLUMNS, "file")
-    caption_key = _column(path, columns, caption_column, CAPTION_COLUMNS, "caption")
+    file_key = pick_column(str(path), columns, file_column, FILE_COLUMNS, "file", required=True)
+    caption_key = pick_column(str(path), columns, caption_column, CAPTION_COLUMNS, "caption", required=True)
     rows = []
     for number, record in enumerate(records, start=1):
         name = record.get(file_key)
@@ -265,19 +265,6 @@ def _records(path: Path) -> Iterator[dict[str, Any]]:
         if not isinstance(record, dict):
             raise UserError(f"{path}:{number}: not a JSON object")
         yield record
-
-
-def _column(path: Path, columns: list[str], given: str | None, names: tuple[str, ...], what: str) -> str:
-    if given is not None:
-        if given not in columns:
-            raise UserError(f"{path} has no column {given!r} (columns: {', '.join(columns)})")
-        return given
-    lowered = {c.lower(): c for c in columns}
-    found = next((lowered[n] for n in names if n in lowered), None)
-    if found is None:
-        raise UserError(f"{path} has no {what} column ({' / '.join(names)}; found: {', '.join(columns)}); "
-                        f"name it with {what}_column")
-    return found
 
 
 __all__ = ["CAPTION_COLUMNS", "FILE_COLUMNS", "CaptionedSet", "procedural_set", "read_captioned", "safe_keys"]

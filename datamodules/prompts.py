@@ -246,26 +246,30 @@ def _preferred(names: Iterable[str], preferred: Sequence[str]) -> str | None:
     return next((folded[p] for p in preferred if p in folded), None)
 
 
-def _pick_column(source: Path, names: Sequence[str], wanted: str | None, preferred: Sequence[str],
-                 what: str) -> str | None:
-    """The column to read: ``wanted`` (exactly, else case-insensitively; a one-line error when it is
-    not there) or the first of ``preferred`` present (None when none is)."""
+def pick_column(label: str, names: Sequence[str], wanted: str | None, preferred: Sequence[str], what: str, *,
+                required: bool = False) -> str | None:
+    """The ``what`` column of a table whose columns are ``names``: ``wanted`` (exactly, else
+    case-insensitively; a one-line error naming ``label`` when it is not there) or the first of
+    ``preferred`` present, case-insensitively (None when none is, or a one-line error if ``required``).
+    Prompt sources and captioned training lists find their columns with it."""
     folded = _folded(names)
+    shown = ", ".join(repr(n) for n in names) or "none"
     if wanted is not None:
         if wanted in names:
             return wanted
         if wanted.strip().casefold() in folded:
             return folded[wanted.strip().casefold()]
-        raise UserError(f"prompt source {source} has no {what} column {wanted!r} (its columns: "
-                        f"{', '.join(repr(n) for n in names) or 'none'})")
-    return _preferred(names, preferred)
+        raise UserError(f"{label} has no {what} column {wanted!r} (its columns: {shown})")
+    found = _preferred(names, preferred)
+    if found is None and required:
+        raise UserError(f"{label} has no {what} column (looked for {', '.join(preferred)}; its columns: {shown}); "
+                        f"name one with {what}_column")
+    return found
 
 
 def _caption_column(source: Path, names: Sequence[str], wanted: str | None) -> str:
-    column = _pick_column(source, names, wanted, CAPTION_COLUMNS, "caption")
-    if column is None:
-        raise UserError(f"prompt source {source} has no caption column (looked for {', '.join(CAPTION_COLUMNS)}; "
-                        f"its columns: {', '.join(repr(n) for n in names) or 'none'}); name one with caption_column")
+    column = pick_column(f"prompt source {source}", names, wanted, CAPTION_COLUMNS, "caption", required=True)
+    assert column is not None
     return column
 
 
@@ -278,7 +282,7 @@ def _table_rows(source: Path, kind: str, caption_column: str | None, key_column:
         if header is None:
             raise UserError(f"prompt source {source} is empty (a {kind.upper()} file needs a header row)")
         caption_name = _caption_column(source, header, caption_column)
-        key_name = _pick_column(source, header, key_column, KEY_COLUMNS, "key")
+        key_name = pick_column(f"prompt source {source}", header, key_column, KEY_COLUMNS, "key")
         caption_at = header.index(caption_name)
         key_at = None if key_name is None else header.index(key_name)
         rows = []
@@ -327,7 +331,7 @@ def _jsonl_rows(source: Path, caption_column: str | None, key_column: str | None
     if not objects:
         return [], (None, None)
     caption_name = _caption_column(source, names, caption_column)
-    key_name = _pick_column(source, names, key_column, KEY_COLUMNS, "key")
+    key_name = pick_column(f"prompt source {source}", names, key_column, KEY_COLUMNS, "key")
     rows = []
     for value in objects:
         caption = _caption(value.get(caption_name), skipped)
