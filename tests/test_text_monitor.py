@@ -70,7 +70,7 @@ def test_monitor_logs_both_groups_and_scores_equal_a_unet_hook(tmp_path: Path, c
         handle.remove()
     expected = torch.stack(recorded).mean(dim=0)
     got = torch.tensor([monitor._scores[p][0] for p in range(4)])
-    assert torch.allclose(got, expected.double().float(), rtol=1e-5)
+    assert torch.allclose(got, expected, rtol=1e-5)
     dup = monitor.duplicated
     assert monitor.history[-1]["memorization/duplicated/score_mean"] == pytest.approx(float(expected[dup].mean()), rel=1e-5)
 
